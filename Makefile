@@ -1,0 +1,48 @@
+# Quick start: `make demo` runs the whole pipeline on the embedded corpus; `make test` runs the suite.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+DEMO_DIR ?= runs/demo
+SYSTEM_PACKAGES := slurm-wlm slurmd slurmctld munge openmpi-bin libopenmpi-dev
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: demo test install install-test system-deps clean
+
+$(BIN)/activate:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned to the CPU wheel on disk: a bare `torch` requirement pulls GBs of CUDA wheels.
+$(VENV)/.installed: $(BIN)/activate setup.py
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install-test: $(VENV)/.installed-test
+
+# Slurm, munge and OpenMPI for the launcher tests; installed with apt when missing and running as root.
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "not root: cannot install$$missing (tests that need them skip)"; fi; \
+	fi
+
+demo: install
+	$(BIN)/lmforge demo --output $(DEMO_DIR)
+
+# pytest exits 5 when it collected no test: that must fail CI, not pass it.
+test: install-test system-deps
+	@$(BIN)/python -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info
