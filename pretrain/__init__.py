@@ -1,0 +1,1 @@
+"""pretrain: stream prepared Arrow shards into a DeepSpeed ZeRO engine, train, evaluate, checkpoint, export."""

@@ -1,0 +1,159 @@
+"""Typed training config: a YAML file plus dotted CLI overrides (``optim.lr=1e-3``), via OmegaConf.
+
+Every field states its unit. :func:`load_config` merges defaults < YAML < overrides, type-checks
+through OmegaConf, then :meth:`TrainConfig.validate` reports every bad value at once. The
+DeepSpeed config is generated from this (``pretrain.engine.build_ds_config``): one source of truth.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from pretrain.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+ZERO_STAGES = (0, 1, 2, 3)
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "llama-tiny"
+    """Architecture preset, a key of ``pretrain.model.PRESETS``."""
+    vocab_size: int = 0
+    """Embedding rows (tokens); 0 = the tokenizer's size rounded up to a multiple of 64."""
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    """Any transformers config field, e.g. ``{num_hidden_layers: 2}``."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Prepared dataset folder (holds ``manifest.json``)."""
+    tokenizer: str = ""
+    """Tokenizer folder; its fingerprint must equal the manifest's."""
+    eval_batches: int = 16
+    """Validation micro batches per data-parallel rank for each evaluation."""
+    save_data_indices: bool = False
+    """Write the sample indices each rank trained on to ``run_dir/data-indices/rank{r}.tsv`` (as OLMo does)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate reached after warmup."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine schedule, as a fraction of ``lr``."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after linear warmup: cosine, linear (to 0) or constant."""
+    warmup_steps: int = 100
+    """Optimizer steps of linear warmup from 0 to ``lr``."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay; never applied to norms and biases."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2); 0.95 for beta2 as in GPT-3 / Llama."""
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Max global gradient L2 norm; 0 disables clipping."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    """ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
+    precision: str = "bf16"
+    """Training dtype: fp32, bf16 or fp16 (dynamic loss scaling)."""
+    micro_batch_size: int = 8
+    """Sequences per data-parallel rank per forward/backward (micro batch)."""
+    gradient_accumulation_steps: int = 1
+    """Micro batches accumulated per optimizer step."""
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/train"
+    """Folder for metrics.jsonl, the resolved config, checkpoints/ and TensorBoard logs."""
+    seq_len: int = 0
+    """Tokens per sequence; 0 = the prepared data's seq_len (must match it otherwise)."""
+    max_steps: int = 100
+    """Optimizer steps to train."""
+    seed: int = 1234
+    """Seed of model init and of the global sample order."""
+    log_every_steps: int = 10
+    """Optimizer steps between metrics.jsonl records."""
+    eval_every_steps: int = 0
+    """Optimizer steps between validation passes; 0 = only at the start and the end."""
+    save_every_steps: int = 0
+    """Optimizer steps between checkpoints; 0 = only at the end."""
+    show_progress: bool = True
+    """Rank-0 tqdm bar."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def validate(self) -> None:
+        """Raise one :class:`ConfigError` listing every bad key, its value and what is allowed."""
+        p: list[str] = []
+        ds, opt = self.deepspeed, self.optim
+        if ds.zero_stage not in ZERO_STAGES:
+            p.append(f"deepspeed.zero_stage={ds.zero_stage} (allowed: {', '.join(map(str, ZERO_STAGES))})")
+        if ds.precision not in PRECISIONS:
+            p.append(f"deepspeed.precision={ds.precision!r} (allowed: {', '.join(PRECISIONS)})")
+        if opt.schedule not in SCHEDULES:
+            p.append(f"optim.schedule={opt.schedule!r} (allowed: {', '.join(SCHEDULES)})")
+        for key, value, low in [("deepspeed.micro_batch_size", ds.micro_batch_size, 1),
+                                ("deepspeed.gradient_accumulation_steps", ds.gradient_accumulation_steps, 1),
+                                ("max_steps", self.max_steps, 1), ("log_every_steps", self.log_every_steps, 1),
+                                ("eval_every_steps", self.eval_every_steps, 0), ("save_every_steps", self.save_every_steps, 0),
+                                ("seq_len", self.seq_len, 0), ("optim.warmup_steps", opt.warmup_steps, 0),
+                                ("data.eval_batches", self.data.eval_batches, 0), ("model.vocab_size", self.model.vocab_size, 0)]:
+            if value < low:
+                p.append(f"{key}={value} (allowed: >= {low})")
+        if not opt.lr > 0:
+            p.append(f"optim.lr={opt.lr} (allowed: > 0)")
+        if not 0 <= opt.min_lr_ratio <= 1:
+            p.append(f"optim.min_lr_ratio={opt.min_lr_ratio} (allowed: [0, 1])")
+        if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
+            p.append(f"optim.betas={list(opt.betas)} (allowed: two values in [0, 1))")
+        for key in ("path", "tokenizer"):
+            if not getattr(self.data, key):
+                p.append(f"data.{key} is required")
+        if p:
+            raise ConfigError("invalid config: " + "; ".join(p))
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Defaults < YAML file < dotted overrides, type-checked and validated.
+
+    Raises:
+        ConfigError: unreadable YAML, an unknown key, a value of the wrong type, or any value
+            :meth:`TrainConfig.validate` rejects.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = OmegaConf.structured(TrainConfig)
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"{path}: config file not found")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(str(path)))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        obj: TrainConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}{str(exc).splitlines()[0]} (key: {getattr(exc, 'full_key', '?')})") from exc
+    obj.validate()
+    return obj
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (written to the run dir and into every checkpoint)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

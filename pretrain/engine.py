@@ -1,0 +1,62 @@
+"""The DeepSpeed engine: ds_config generated from the lmforge config, and the one ``deepspeed.initialize`` call."""
+from __future__ import annotations
+
+from pretrain.config import TrainConfig
+
+SCHEDULER_NAMES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
+"""lmforge schedule -> ``transformers.get_scheduler`` name (all with linear warmup)."""
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config for ``cfg`` on ``world_size`` data-parallel ranks.
+
+    ``train_batch_size`` (the global batch, in sequences) = micro batch x accumulation x world size.
+    """
+    ds = cfg.deepspeed
+    config = {
+        "train_micro_batch_size_per_gpu": ds.micro_batch_size,
+        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "train_batch_size": ds.micro_batch_size * ds.gradient_accumulation_steps * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if ds.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif ds.precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return config
+
+
+def build_optimizer(model, cfg: TrainConfig):
+    """AdamW with weight decay on matrices only: norms, biases (all 1-D tensors) get none (GPT-3, nanoGPT)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+
+
+def build_scheduler(optimizer, cfg: TrainConfig):
+    """Linear warmup over ``optim.warmup_steps`` then ``optim.schedule`` until ``max_steps`` (transformers schedulers)."""
+    from transformers import get_scheduler
+
+    kwargs = {"min_lr_rate": cfg.optim.min_lr_ratio} if cfg.optim.schedule == "cosine" else {}
+    return get_scheduler(SCHEDULER_NAMES[cfg.optim.schedule], optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                         num_training_steps=cfg.max_steps, scheduler_specific_kwargs=kwargs)
+
+
+def initialize_engine(model, cfg: TrainConfig, world_size: int):
+    """Wrap ``model`` in a DeepSpeed engine with the generated config, optimizer and schedule."""
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=build_ds_config(cfg, world_size))
+    return engine

@@ -1,0 +1,77 @@
+"""Models built from transformers configs (no weights are downloaded).
+
+Presets are dictionaries of ``LlamaConfig`` / ``GPT2Config`` fields. Sizes follow the anchors:
+``llama-125m`` / ``350m`` / ``1b`` match GPT-3's small / medium / XL shapes (Brown et al., 2020,
+table 2.1) in Llama form; ``llama-7b`` is Llama-2-7B (Touvron et al., 2023).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pretrain.errors import ConfigError
+
+EMBEDDING_MULTIPLE = 64
+"""The embedding is padded to a multiple of 64 rows: tensor-core friendly (Karpathy, nanoGPT)."""
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama-test": dict(model_type="llama", hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512),
+    "llama-tiny": dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024),
+    "llama-125m": dict(model_type="llama", hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                       num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048),
+    "llama-350m": dict(model_type="llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048),
+    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
+                     num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048),
+    "llama-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+    "gpt2-small": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, n_positions=1024),
+}
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = EMBEDDING_MULTIPLE) -> int:
+    """``vocab_size`` rounded up to a multiple of ``multiple`` (tokens)."""
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_model_config(preset: str, vocab_size: int, seq_len: int, special_ids: dict[str, int | None],
+                       overrides: dict[str, Any] | None = None):
+    """A transformers ``PretrainedConfig`` for ``preset`` with ``vocab_size`` embedding rows.
+
+    ``max_position_embeddings`` is raised to ``seq_len`` when the preset's is smaller (it is the
+    user's override that the consistency check then holds to). ``overrides`` win over everything.
+
+    Raises:
+        ConfigError: unknown preset, or an override that is not a field of the config class.
+    """
+    from transformers import AutoConfig
+
+    if preset not in PRESETS:
+        raise ConfigError(f"model.preset={preset!r} (allowed: {', '.join(PRESETS)})")
+    fields = dict(PRESETS[preset])
+    model_type = fields.pop("model_type")
+    pos_key = "n_positions" if model_type == "gpt2" else "max_position_embeddings"
+    fields[pos_key] = max(fields[pos_key], seq_len)
+    fields.update(vocab_size=vocab_size, tie_word_embeddings=False,
+                  **{k: v for k, v in special_ids.items() if v is not None})
+    config = AutoConfig.for_model(model_type, **fields)
+    for key, value in (overrides or {}).items():
+        if not hasattr(config, key):
+            raise ConfigError(f"model.overrides.{key}: not a field of {type(config).__name__}")
+        setattr(config, key, value)
+    return config
+
+
+def build_model(config, seed: int):
+    """A randomly initialised causal LM for ``config`` (float32 weights), seeded identically on every rank."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def count_parameters(model) -> int:
+    """Number of parameters (elements), embeddings included."""
+    return sum(p.numel() for p in model.parameters())
