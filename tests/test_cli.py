@@ -1,0 +1,38 @@
+"""Bad input through the real command line: one line on stderr, exit 2, nothing that looks complete."""
+import os
+import subprocess
+import sys
+
+
+def _lmforge(*args, cwd):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def _error_lines(proc):
+    return [line for line in proc.stderr.splitlines() if line.startswith("lmforge")]
+
+
+def test_missing_corpus_path(tmp_path):
+    proc = _lmforge("demo", "--output", "out", "--corpus", "no/such/corpus.jsonl", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert _error_lines(proc) == ["lmforge: error: no/such/corpus.jsonl: corpus input does not exist"]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "tokenizer").exists()
+
+
+def test_empty_corpus(tmp_path):
+    (tmp_path / "empty.jsonl").write_text('{"text": "  "}\n')
+    proc = _lmforge("demo", "--output", "out", "--corpus", "empty.jsonl", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert _error_lines(proc) == ["lmforge: error: empty.jsonl: empty corpus, no usable document (1 rejected)"]
+    assert not (tmp_path / "out" / "tokenizer").exists()
+
+
+def test_vocabulary_that_does_not_fit_the_embedding(tmp_path, corpus_dirs):
+    proc = _lmforge("demo", "--output", "out", "--corpus", corpus_dirs[0], "--vocab-size", "512", "--seq-len", "64",
+                    "model.preset=llama-test", "model.vocab_size=256", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = _error_lines(proc)
+    assert "has 512 tokens but the model embedding has 256 rows (model.vocab_size)" in line
+    assert not (tmp_path / "out" / "run").exists()
