@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 log = logging.getLogger("lmforge")
@@ -77,6 +78,8 @@ def init_distributed() -> DistInfo:
         torch.cuda.set_device(local_rank)
     import deepspeed
 
+    # DeepSpeed's ZeRO calls a torch collective that torch has deprecated; not actionable here.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     from deepspeed.utils import logger as ds_logger
 

@@ -13,8 +13,8 @@ from lmforge.demo import DemoConfig, run_demo
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, corpus_dirs):
     out = tmp_path_factory.mktemp("e2e")
-    overrides = ["model.preset=llama-test", "max_steps=40", "log_every_steps=5", "optim.warmup_steps=5",
-                 "optim.lr=3e-3", "deepspeed.micro_batch_size=4", "data.eval_batches=4",
+    overrides = ["model.preset=llama-test", "max_steps=100", "log_every_steps=5", "optim.warmup_steps=5",
+                 "optim.lr=5e-3", "deepspeed.micro_batch_size=4", "data.eval_batches=4",
                  "data.save_data_indices=true", "show_progress=false"]
     result = run_demo(DemoConfig(output=str(out), corpus=corpus_dirs, vocab_size=512, seq_len=64, val_fraction=0.1,
                                  nproc=2, overrides=overrides))
@@ -26,7 +26,7 @@ def test_loss_and_validation_perplexity_fall(demo):
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     assert all({"step", "loss", "lr", "tokens_per_s"} <= r.keys() for r in train)
-    assert train[-1]["step"] == 40 and train[-1]["loss"] < train[0]["loss"] - 1.0
+    assert train[-1]["step"] == 100 and train[-1]["loss"] < train[0]["loss"] - 1.0
     assert result["val_loss_end"] < result["val_loss_start"] - 1.0
     assert result["val_ppl_end"] < result["val_ppl_start"] / 3
 
@@ -36,9 +36,9 @@ def test_ranks_read_disjoint_samples(demo):
     per_rank = []
     for r in range(2):
         rows = (out / "run" / "data-indices" / f"rank{r}.tsv").read_text().splitlines()
-        assert len(rows) == 40
+        assert len(rows) == 100
         per_rank.append([int(i) for row in rows for i in row.split("\t")[1].split(",")])
-    assert len(per_rank[0]) == len(per_rank[1]) == 40 * 4
+    assert len(per_rank[0]) == len(per_rank[1]) == 100 * 4
     assert not set(per_rank[0]) & set(per_rank[1])
 
 
