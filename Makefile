@@ -5,7 +5,6 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 DEMO_DIR ?= runs/demo
 SYSTEM_PACKAGES := slurm-wlm slurmd slurmctld munge openmpi-bin libopenmpi-dev
-export DS_ACCELERATOR ?= cpu
 
 .PHONY: demo test install install-test system-deps clean
 

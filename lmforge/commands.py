@@ -12,16 +12,23 @@ def add_demo(sub) -> None:
     p.add_argument("--corpus", nargs="+", default=["stdlib"], help="jsonl / parquet / txt paths or globs (default: the Python stdlib)")
     p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer vocabulary (tokens)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
-    p.add_argument("--nproc", type=int, default=2, help="data-parallel ranks")
+    p.add_argument("--nproc", type=int, default=None, help="data-parallel ranks (default: one per GPU, or 2 on CPU)")
     p.add_argument("overrides", nargs="*", help="dotted training-config overrides, e.g. max_steps=50")
     p.set_defaults(handler=_demo)
+
+
+def default_nproc() -> int:
+    """One rank per visible GPU; 2 CPU ranks when there is none."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 
 def _demo(args) -> int:
     from lmforge.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(output=args.output, corpus=args.corpus, vocab_size=args.vocab_size, seq_len=args.seq_len,
-                        nproc=args.nproc, overrides=args.overrides))
+                        nproc=args.nproc or default_nproc(), overrides=args.overrides))
     return 0
 
 
