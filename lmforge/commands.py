@@ -32,25 +32,6 @@ def _demo(args) -> int:
     return 0
 
 
-def add_tokenizer(sub) -> None:
-    p = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="tokenizer_command", required=True)
-    t = p.add_parser("train", help="train a byte-level BPE tokenizer")
-    t.add_argument("--input", nargs="+", required=True, help="corpus paths, globs, directories or 'stdlib'")
-    t.add_argument("--output", required=True, help="tokenizer folder to write")
-    t.add_argument("--vocab-size", type=int, default=8192, help="vocabulary in tokens, special tokens included")
-    t.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
-    t.add_argument("--max-bytes", type=int, default=None, help="byte budget of training text (uniform sample)")
-    t.add_argument("--text-column", default="text")
-    t.set_defaults(handler=_tokenizer_train)
-
-
-def _tokenizer_train(args) -> int:
-    from data_prep.tokenizer import train_byte_bpe
-
-    train_byte_bpe(args.input, args.output, args.vocab_size, args.min_frequency, args.max_bytes, args.text_column)
-    return 0
-
-
 def add_prep(sub) -> None:
     p = sub.add_parser("prep", help="tokenize and pack a corpus into Arrow shards")
     p.add_argument("--input", nargs="+", required=True, help="corpus paths, globs, directories or 'stdlib'")
