@@ -29,6 +29,7 @@ SHAREABLE = {frozenset(("bos", "eos")), frozenset(("bos", "cls")), frozenset(("e
 BYTE_ALPHABET_SIZE = 256
 ROUND_TRIP_EXACT, ROUND_TRIP_NORMALIZED, ROUND_TRIP_NONE = "exact", "normalized", "none"
 UNIGRAM_ALPHABET_ERROR = "not large enough to contain all chars"
+WORDPIECE_PREFIX = "##"
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,8 @@ def minimum_vocab_size(spec: FamilySpec, specials: SpecialTokens) -> int:
 
 
 def build(spec: FamilySpec, specials: SpecialTokens, vocab_size: int, min_frequency: int,
-          lowercase: bool = True, strip_accents: bool | None = None, show_progress: bool = False):
+          lowercase: bool = True, strip_accents: bool | None = None, show_progress: bool = False,
+          seed_symbols: Sequence[str] = ()):
     """An untrained ``tokenizers.Tokenizer`` of family ``spec`` and its trainer.
 
     Args:
@@ -168,6 +170,8 @@ def build(spec: FamilySpec, specials: SpecialTokens, vocab_size: int, min_freque
         min_frequency: a BPE merge / WordPiece pair needs this many occurrences (Unigram ignores it).
         lowercase, strip_accents: WordPiece only (BertNormalizer; ``strip_accents=None`` follows
             ``lowercase``, as in BERT).
+        seed_symbols: symbols placed right after the special tokens, in this order, before training
+            (see :func:`continuation_seed`); remove them from the added tokens with :func:`release_seeds`.
 
     Returns:
         ``(tokenizer, trainer)``; after training call :func:`finish`.
@@ -175,7 +179,7 @@ def build(spec: FamilySpec, specials: SpecialTokens, vocab_size: int, min_freque
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     unk = specials.roles.get("unk")
-    common = dict(vocab_size=vocab_size, special_tokens=list(specials.ordered), show_progress=show_progress)
+    common = dict(vocab_size=vocab_size, special_tokens=list(specials.ordered) + list(seed_symbols), show_progress=show_progress)
     if spec.name == "byte-bpe":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -188,12 +192,12 @@ def build(spec: FamilySpec, specials: SpecialTokens, vocab_size: int, min_freque
         tok.decoder = decoders.Metaspace()
         trainer = trainers.BpeTrainer(min_frequency=min_frequency, **common)
     elif spec.name == "wordpiece":
-        tok = Tokenizer(models.WordPiece(unk_token=unk, continuing_subword_prefix="##"))
+        tok = Tokenizer(models.WordPiece(unk_token=unk, continuing_subword_prefix=WORDPIECE_PREFIX))
         tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                                     strip_accents=strip_accents, lowercase=lowercase)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece(prefix="##")
-        trainer = trainers.WordPieceTrainer(min_frequency=min_frequency, continuing_subword_prefix="##", **common)
+        tok.decoder = decoders.WordPiece(prefix=WORDPIECE_PREFIX)
+        trainer = trainers.WordPieceTrainer(min_frequency=min_frequency, continuing_subword_prefix=WORDPIECE_PREFIX, **common)
     elif spec.name == "unigram":
         tok = Tokenizer(models.Unigram())
         tok.normalizer = normalizers.NFKC()
@@ -203,6 +207,30 @@ def build(spec: FamilySpec, specials: SpecialTokens, vocab_size: int, min_freque
     else:  # family_spec() guards the names; a new entry in FAMILIES needs a branch here
         raise AssertionError(f"no builder for family {spec.name}")
     return tok, trainer
+
+
+def continuation_seed(probe_vocab: Mapping[str, int], prefix: str = WORDPIECE_PREFIX) -> list[str]:
+    """The ``##c`` symbols of a probe vocabulary (a BPE trainer with the prefix and vocab_size 0), sorted.
+
+    tokenizers' BPE trainer (WordPiece trains through it) gives ``##c`` symbols ids in hash-map
+    order, and merges of equal count are ranked by id, so the same corpus can give another
+    vocabulary (tokenizers#1794). Handing the trainer these symbols first, sorted, fixes their ids.
+    """
+    return sorted(t for t in probe_vocab if t.startswith(prefix) and len(t) == len(prefix) + 1)
+
+
+def release_seeds(tok, seeds: Sequence[str]):
+    """A copy of trained ``tok`` in which the seed symbols are plain vocabulary again, not added special tokens."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    if not seeds:
+        return tok
+    data = json.loads(tok.to_str())
+    drop = set(seeds)
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] not in drop]
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def alphabet_problem(spec: FamilySpec, specials: SpecialTokens, vocab_size: int, trained_size: int) -> str | None:
@@ -235,9 +263,11 @@ def _template(items: Sequence[str], roles: Mapping[str, str]) -> tuple[str, list
 def canonical_unigram_order(tok) -> None:
     """Reorder a trained Unigram vocabulary in place: special tokens keep their ids, the other pieces follow by text.
 
-    tokenizers' Unigram trainer is not bit-reproducible (its EM sums run in hash-map order, so
-    scores differ in the 11th digit and near-equal pieces swap places); ordering by text makes
-    the ids depend only on the learned piece set. Other models are left alone.
+    tokenizers' Unigram trainer is not bit-reproducible: its EM sums run in hash-map order (scores
+    differ around the 11th digit, near-equal pieces swap places) and characters that fell out of
+    the model get score steps of 1e-4 in hash-set order. Ordering by text makes the ids depend only
+    on the learned piece set; the scores may still differ, so tokenizer.json (and its fingerprint)
+    can differ between two runs. Other models are left alone.
     """
     import json
 

@@ -18,8 +18,9 @@ from data_prep.errors import InputError, UserError
 from data_prep.tokenizer import (TOKENIZER_FILE, TokenizerInfo, is_replaceable_output, load_tokenizer, read_metadata,
                                  save_tokenizer_folder)
 from data_prep.tokenizer_corpus import DEFAULT_BATCH_BYTES, CorpusStats, CorpusText
-from data_prep.tokenizer_families import (FAMILIES, UNIGRAM_ALPHABET_ERROR, FamilySpec, SpecialTokens, alphabet_problem,
-                                          build, canonical_unigram_order, finish, minimum_vocab_size, special_token_problems)
+from data_prep.tokenizer_families import (FAMILIES, UNIGRAM_ALPHABET_ERROR, WORDPIECE_PREFIX, FamilySpec, SpecialTokens,
+                                          alphabet_problem, build, canonical_unigram_order, continuation_seed, finish,
+                                          minimum_vocab_size, release_seeds, special_token_problems)
 
 log = logging.getLogger(__name__)
 
@@ -124,32 +125,39 @@ def _train_stream(text: CorpusText, train: Callable) -> CorpusStats:
     return stats
 
 
-def _alphabet_size(spec: FamilySpec, text: CorpusText, lowercase: bool, strip_accents: bool | None) -> int:
-    """Distinct symbols the family's normalizer and pre-tokenizer produce on the training text (second read)."""
+def _probe_vocab(spec: FamilySpec, text: CorpusText, cfg: TokenizerTrainConfig, prefix: str | None = None) -> dict:
+    """The symbols the family's normalizer and pre-tokenizer produce on the text (an extra read, no merges).
+
+    With ``prefix``, non-initial characters appear as ``prefix + c`` too, as WordPiece training sees them.
+    """
     from tokenizers import models, trainers
 
-    probe, _ = build(spec, SpecialTokens(roles={"unk": "<unk>"}), 1, 1, lowercase, strip_accents)
+    probe, _ = build(spec, SpecialTokens(roles={"unk": "<unk>"}), 1, 1, cfg.lowercase, cfg.strip_accents)
     probe.model = models.BPE()
-    probe.train_from_iterator(text.batches(), trainers.BpeTrainer(vocab_size=0, show_progress=False))
-    return probe.get_vocab_size()
+    options = {"continuing_subword_prefix": prefix} if prefix else {}
+    probe.train_from_iterator(text.batches(), trainers.BpeTrainer(vocab_size=0, show_progress=False, **options))
+    return probe.get_vocab()
 
 
 def _train_family(cfg: TokenizerTrainConfig, spec: FamilySpec, specials: SpecialTokens, text: CorpusText):
     from transformers import PreTrainedTokenizerFast
 
-    tok, trainer = build(spec, specials, cfg.vocab_size, cfg.min_frequency, cfg.lowercase, cfg.strip_accents)
+    seeds = continuation_seed(_probe_vocab(spec, text, cfg, WORDPIECE_PREFIX)) if spec.name == "wordpiece" else []
+    tok, trainer = build(spec, specials, cfg.vocab_size, cfg.min_frequency, cfg.lowercase, cfg.strip_accents,
+                         seed_symbols=seeds)
     try:
         stats = _train_stream(text, lambda batches: tok.train_from_iterator(batches, trainer=trainer))
     except Exception as exc:
         if UNIGRAM_ALPHABET_ERROR not in str(exc):
             raise
-        alphabet = _alphabet_size(spec, text, cfg.lowercase, cfg.strip_accents)
+        alphabet = len(_probe_vocab(spec, text, cfg))
         n_special = len(specials.ordered)
         raise UserError(f"vocab_size {cfg.vocab_size} is smaller than the corpus alphabet ({alphabet} symbols after "
                         f"{spec.name} normalization) plus {n_special} special tokens = {alphabet + n_special}") from None
     problem = alphabet_problem(spec, specials, cfg.vocab_size, tok.get_vocab_size())
     if problem:
         raise UserError(problem)
+    tok = release_seeds(tok, seeds)
     finish(tok, spec, specials)
     role_kwargs = {f"{role}_token": token for role, token in specials.roles.items()}
     if specials.extra:
