@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
+import threading
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 HASH_BUCKETS_LOG2 = 16
 """Histogram resolution of the first pass: the budget is met to within one bucket (1/65536 of the corpus)."""
 DEFAULT_BATCH_BYTES = 1 << 20
+T = TypeVar("T")
+_DONE = object()
 _UNCOMPRESSED = tuple(s for s in JSONL_SUFFIXES if not s.endswith((".gz", ".zst"))) + TEXT_SUFFIXES
 
 
@@ -159,4 +163,47 @@ class CorpusText:
     def describe(self) -> str:
         """The inputs as one string, for error messages."""
         return ", ".join(str(i) for i in self.inputs)
+
+
+def prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Iterate ``items`` in a background thread, at most ``depth`` ahead (memory: ``depth`` items).
+
+    The tokenizers trainer consumes batches from its Rust threads; reading and parsing the next
+    batch here (JSON decoding, hashing) then overlaps with the word counting instead of stalling it.
+    An exception in the reader is re-raised in the consumer; closing the consumer stops the reader.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            put(exc)
+
+    reader = threading.Thread(target=read, name="tokenizer-corpus-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join()
 

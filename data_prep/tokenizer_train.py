@@ -17,7 +17,7 @@ from typing import Callable
 from data_prep.errors import InputError, UserError
 from data_prep.tokenizer import (TOKENIZER_FILE, TokenizerInfo, is_replaceable_output, load_tokenizer, read_metadata,
                                  save_tokenizer_folder)
-from data_prep.tokenizer_corpus import DEFAULT_BATCH_BYTES, CorpusStats, CorpusText
+from data_prep.tokenizer_corpus import DEFAULT_BATCH_BYTES, CorpusStats, CorpusText, prefetched
 from data_prep.tokenizer_families import (FAMILIES, UNIGRAM_ALPHABET_ERROR, WORDPIECE_PREFIX, FamilySpec, SpecialTokens,
                                           alphabet_problem, build, canonical_unigram_order, continuation_seed, finish,
                                           minimum_vocab_size, release_seeds, special_token_problems)
@@ -119,7 +119,7 @@ class TokenizerTrainConfig:
 def _train_stream(text: CorpusText, train: Callable) -> CorpusStats:
     """Run ``train(batches)`` over the training text; raise the empty-corpus error when nothing was kept."""
     stats = CorpusStats()
-    train(text.batches(stats))
+    train(prefetched(text.batches(stats)))
     if stats.documents == 0:
         raise InputError(f"{text.describe()}: empty corpus, no usable document ({stats.rejects.total} rejected)")
     return stats

@@ -80,3 +80,26 @@ def test_training_records_the_sample(two_sources, tmp_path):
     meta = json.loads((tmp_path / "tok" / "lmforge_tokenizer.json").read_text())
     assert meta["text_bytes"] <= total // 4 < meta["corpus_text_bytes"] == total
     assert 0 < meta["sample_fraction"] < 0.5 and meta["seed"] == 3 and meta["documents"] < 800
+
+
+def test_prefetch_keeps_order_reraises_reader_errors_and_stops_when_closed():
+    import threading
+
+    from data_prep.errors import InputError
+    from data_prep.tokenizer_corpus import prefetched
+
+    assert list(prefetched(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise InputError("x.parquet: text column 'text' not found")
+
+    got = []
+    with pytest.raises(InputError, match="text column"):
+        for item in prefetched(failing()):
+            got.append(item)
+    assert got == [1]
+    endless = prefetched(iter(range(10**9)), depth=2)
+    assert next(endless) == 0
+    endless.close()
+    assert not any(t.name == "tokenizer-corpus-reader" for t in threading.enumerate())
