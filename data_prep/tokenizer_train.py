@@ -116,44 +116,55 @@ class TokenizerTrainConfig:
         return spec, specials
 
 
-def _train_stream(text: CorpusText, train: Callable) -> CorpusStats:
-    """Run ``train(batches)`` over the training text; raise the empty-corpus error when nothing was kept."""
+def _train_stream(text: CorpusText, train: Callable):
+    """Run ``train(batches)`` over the text; returns ``(stats, what train returned)``.
+
+    Raises:
+        InputError: no document was kept (empty corpus).
+    """
     stats = CorpusStats()
-    train(prefetched(text.batches(stats)))
+    result = train(prefetched(text.batches(stats)))
     if stats.documents == 0:
         raise InputError(f"{text.describe()}: empty corpus, no usable document ({stats.rejects.total} rejected)")
-    return stats
+    return stats, result
 
 
-def _probe_vocab(spec: FamilySpec, text: CorpusText, cfg: TokenizerTrainConfig, prefix: str | None = None) -> dict:
-    """The symbols the family's normalizer and pre-tokenizer produce on the text (an extra read, no merges).
+def _probe_vocab(pipeline, text: CorpusText, prefix: str | None = None) -> dict:
+    """The symbols ``pipeline``'s normalizer and pre-tokenizer produce on the text (an extra read, no merges).
 
-    With ``prefix``, non-initial characters appear as ``prefix + c`` too, as WordPiece training sees them.
+    ``pipeline`` is a ``tokenizers.Tokenizer`` (not modified). With ``prefix``, non-initial
+    characters appear as ``prefix + c`` too, as WordPiece training sees them.
     """
-    from tokenizers import models, trainers
+    from tokenizers import Tokenizer, models, trainers
 
-    probe, _ = build(spec, SpecialTokens(roles={"unk": "<unk>"}), 1, 1, cfg.lowercase, cfg.strip_accents)
+    probe = Tokenizer.from_str(pipeline.to_str())
     probe.model = models.BPE()
     options = {"continuing_subword_prefix": prefix} if prefix else {}
     probe.train_from_iterator(text.batches(), trainers.BpeTrainer(vocab_size=0, show_progress=False, **options))
-    return probe.get_vocab()
+    return probe.get_vocab(with_added_tokens=False)
+
+
+def _alphabet_error(pipeline, text: CorpusText, vocab_size: int, n_special: int, what: str) -> UserError:
+    """The one-line error for tokenizers' Unigram "vocabulary is not large enough" failure, with the numbers."""
+    alphabet = len(_probe_vocab(pipeline, text))
+    return UserError(f"vocab_size {vocab_size} is smaller than the corpus alphabet ({alphabet} symbols after {what} "
+                     f"normalization) plus {n_special} special tokens = {alphabet + n_special}")
 
 
 def _train_family(cfg: TokenizerTrainConfig, spec: FamilySpec, specials: SpecialTokens, text: CorpusText):
     from transformers import PreTrainedTokenizerFast
 
-    seeds = continuation_seed(_probe_vocab(spec, text, cfg, WORDPIECE_PREFIX)) if spec.name == "wordpiece" else []
-    tok, trainer = build(spec, specials, cfg.vocab_size, cfg.min_frequency, cfg.lowercase, cfg.strip_accents,
-                         seed_symbols=seeds)
+    tok, trainer = build(spec, specials, cfg.vocab_size, cfg.min_frequency, cfg.lowercase, cfg.strip_accents)
+    seeds = continuation_seed(_probe_vocab(tok, text, WORDPIECE_PREFIX)) if spec.name == "wordpiece" else []
+    if seeds:
+        tok, trainer = build(spec, specials, cfg.vocab_size, cfg.min_frequency, cfg.lowercase, cfg.strip_accents,
+                             seed_symbols=seeds)
     try:
-        stats = _train_stream(text, lambda batches: tok.train_from_iterator(batches, trainer=trainer))
+        stats, _ = _train_stream(text, lambda batches: tok.train_from_iterator(batches, trainer=trainer))
     except Exception as exc:
         if UNIGRAM_ALPHABET_ERROR not in str(exc):
             raise
-        alphabet = len(_probe_vocab(spec, text, cfg))
-        n_special = len(specials.ordered)
-        raise UserError(f"vocab_size {cfg.vocab_size} is smaller than the corpus alphabet ({alphabet} symbols after "
-                        f"{spec.name} normalization) plus {n_special} special tokens = {alphabet + n_special}") from None
+        raise _alphabet_error(tok, text, cfg.vocab_size, len(specials.ordered), spec.name) from None
     problem = alphabet_problem(spec, specials, cfg.vocab_size, tok.get_vocab_size())
     if problem:
         raise UserError(problem)
@@ -182,19 +193,14 @@ def _train_from_pretrained(cfg: TokenizerTrainConfig, text: CorpusText):
     model_type = json.loads(source.backend_tokenizer.to_str())["model"]["type"]
     kwargs = {"min_frequency": cfg.min_frequency} if model_type in ("BPE", "WordPiece") else {}
     kwargs["show_progress"] = False  # the corpus bar shows progress
-    box = {}
-
-    def train(batches):
-        box["tok"] = source.train_new_from_iterator(batches, vocab_size=cfg.vocab_size, **kwargs)
-
     try:
-        stats = _train_stream(text, train)
+        stats, fast = _train_stream(text, lambda batches: source.train_new_from_iterator(
+            batches, vocab_size=cfg.vocab_size, **kwargs))
     except Exception as exc:
         if UNIGRAM_ALPHABET_ERROR not in str(exc):
             raise
-        raise UserError(f"vocab_size {cfg.vocab_size} is smaller than the corpus alphabet of {cfg.from_pretrained}'s "
-                        f"Unigram pipeline plus its {len(source.all_special_tokens)} special tokens") from None
-    fast = box["tok"]
+        raise _alphabet_error(source.backend_tokenizer, text, cfg.vocab_size, len(source.all_special_tokens),
+                              f"{cfg.from_pretrained}'s") from None
     canonical_unigram_order(fast.backend_tokenizer)
     if len(fast) > cfg.vocab_size and model_type in ("BPE", "WordPiece"):
         raise UserError(f"vocab_size {cfg.vocab_size} is smaller than the corpus alphabet plus the special tokens of "
