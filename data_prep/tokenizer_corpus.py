@@ -137,8 +137,8 @@ class CorpusText:
         self.plan()
         stats = stats if stats is not None else CorpusStats()
         keep = self._keep_buckets
-        bar = tqdm(total=self.corpus_text_bytes, desc="tokenizer corpus", unit="B", unit_scale=True,
-                   disable=not self.show_progress)
+        bar = tqdm(total=self.corpus_text_bytes or self._disk_upper_bound(), desc="tokenizer corpus", unit="B",
+                   unit_scale=True, disable=not self.show_progress)
         batch: list[str] = []
         batch_size = 0
         for doc in iter_documents(self.files, self.text_column, stats.rejects):

@@ -273,9 +273,9 @@ def canonical_unigram_order(tok) -> None:
 
     from tokenizers import models
 
-    model = json.loads(tok.to_str())["model"]
-    if model["type"] != "Unigram":
+    if not isinstance(tok.model, models.Unigram):
         return
+    model = json.loads(tok.to_str())["model"]
     vocab = [tuple(v) for v in model["vocab"]]
     special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
     head = [v for v in vocab if v[0] in special]
