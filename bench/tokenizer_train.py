@@ -119,6 +119,7 @@ def throughput(corpus: Path, work: Path, args) -> dict:
             "lmforge_mb_per_s": text_bytes / lm / 1e6, "raw_mb_per_s": text_bytes / raw / 1e6,
             "throughput_ratio": raw / lm, "cpu_time_ratio": raw_cpu / lm_cpu, "target_ratio": 0.9,
             "passed": raw / lm >= 0.9, "same_vocab_size": info.vocab_size == tok.get_vocab_size(),
+            "same_model": json.loads(tok.to_str())["model"] == json.loads((work / "tok" / "tokenizer.json").read_text())["model"],
             "load_average_after": os.getloadavg()}
 
 
@@ -175,7 +176,7 @@ def main() -> int:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-bytes", type=int, default=None, help="memory run budget (default: corpus / 5)")
-    p.add_argument("--out", default="bench/results/tokenizer_train.json")
+    p.add_argument("--out", default="runs/bench/tokenizer_train.json", help="results JSON (runs/ is git-ignored)")
     args = p.parse_args()
     import logging
 
