@@ -75,15 +75,24 @@ def add_train(sub) -> None:
     p = sub.add_parser("train", help="train on this rank (started once per rank by a launcher, or alone)")
     p.add_argument("config", help="YAML training config")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 deepspeed.zero_stage=3")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume-from", default=None, help="checkpoint tag or folder to resume from (default: newest complete)")
+    group.add_argument("--no-resume", action="store_true", help="refuse to start over an existing checkpoint")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget; then save and exit 75")
     p.set_defaults(handler=_train)
 
 
 def _train(args) -> int:
+    """Exit 0 when training finished, 75 (EX_TEMPFAIL) when it stopped for preemption after a save."""
     from pretrain.config import load_config
+    from pretrain.preemption import EXIT_PREEMPTED
     from pretrain.trainer import train
 
-    train(load_config(args.config, args.overrides))
-    return 0
+    extra = [f"checkpoint.resume={args.resume_from}"] if args.resume_from else []
+    extra += ["checkpoint.resume=never"] if args.no_resume else []
+    extra += [f"preemption.max_minutes={args.max_minutes}"] if args.max_minutes is not None else []
+    summary = train(load_config(args.config, [*args.overrides, *extra]))
+    return EXIT_PREEMPTED if summary.get("preempted") else 0
 
 
 def add_export(sub) -> None:

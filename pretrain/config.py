@@ -71,6 +71,53 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    save_every_steps: int = 0
+    """Optimizer steps between checkpoints; 0 = none by step count (one is always saved at the end)."""
+    save_every_minutes: float = 0.0
+    """Wall-clock minutes between checkpoints; 0 = none by time."""
+    keep_last: int = 3
+    """Newest complete checkpoints kept; 0 keeps all."""
+    keep_every_steps: int = 0
+    """Also keep checkpoints whose step is a multiple of this; 0 = none."""
+    resume: str = "auto"
+    """auto: resume from the newest complete checkpoint if any; never: refuse to start over an existing
+    checkpoint; otherwise a checkpoint tag (step_00000100) or the path of a checkpoint folder."""
+
+
+@dataclass
+class PreemptionConfig:
+    signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that make every rank save at the next step boundary and exit with code 75."""
+    requeue: bool = False
+    """Under Slurm, run ``scontrol requeue $SLURM_JOB_ID`` after the preemption save."""
+    max_minutes: float = 0.0
+    """Wall-clock budget in minutes; when spent, save and exit with code 75 as on a signal. 0 = none."""
+
+
+@dataclass
+class GuardConfig:
+    max_consecutive_nonfinite: int = 5
+    """Consecutive skipped (non-finite loss or gradient norm) steps that stop training."""
+    spike_factor: float = 3.0
+    """A loss above this factor times the rolling mean is logged as a spike; 0 disables."""
+    spike_window: int = 50
+    """Optimizer steps in the rolling mean of the spike detector."""
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for the fault-tolerance tests; all off by default."""
+
+    inject_nan_at_steps: List[int] = field(default_factory=list)
+    """Optimizer steps (1-based) whose loss is made NaN on rank 0."""
+    kill_at_step: int = 0
+    """SIGKILL every rank right after this optimizer step; 0 = never."""
+    crash_in_save: str = ""
+    """SIGKILL at this point of the next save: after_engine_save, before_rename or before_latest."""
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/train"
     """Folder for metrics.jsonl, the resolved config, checkpoints/ and TensorBoard logs."""
@@ -84,14 +131,16 @@ class TrainConfig:
     """Optimizer steps between metrics.jsonl records."""
     eval_every_steps: int = 0
     """Optimizer steps between validation passes; 0 = only at the start and the end."""
-    save_every_steps: int = 0
-    """Optimizer steps between checkpoints; 0 = only at the end."""
     show_progress: bool = True
     """Rank-0 tqdm bar."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def validate(self) -> None:
         """Raise one :class:`ConfigError` listing every bad key, its value and what is allowed."""
@@ -106,7 +155,12 @@ class TrainConfig:
         for key, value, low in [("deepspeed.micro_batch_size", ds.micro_batch_size, 1),
                                 ("deepspeed.gradient_accumulation_steps", ds.gradient_accumulation_steps, 1),
                                 ("max_steps", self.max_steps, 1), ("log_every_steps", self.log_every_steps, 1),
-                                ("eval_every_steps", self.eval_every_steps, 0), ("save_every_steps", self.save_every_steps, 0),
+                                ("eval_every_steps", self.eval_every_steps, 0),
+                                ("checkpoint.save_every_steps", self.checkpoint.save_every_steps, 0),
+                                ("checkpoint.keep_last", self.checkpoint.keep_last, 0),
+                                ("checkpoint.keep_every_steps", self.checkpoint.keep_every_steps, 0),
+                                ("guard.max_consecutive_nonfinite", self.guard.max_consecutive_nonfinite, 1),
+                                ("guard.spike_window", self.guard.spike_window, 1),
                                 ("seq_len", self.seq_len, 0), ("optim.warmup_steps", opt.warmup_steps, 0),
                                 ("data.eval_batches", self.data.eval_batches, 0), ("model.vocab_size", self.model.vocab_size, 0)]:
             if value < low:
@@ -117,6 +171,19 @@ class TrainConfig:
             p.append(f"optim.min_lr_ratio={opt.min_lr_ratio} (allowed: [0, 1])")
         if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
             p.append(f"optim.betas={list(opt.betas)} (allowed: two values in [0, 1))")
+        import signal
+
+        bad_signals = [n for n in self.preemption.signals if not isinstance(getattr(signal, n, None), signal.Signals)]
+        if bad_signals:
+            p.append(f"preemption.signals={bad_signals} (allowed: signal names such as SIGTERM, SIGUSR1)")
+        from pretrain.checkpoint import CRASH_POINTS
+
+        if self.debug.crash_in_save not in CRASH_POINTS:
+            p.append(f"debug.crash_in_save={self.debug.crash_in_save!r} (allowed: {', '.join(CRASH_POINTS[1:])})")
+        for key, value in [("checkpoint.save_every_minutes", self.checkpoint.save_every_minutes),
+                           ("preemption.max_minutes", self.preemption.max_minutes)]:
+            if value < 0:
+                p.append(f"{key}={value} (allowed: >= 0)")
         for key in ("path", "tokenizer"):
             if not getattr(self.data, key):
                 p.append(f"data.{key} is required")

@@ -7,8 +7,10 @@ SCHEDULER_NAMES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant
 """lmforge schedule -> ``transformers.get_scheduler`` name (all with linear warmup)."""
 
 
-def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
+def build_ds_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict:
     """The DeepSpeed config for ``cfg`` on ``world_size`` data-parallel ranks.
+
+    ``load_universal``: the engine will load a universal checkpoint (resume at another world size).
 
     ``train_batch_size`` (the global batch, in sequences) = micro batch x accumulation x world size.
     """
@@ -23,6 +25,8 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     if ds.precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif ds.precision == "fp16":
@@ -51,12 +55,17 @@ def build_scheduler(optimizer, cfg: TrainConfig):
                          num_training_steps=cfg.max_steps, scheduler_specific_kwargs=kwargs)
 
 
-def initialize_engine(model, cfg: TrainConfig, world_size: int):
+def initialize_engine(model, cfg: TrainConfig, world_size: int, load_universal: bool = False):
     """Wrap ``model`` in a DeepSpeed engine with the generated config, optimizer and schedule."""
     import deepspeed
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
+    # Declares the checkpoint convertible to DeepSpeed's universal format (no tensor-parallel
+    # patterns: lmforge is data parallel), so a resume can change the world size.
+    setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_ds_config(cfg, world_size))
+                                           config=build_ds_config(cfg, world_size, load_universal))
     return engine

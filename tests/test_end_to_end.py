@@ -49,7 +49,8 @@ def test_reloaded_export_matches_trained_weights(demo):
         assert (hf / name).is_file(), name
     assert "perplexity" in (hf / "README.md").read_text()
     assert result["max_abs_logit_diff"] is not None and isinstance(result["continuation"], str)
-    with safe_open(str(out / "run" / "probe.safetensors"), framework="pt") as f:
+    probe = out / "run" / "checkpoints" / result["checkpoint_tag"] / "probe.safetensors"
+    with safe_open(str(probe), framework="pt") as f:
         ids, expected = f.get_tensor("input_ids"), f.get_tensor("logits")
     model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.bfloat16)
     with torch.no_grad():
