@@ -94,3 +94,12 @@ def test_sigusr1_saves_exits_75_then_resumes_and_nan_step_is_skipped(start_run, 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 40 and summary["skipped_steps"] == 1
     assert summary["val_loss_end"] < summary["val_loss_start"]
+
+
+def test_consecutive_nan_steps_stop_training_and_keep_the_last_good_checkpoint(start_run, tmp_path):
+    ranks = start_run("diverge", 1, "max_steps=10", "checkpoint.save_every_steps=2", "debug.inject_nan_at_steps=[3,4]",
+                      "guard.max_consecutive_nonfinite=2")
+    assert ranks.wait() == [2]
+    log = (tmp_path / "diverge" / "rank0.log").read_text()
+    assert "lmforge: error: step 4: 2 consecutive non-finite steps (limit guard.max_consecutive_nonfinite=2); stopping" in log
+    assert [s for s, _ in complete_checkpoints(tmp_path / "diverge" / "checkpoints")] == [2]
