@@ -35,6 +35,9 @@ class DataConfig:
     """Tokenizer folder; its fingerprint must equal the manifest's."""
     eval_batches: int = 16
     """Validation micro batches per data-parallel rank for each evaluation."""
+    document_masking: bool = True
+    """Block-diagonal attention per document in packed sequences, and no loss on the EOS -> next
+    document transition. False trains on packed sequences as one stream (GPT-2 style)."""
     save_data_indices: bool = False
     """Write the sample indices each rank trained on to ``run_dir/data-indices/rank{r}.tsv`` (as OLMo does)."""
 

@@ -17,12 +17,42 @@ import numpy as np
 from data_prep.shards import ShardReader
 
 
+IGNORE_INDEX = -100
+"""Label value the loss skips (``torch.nn.CrossEntropyLoss`` default ``ignore_index``)."""
+
+
 @dataclass(frozen=True)
 class MicroBatch:
     input_ids: np.ndarray
     """``(B, T)`` int64 token ids."""
     sample_indices: np.ndarray
-    """``(B,)`` indices of the sequences in the train split."""
+    """``(B,)`` indices of the sequences in their split."""
+    document_starts: list[list[int]]
+    """Per sequence, the positions where a document begins."""
+
+
+def causal_lm_inputs(mb: MicroBatch, document_masking: bool) -> dict[str, np.ndarray]:
+    """Model inputs for a packed causal-LM micro batch: ``input_ids``, ``labels`` and, with
+    ``document_masking``, ``position_ids``, all ``(B, T)`` int64.
+
+    With document masking, positions restart at 0 at every document boundary; transformers turns
+    such ``position_ids`` (with no attention mask and no cache) into a block-diagonal causal mask
+    (``masking_utils.find_packed_sequence_indices``), so no token attends across a boundary, and the
+    label of each document's first token is ``IGNORE_INDEX``, so the loss skips the transition from
+    one document's EOS to the next document. Labels are the inputs; the model shifts them.
+    """
+    labels = mb.input_ids.copy()
+    out = {"input_ids": mb.input_ids, "labels": labels}
+    if document_masking:
+        batch, seq_len = mb.input_ids.shape
+        position_ids = np.tile(np.arange(seq_len, dtype=np.int64), (batch, 1))
+        for row, starts in enumerate(mb.document_starts):
+            for start in starts:
+                if start > 0:
+                    position_ids[row, start:] -= position_ids[row, start]
+                    labels[row, start] = IGNORE_INDEX
+        out["position_ids"] = position_ids
+    return out
 
 
 class GlobalOrder:
@@ -52,13 +82,13 @@ def micro_batches(reader: ShardReader, rank: int, world_size: int, micro_batch_s
     position = consumed_samples
     while True:
         idx = order.indices(position + rank * micro_batch_size, micro_batch_size)
-        yield MicroBatch(reader.batch(idx), idx)
+        yield MicroBatch(reader.batch(idx), idx, [reader.document_starts(int(i)) for i in idx])
         position += world_size * micro_batch_size
 
 
 def eval_batches(reader: ShardReader, rank: int, world_size: int, micro_batch_size: int,
-                 max_batches: int) -> Iterator[np.ndarray]:
-    """The fixed validation set: ``(B, T)`` batches from the split's first sequences, in order.
+                 max_batches: int) -> Iterator[MicroBatch]:
+    """The fixed validation set: micro batches of the split's first sequences, in order.
 
     Every rank gets the same number of batches (ZeRO-3 forwards are collective), at most
     ``max_batches``; sequences past ``world_size * micro_batch_size * n`` are not evaluated.
@@ -66,5 +96,5 @@ def eval_batches(reader: ShardReader, rank: int, world_size: int, micro_batch_si
     per_step = world_size * micro_batch_size
     n = min(max_batches, len(reader) // per_step)
     for b in range(n):
-        start = b * per_step + rank * micro_batch_size
-        yield reader.batch(np.arange(start, start + micro_batch_size))
+        idx = np.arange(b * per_step + rank * micro_batch_size, b * per_step + (rank + 1) * micro_batch_size)
+        yield MicroBatch(reader.batch(idx), idx, [reader.document_starts(int(i)) for i in idx])

@@ -26,7 +26,7 @@ from pretrain import checkpoint
 from pretrain.checkpoint import TrainState
 from pretrain.checks import check_consistency
 from pretrain.config import TrainConfig, to_yaml
-from pretrain.data import eval_batches, micro_batches
+from pretrain.data import causal_lm_inputs, eval_batches, micro_batches
 from pretrain.distributed import DistInfo, all_reduce_sum, destroy_distributed, init_distributed, log_rank0
 from pretrain.engine import build_ds_config, initialize_engine
 from pretrain.errors import ConsistencyError
@@ -132,11 +132,11 @@ def evaluate(run: Run) -> dict:
     engine.eval()
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
-        for batch in eval_batches(run.val_reader, run.dist.rank, run.dist.world_size, cfg.deepspeed.micro_batch_size,
-                                  cfg.data.eval_batches):
-            x = torch.from_numpy(batch).to(engine.device)
-            n = x.shape[0] * (x.shape[1] - 1)
-            loss_sum += engine(input_ids=x, labels=x).loss.float().item() * n
+        for mb in eval_batches(run.val_reader, run.dist.rank, run.dist.world_size, cfg.deepspeed.micro_batch_size,
+                               cfg.data.eval_batches):
+            inputs = to_device(causal_lm_inputs(mb, cfg.data.document_masking), engine.device)
+            n = int((inputs["labels"][:, 1:] != -100).sum())
+            loss_sum += engine(**inputs, use_cache=False).loss.float().item() * n
             tokens += n
     engine.train()
     loss_sum, tokens = all_reduce_sum([loss_sum, float(tokens)])
@@ -144,22 +144,26 @@ def evaluate(run: Run) -> dict:
     return {"val_loss": loss, "val_ppl": math.exp(loss) if tokens else float("nan"), "val_tokens": int(tokens)}
 
 
+def to_device(arrays: dict[str, np.ndarray], device) -> dict:
+    """numpy arrays -> torch tensors on ``device``."""
+    import torch
+
+    return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+
+
 def train_step(engine, batches, accumulation_steps: int, index_log=None, step: int = 0,
-               inject_nan: bool = False) -> tuple[float, bool]:
+               inject_nan: bool = False, document_masking: bool = True) -> tuple[float, bool]:
     """One optimizer step over ``accumulation_steps`` micro batches.
 
     Returns ``(mean loss on this rank, step applied)``; DeepSpeed skips the step on every rank when
     the global gradient norm is not finite (see :mod:`pretrain.guard`).
     """
-    import torch
-
     total = 0.0
     for _ in range(accumulation_steps):
         mb = next(batches)
         if index_log is not None:
             index_log.write(f"{step}\t{','.join(map(str, mb.sample_indices.tolist()))}\n")
-        x = torch.from_numpy(mb.input_ids).to(engine.device)
-        loss = engine(input_ids=x, labels=x).loss
+        loss = engine(**to_device(causal_lm_inputs(mb, document_masking), engine.device), use_cache=False).loss
         if inject_nan:
             loss = loss * float("nan")
         engine.backward(loss)
@@ -260,7 +264,7 @@ def _train(run: Run) -> dict:
         while state.step < cfg.max_steps:
             inject = dist.is_main and (state.step + 1) in cfg.debug.inject_nan_at_steps
             loss, applied = train_step(engine, batches, cfg.deepspeed.gradient_accumulation_steps, index_log,
-                                       state.step, inject)
+                                       state.step, inject, cfg.data.document_masking)
             state.step += 1
             state.consumed_samples += run.global_batch
             state.tokens += run.global_batch * run.seq_len
