@@ -14,7 +14,7 @@ from pretrain.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ZERO_STAGES = (0, 1, 2, 3)
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
 
 @dataclass
@@ -49,7 +49,11 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     """Final learning rate of the cosine schedule, as a fraction of ``lr``."""
     schedule: str = "cosine"
-    """Learning-rate schedule after linear warmup: cosine, linear (to 0) or constant."""
+    """Learning-rate schedule after linear warmup: cosine (to ``min_lr_ratio``), linear (to 0), constant,
+    or wsd: warmup-stable-decay (Hu et al. 2024, MiniCPM), constant then a cosine decay to ``min_lr_ratio``
+    over the last ``decay_fraction`` of the steps."""
+    decay_fraction: float = 0.2
+    """wsd only: fraction of ``max_steps`` spent in the final decay."""
     warmup_steps: int = 100
     """Optimizer steps of linear warmup from 0 to ``lr``."""
     weight_decay: float = 0.1
@@ -71,6 +75,17 @@ class DeepSpeedConfig:
     """Sequences per data-parallel rank per forward/backward (micro batch)."""
     gradient_accumulation_steps: int = 1
     """Micro batches accumulated per optimizer step."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass (transformers gradient checkpointing):
+    less memory, about a third more compute."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: keep optimizer states and the step on the CPU (ZeRO stage >= 1)."""
+    offload_params: bool = False
+    """ZeRO-Infinity style parameter offload to CPU (ZeRO stage 3 only)."""
+    config_file: str = ""
+    """A user ds_config.json merged over the generated one: its keys win, except the batch keys
+    (train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps) and the precision
+    sections, which lmforge owns and which must agree with this config if present."""
 
 
 @dataclass
@@ -136,6 +151,8 @@ class TrainConfig:
     """Optimizer steps between validation passes; 0 = only at the start and the end."""
     show_progress: bool = True
     """Rank-0 tqdm bar."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device for MFU; 0 = look up the GPU (pretrain.flops), none on CPU."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -170,6 +187,12 @@ class TrainConfig:
                 p.append(f"{key}={value} (allowed: >= {low})")
         if not opt.lr > 0:
             p.append(f"optim.lr={opt.lr} (allowed: > 0)")
+        if not 0 < opt.decay_fraction <= 1:
+            p.append(f"optim.decay_fraction={opt.decay_fraction} (allowed: (0, 1])")
+        if ds.offload_optimizer and ds.zero_stage == 0:
+            p.append("deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1")
+        if ds.offload_params and ds.zero_stage != 3:
+            p.append("deepspeed.offload_params=true needs deepspeed.zero_stage=3")
         if not 0 <= opt.min_lr_ratio <= 1:
             p.append(f"optim.min_lr_ratio={opt.min_lr_ratio} (allowed: [0, 1])")
         if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):

@@ -30,6 +30,7 @@ from pretrain.data import causal_lm_inputs, eval_batches, micro_batches
 from pretrain.distributed import DistInfo, all_reduce_sum, destroy_distributed, init_distributed, log_rank0
 from pretrain.engine import build_ds_config, initialize_engine
 from pretrain.errors import ConsistencyError
+from pretrain.flops import flops_per_token, peak_flops_per_device, peak_memory_gib
 from pretrain.guard import DivergenceGuard
 from pretrain.metrics import MetricsWriter
 from pretrain.model import build_model, build_model_config, count_parameters, padded_vocab_size
@@ -54,6 +55,10 @@ class Run:
     global_batch: int
     """Sequences per optimizer step over all ranks."""
     fingerprints: dict
+    flops_per_token: float
+    """Training FLOPs per token, 6N + 12LHQT (pretrain.flops)."""
+    peak_flops: float | None
+    """Peak FLOP/s of one device, None when unknown (CPU)."""
     resume_from: Path | None
     """Complete checkpoint to resume from, or None for a fresh start."""
     resume_universal: bool
@@ -107,18 +112,22 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     resume_from = resume_point(cfg)
     universal = resume_from is not None and checkpoint.read_state(resume_from)["world_size"] != dist.world_size
     model = build_model(model_config, cfg.seed)
+    fpt, n_params = flops_per_token(model, model_config, seq_len), count_parameters(model)  # before ZeRO-3 partitions them
     engine = initialize_engine(model, cfg, dist.world_size, load_universal=universal)
     ds = cfg.deepspeed
     run = Run(cfg=cfg, dist=dist, engine=engine, resume_from=resume_from, resume_universal=universal,
               train_reader=ShardReader(cfg.data.path, "train"),
               val_reader=ShardReader(cfg.data.path, "val"), seq_len=seq_len,
               global_batch=ds.micro_batch_size * ds.gradient_accumulation_steps * dist.world_size,
-              fingerprints={"tokenizer": tok.fingerprint, "manifest": sha256_file(Path(cfg.data.path) / MANIFEST_NAME)})
+              fingerprints={"tokenizer": tok.fingerprint, "manifest": sha256_file(Path(cfg.data.path) / MANIFEST_NAME)},
+              flops_per_token=fpt, peak_flops=peak_flops_per_device(cfg.peak_tflops))
     log_rank0("model %s: %.2fM parameters, vocab %d rows (tokenizer %d), seq_len %d", cfg.model.preset,
-              count_parameters(model) / 1e6, model_config.vocab_size, tok.vocab_size, seq_len)
+              n_params / 1e6, model_config.vocab_size, tok.vocab_size, seq_len)
     log_rank0("batch: micro batch %d x accumulation %d x world size %d = global batch %d sequences = %d tokens; "
               "ZeRO stage %d, %s", ds.micro_batch_size, ds.gradient_accumulation_steps, dist.world_size, run.global_batch,
               run.global_batch * seq_len, ds.zero_stage, ds.precision)
+    log_rank0("FLOPs per token %.3g (6N + 12LHQT); device peak %s", run.flops_per_token,
+              f"{run.peak_flops / 1e12:.0f} TFLOP/s" if run.peak_flops else "unknown (no MFU)")
     log_rank0("data: %d train / %d val sequences (%.2f epochs planned)", len(run.train_reader), len(run.val_reader),
               cfg.max_steps * run.global_batch / len(run.train_reader))
     return run
@@ -283,7 +292,10 @@ def _train(run: Run) -> dict:
                 record = {"step": state.step, "loss": loss_sum / dist.world_size if steps_acc else float("nan"),
                           "lr": engine.get_lr()[0], "tokens_per_s": (state.tokens - tokens_at_start) / (now - t_log),
                           "consumed_samples": state.consumed_samples, "tokens": state.tokens,
-                          "skipped_steps": state.skipped_steps, "loss_spikes": guard.spikes}
+                          "skipped_steps": state.skipped_steps, "loss_spikes": guard.spikes,
+                          "peak_mem_gib": round(peak_memory_gib(), 3)}
+                if run.peak_flops:
+                    record["mfu"] = record["tokens_per_s"] * run.flops_per_token / (dist.world_size * run.peak_flops)
                 metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                 loss_acc, steps_acc, t_log, tokens_at_start = 0.0, 0, now, state.tokens
@@ -311,7 +323,7 @@ def _train(run: Run) -> dict:
         summary = {"preempted": False, "steps": state.step, "consumed_samples": state.consumed_samples, "tokens": state.tokens,
                    "skipped_steps": state.skipped_steps, "elapsed_s": round(elapsed_s, 3),
                    "tokens_per_s": (state.tokens - tokens_resumed) / max(elapsed_s, 1e-9),
-                   "world_size": dist.world_size, "checkpoint_tag": final.name,
+                   "world_size": dist.world_size, "checkpoint_tag": final.name, "flops_per_token": run.flops_per_token,
                    "val_loss_start": start_eval["val_loss"], "val_ppl_start": start_eval["val_ppl"],
                    "val_loss_end": end_eval["val_loss"], "val_ppl_end": end_eval["val_ppl"]}
         if dist.is_main:
