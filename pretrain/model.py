@@ -27,7 +27,29 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
     "gpt2-small": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, n_positions=1024),
+    # masked LMs: BERT-base (Devlin et al. 2019), RoBERTa-base (Liu et al. 2019), ModernBERT-base (Warner et al. 2024)
+    "bert-test": dict(model_type="bert", hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=512),
+    "bert-base": dict(model_type="bert", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                      num_attention_heads=12, max_position_embeddings=512),
+    "roberta-base": dict(model_type="roberta", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=514),
+    "modernbert-base": dict(model_type="modernbert", hidden_size=768, intermediate_size=1152, num_hidden_layers=22,
+                            num_attention_heads=12, max_position_embeddings=8192),
 }
+MASKED_LM_TYPES = ("bert", "roberta", "modernbert")
+
+
+def objective_of(config) -> str:
+    """``mlm`` for masked-LM architectures, else ``clm``."""
+    return "mlm" if config.model_type in MASKED_LM_TYPES else "clm"
+
+
+def auto_model_class(config):
+    """``AutoModelForMaskedLM`` or ``AutoModelForCausalLM`` for ``config``."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    return AutoModelForMaskedLM if objective_of(config) == "mlm" else AutoModelForCausalLM
 
 
 def padded_vocab_size(vocab_size: int, multiple: int = EMBEDDING_MULTIPLE) -> int:
@@ -53,9 +75,15 @@ def build_model_config(preset: str, vocab_size: int, seq_len: int, special_ids: 
     model_type = fields.pop("model_type")
     pos_key = "n_positions" if model_type == "gpt2" else "max_position_embeddings"
     fields[pos_key] = max(fields[pos_key], seq_len)
-    fields.update(vocab_size=vocab_size, tie_word_embeddings=False,
+    if model_type == "roberta":  # RoBERTa offsets positions by padding_idx + 1
+        fields["max_position_embeddings"] = max(fields["max_position_embeddings"], seq_len + 2)
+    fields.update(vocab_size=vocab_size, tie_word_embeddings=model_type in MASKED_LM_TYPES,
                   **{k: v for k, v in special_ids.items() if v is not None})
     config = AutoConfig.for_model(model_type, **fields)
+    for key in [k for k in config.to_dict() if k.endswith("_token_id") and k not in special_ids]:
+        value = getattr(config, key)
+        if isinstance(value, int) and not 0 <= value < vocab_size:  # a preset default from another vocabulary
+            setattr(config, key, None)
     for key, value in (overrides or {}).items():
         if not hasattr(config, key):
             raise ConfigError(f"model.overrides.{key}: not a field of {type(config).__name__}")
@@ -64,12 +92,11 @@ def build_model_config(preset: str, vocab_size: int, seq_len: int, special_ids: 
 
 
 def build_model(config, seed: int):
-    """A randomly initialised causal LM for ``config`` (float32 weights), seeded identically on every rank."""
+    """A randomly initialised causal or masked LM for ``config`` (float32 weights), seeded identically on every rank."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return auto_model_class(config).from_config(config, attn_implementation="sdpa")
 
 
 def count_parameters(model) -> int:
