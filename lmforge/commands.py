@@ -1,9 +1,7 @@
 """Subcommand parsers and handlers of the ``lmforge`` CLI; each handler is a thin call into a package."""
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
 
 def add_demo(sub) -> None:
@@ -130,23 +128,4 @@ def _verify(args) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=2)
-    return 0
-
-
-def add_launch(sub) -> None:
-    p = sub.add_parser("launch", help="start a command on several ranks").add_subparsers(dest="launcher", required=True)
-    loc = p.add_parser("local", help="N processes on this machine")
-    loc.add_argument("--nproc", type=int, default=2)
-    loc.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
-    loc.set_defaults(handler=_launch_local)
-
-
-def _launch_local(args) -> int:
-    from launch.local import run_local
-
-    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    if not cmd:
-        print("lmforge launch local: no command given (lmforge launch local --nproc 2 -- CMD ...)", file=sys.stderr)
-        return 2
-    run_local(cmd, args.nproc)
     return 0
