@@ -89,3 +89,30 @@ def test_preempted_ranks_get_the_job_requeued(slurm_cluster, tmp_path):
         marks = [text.find(m) for m in ("restart 0", "ready", "saved", "restart 1", "resumed")]
         assert -1 not in marks and marks == sorted(marks), text
     assert "requeueing job" in (run_dir / "slurm" / f"{job_id}-batch.out").read_text()
+
+
+def test_usr1_makes_the_real_trainer_save_then_slurm_requeues_and_it_resumes_to_completion(slurm_cluster, tiny_config, tmp_path):
+    import json
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "lmforge", "launch", "slurm", str(tiny_config), "--nodes", "2",
+                           "--time", "10", f"run_dir={run_dir}", "max_steps=400", "log_every_steps=1"],
+                          cwd=tmp_path, env=slurm_cluster.env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and any(json.loads(line).get("step", 0) >= 3 for line in metrics.read_text().splitlines())):
+        assert time.monotonic() < deadline, slurm_cluster.log_tail()
+        time.sleep(0.2)
+    slurm_cluster.run("scancel", "--signal=USR1", job_id)
+    slurm_cluster.wait_job(job_id, 120, until=lambda job: job["Restarts"] == "1" and job["JobState"] == "PENDING")
+    saved = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")]
+    assert saved and "step_00000400" not in saved  # the preemption save, before the end
+    slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    job = slurm_cluster.wait_job(job_id, 240)
+    rank0 = (run_dir / "slurm" / f"{job_id}-rank0.log").read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", (job, rank0[-3000:])
+    assert f"stopping at step" in rank0 and f"exit code {EXIT_PREEMPTED}" in rank0
+    assert re.search(r"resumed from step_\d{8}", rank0)
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 400
