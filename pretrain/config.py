@@ -25,6 +25,9 @@ class ModelConfig:
     """Embedding rows (tokens); 0 = the tokenizer's size rounded up to a multiple of 64."""
     overrides: Dict[str, Any] = field(default_factory=dict)
     """Any transformers config field, e.g. ``{num_hidden_layers: 2}``."""
+    init_from: str = ""
+    """A local Hugging Face model folder to continue pretraining from (its config and weights replace
+    the preset; overrides still apply). Nothing is downloaded."""
 
 
 @dataclass
@@ -151,6 +154,8 @@ class TrainConfig:
     """Optimizer steps between validation passes; 0 = only at the start and the end."""
     show_progress: bool = True
     """Rank-0 tqdm bar."""
+    wandb_project: str = ""
+    """Weights & Biases project to log metrics to from rank 0 (needs ``wandb`` installed); empty = off."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s of one device for MFU; 0 = look up the GPU (pretrain.flops), none on CPU."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -210,6 +215,11 @@ class TrainConfig:
                            ("preemption.max_minutes", self.preemption.max_minutes)]:
             if value < 0:
                 p.append(f"{key}={value} (allowed: >= 0)")
+        if self.wandb_project:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                p.append(f"wandb_project={self.wandb_project!r} but wandb is not installed (pip install wandb)")
         for key in ("path", "tokenizer"):
             if not getattr(self.data, key):
                 p.append(f"data.{key} is required")

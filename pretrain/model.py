@@ -84,6 +84,10 @@ def build_model_config(preset: str, vocab_size: int, seq_len: int, special_ids: 
         value = getattr(config, key)
         if isinstance(value, int) and not 0 <= value < vocab_size:  # a preset default from another vocabulary
             setattr(config, key, None)
+    return _apply_overrides(config, overrides)
+
+
+def _apply_overrides(config, overrides: dict[str, Any] | None):
     for key, value in (overrides or {}).items():
         if not hasattr(config, key):
             raise ConfigError(f"model.overrides.{key}: not a field of {type(config).__name__}")
@@ -91,12 +95,32 @@ def build_model_config(preset: str, vocab_size: int, seq_len: int, special_ids: 
     return config
 
 
-def build_model(config, seed: int):
-    """A randomly initialised causal or masked LM for ``config`` (float32 weights), seeded identically on every rank."""
+def load_model_config(path: str, overrides: dict[str, Any] | None = None):
+    """The config of a local Hugging Face model folder, for continued pretraining.
+
+    Raises:
+        ConfigError: not a folder with a ``config.json``, or a bad override.
+    """
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"model.init_from={path}: no config.json there (a local Hugging Face model folder is needed)")
+    return _apply_overrides(AutoConfig.from_pretrained(path, local_files_only=True), overrides)
+
+
+def build_model(config, seed: int, init_from: str = ""):
+    """A causal or masked LM for ``config`` (float32 weights): randomly initialised, seeded identically on
+    every rank, or loaded from the local folder ``init_from`` for continued pretraining."""
     import torch
 
     torch.manual_seed(seed)
-    return auto_model_class(config).from_config(config, attn_implementation="sdpa")
+    cls = auto_model_class(config)
+    if init_from:
+        return cls.from_pretrained(init_from, config=config, dtype=torch.float32, local_files_only=True,
+                                   attn_implementation="sdpa")
+    return cls.from_config(config, attn_implementation="sdpa")
 
 
 def count_parameters(model) -> int:

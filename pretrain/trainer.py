@@ -33,7 +33,7 @@ from pretrain.errors import ConsistencyError
 from pretrain.flops import flops_per_token, peak_flops_per_device, peak_memory_gib
 from pretrain.guard import DivergenceGuard
 from pretrain.metrics import MetricsWriter
-from pretrain.model import build_model, build_model_config, count_parameters, padded_vocab_size
+from pretrain.model import build_model, build_model_config, count_parameters, load_model_config, padded_vocab_size
 from pretrain.preemption import EXIT_PREEMPTED, StopPolicy, requeue_slurm_job
 
 CHECKPOINT_DIR = "checkpoints"
@@ -94,9 +94,13 @@ def preflight(cfg: TrainConfig) -> tuple[TokenizerInfo, object, int]:
     tok = load_tokenizer_info(cfg.data.tokenizer)
     manifest = read_manifest(cfg.data.path)
     seq_len = cfg.seq_len or manifest["seq_len"]
-    rows = cfg.model.vocab_size or padded_vocab_size(tok.vocab_size)
-    special = {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id}
-    model_config = build_model_config(cfg.model.preset, rows, seq_len, special, dict(cfg.model.overrides))
+    overrides = dict(cfg.model.overrides)
+    if cfg.model.init_from:
+        model_config = load_model_config(cfg.model.init_from, overrides)
+    else:
+        rows = cfg.model.vocab_size or padded_vocab_size(tok.vocab_size)
+        special = {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id}
+        model_config = build_model_config(cfg.model.preset, rows, seq_len, special, overrides)
     check_consistency(tok, manifest, model_config, seq_len)
     return tok, model_config, seq_len
 
@@ -111,7 +115,7 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
         model_config.save_pretrained(str(run_dir / MODEL_CONFIG_DIR))
     resume_from = resume_point(cfg)
     universal = resume_from is not None and checkpoint.read_state(resume_from)["world_size"] != dist.world_size
-    model = build_model(model_config, cfg.seed)
+    model = build_model(model_config, cfg.seed, cfg.model.init_from)
     fpt, n_params = flops_per_token(model, model_config, seq_len), count_parameters(model)  # before ZeRO-3 partitions them
     engine = initialize_engine(model, cfg, dist.world_size, load_universal=universal)
     ds = cfg.deepspeed
@@ -251,7 +255,7 @@ def _train(run: Run) -> dict:
     state, extras = TrainState(), {}
     if run.resume_from is not None:
         state, extras = _resume(run, run.resume_from)
-    metrics = MetricsWriter(run_dir, dist.is_main)
+    metrics = MetricsWriter(run_dir, dist.is_main, cfg.wandb_project, {"config_yaml": to_yaml(cfg)})
     index_log = None
     if cfg.data.save_data_indices:
         (run_dir / "data-indices").mkdir(parents=True, exist_ok=True)

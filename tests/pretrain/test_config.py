@@ -90,3 +90,12 @@ def test_schedules_warm_up_then_follow_their_shape():
     assert abs(lrs("cosine")[-1] - 0.1) < 0.01 and lrs("linear")[-1] < 0.02 and lrs("constant")[-1] == 1.0
     wsd = lrs("wsd")
     assert wsd[79] == 1.0 and wsd[-1] < 0.15  # stable until the last 20%, then decays to about min_lr_ratio
+
+
+def test_wandb_needs_wandb_installed():
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ConfigError, match="wandb_project='proj' but wandb is not installed"):
+        load_config(None, ["data.path=d", "data.tokenizer=t", "wandb_project=proj"])
