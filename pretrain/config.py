@@ -33,7 +33,14 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = ""
-    """Prepared dataset folder (holds ``manifest.json``)."""
+    """Prepared dataset folder (holds ``manifest.json``); the fast path."""
+    raw_inputs: List[str] = field(default_factory=list)
+    """Instead of ``path``: raw corpus paths / globs streamed and tokenized on the fly (slower; see
+    pretrain.sources). Needs ``seq_len``."""
+    raw_text_column: str = "text"
+    """Text field of jsonl / parquet records in ``raw_inputs``."""
+    raw_val_fraction: float = 0.005
+    """Fraction of ``raw_inputs`` documents (by content hash) held out for validation."""
     tokenizer: str = ""
     """Tokenizer folder; its fingerprint must equal the manifest's."""
     eval_batches: int = 16
@@ -220,9 +227,13 @@ class TrainConfig:
 
             if importlib.util.find_spec("wandb") is None:
                 p.append(f"wandb_project={self.wandb_project!r} but wandb is not installed (pip install wandb)")
-        for key in ("path", "tokenizer"):
-            if not getattr(self.data, key):
-                p.append(f"data.{key} is required")
+        if not self.data.tokenizer:
+            p.append("data.tokenizer is required")
+        if bool(self.data.path) == bool(self.data.raw_inputs):
+            p.append("data.path is required (or data.raw_inputs, not both)" if not self.data.path
+                     else "give data.path or data.raw_inputs, not both")
+        if self.data.raw_inputs and self.seq_len == 0:
+            p.append("seq_len is required with data.raw_inputs (there is no manifest to take it from)")
         if p:
             raise ConfigError("invalid config: " + "; ".join(p))
 

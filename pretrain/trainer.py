@@ -9,6 +9,7 @@ Run dir layout (rank 0 writes all but the checkpoint shards)::
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,13 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import UserError
-from data_prep.shards import MANIFEST_NAME, ShardReader, read_manifest, sha256_file, write_json_atomic
+from data_prep.shards import MANIFEST_NAME, read_manifest, sha256_file, write_json_atomic
 from data_prep.tokenizer import TokenizerInfo, load_tokenizer_info
 from pretrain import checkpoint
 from pretrain.checkpoint import TrainState
 from pretrain.checks import check_consistency
 from pretrain.config import TrainConfig, to_yaml
-from pretrain.data import causal_lm_inputs, eval_batches, micro_batches
+from pretrain.data import causal_lm_inputs
 from pretrain.distributed import DistInfo, all_reduce_sum, destroy_distributed, init_distributed, log_rank0
 from pretrain.engine import build_ds_config, initialize_engine
 from pretrain.errors import ConsistencyError
@@ -34,6 +35,7 @@ from pretrain.flops import flops_per_token, peak_flops_per_device, peak_memory_g
 from pretrain.guard import DivergenceGuard
 from pretrain.metrics import MetricsWriter
 from pretrain.model import build_model, build_model_config, count_parameters, load_model_config, padded_vocab_size
+from pretrain.sources import ShardSource, StreamingSource
 from pretrain.preemption import EXIT_PREEMPTED, StopPolicy, requeue_slurm_job
 
 CHECKPOINT_DIR = "checkpoints"
@@ -49,8 +51,10 @@ class Run:
     cfg: TrainConfig
     dist: DistInfo
     engine: object
-    train_reader: ShardReader
-    val_reader: ShardReader
+    source: object
+    """ShardSource or StreamingSource (pretrain.sources)."""
+    val_batches: list
+    """This rank's fixed validation micro batches."""
     seq_len: int
     global_batch: int
     """Sequences per optimizer step over all ranks."""
@@ -92,7 +96,7 @@ def preflight(cfg: TrainConfig) -> tuple[TokenizerInfo, object, int]:
         ConsistencyError, ConfigError, InputError: see :func:`pretrain.checks.check_consistency`.
     """
     tok = load_tokenizer_info(cfg.data.tokenizer)
-    manifest = read_manifest(cfg.data.path)
+    manifest = read_manifest(cfg.data.path) if cfg.data.path else None
     seq_len = cfg.seq_len or manifest["seq_len"]
     overrides = dict(cfg.model.overrides)
     if cfg.model.init_from:
@@ -119,11 +123,17 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     fpt, n_params = flops_per_token(model, model_config, seq_len), count_parameters(model)  # before ZeRO-3 partitions them
     engine = initialize_engine(model, cfg, dist.world_size, load_universal=universal)
     ds = cfg.deepspeed
-    run = Run(cfg=cfg, dist=dist, engine=engine, resume_from=resume_from, resume_universal=universal,
-              train_reader=ShardReader(cfg.data.path, "train"),
-              val_reader=ShardReader(cfg.data.path, "val"), seq_len=seq_len,
+    if cfg.data.path:
+        source = ShardSource(cfg.data.path)
+        data_fingerprint = sha256_file(Path(cfg.data.path) / MANIFEST_NAME)
+    else:
+        source = StreamingSource(list(cfg.data.raw_inputs), tok, seq_len, cfg.data.raw_text_column, cfg.data.raw_val_fraction)
+        data_fingerprint = hashlib.sha256("\n".join(source.files).encode()).hexdigest()
+    run = Run(cfg=cfg, dist=dist, engine=engine, resume_from=resume_from, resume_universal=universal, source=source,
+              val_batches=source.val_batches(dist.rank, dist.world_size, ds.micro_batch_size, cfg.data.eval_batches),
+              seq_len=seq_len,
               global_batch=ds.micro_batch_size * ds.gradient_accumulation_steps * dist.world_size,
-              fingerprints={"tokenizer": tok.fingerprint, "manifest": sha256_file(Path(cfg.data.path) / MANIFEST_NAME)},
+              fingerprints={"tokenizer": tok.fingerprint, "data": data_fingerprint},
               flops_per_token=fpt, peak_flops=peak_flops_per_device(cfg.peak_tflops))
     log_rank0("model %s: %.2fM parameters, vocab %d rows (tokenizer %d), seq_len %d", cfg.model.preset,
               n_params / 1e6, model_config.vocab_size, tok.vocab_size, seq_len)
@@ -132,8 +142,10 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
               run.global_batch * seq_len, ds.zero_stage, ds.precision)
     log_rank0("FLOPs per token %.3g (6N + 12LHQT); device peak %s", run.flops_per_token,
               f"{run.peak_flops / 1e12:.0f} TFLOP/s" if run.peak_flops else "unknown (no MFU)")
-    log_rank0("data: %d train / %d val sequences (%.2f epochs planned)", len(run.train_reader), len(run.val_reader),
-              cfg.max_steps * run.global_batch / len(run.train_reader))
+    n_train = source.num_train_sequences
+    log_rank0("data: %s train sequences, %d validation micro batches per rank%s",
+              n_train if n_train is not None else "streamed", len(run.val_batches),
+              f" ({cfg.max_steps * run.global_batch / n_train:.2f} epochs planned)" if n_train else "")
     return run
 
 
@@ -145,8 +157,7 @@ def evaluate(run: Run) -> dict:
     engine.eval()
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
-        for mb in eval_batches(run.val_reader, run.dist.rank, run.dist.world_size, cfg.deepspeed.micro_batch_size,
-                               cfg.data.eval_batches):
+        for mb in run.val_batches:
             inputs = to_device(causal_lm_inputs(mb, cfg.data.document_masking), engine.device)
             n = int((inputs["labels"][:, 1:] != -100).sum())
             loss_sum += engine(**inputs, use_cache=False).loss.float().item() * n
@@ -189,8 +200,12 @@ def _probe(run: Run):
     """Collective forward of a fixed probe batch; rank 0 gets ``{tensors, metadata}`` for ``probe.safetensors``."""
     import torch
 
-    reader = run.val_reader if len(run.val_reader) else run.train_reader
-    ids = np.ascontiguousarray(reader.batch(np.arange(min(2, len(reader))))[:, :PROBE_TOKENS])
+    if run.val_batches:
+        rows = run.val_batches[0].input_ids
+    else:
+        rows = next(run.source.train_batches(run.dist.rank, run.dist.world_size, run.cfg.deepspeed.micro_batch_size,
+                                             run.cfg.seed, 0)).input_ids
+    ids = np.ascontiguousarray(rows[:2, :PROBE_TOKENS])
     x = torch.from_numpy(ids).to(run.engine.device)
     run.engine.eval()
     with torch.no_grad():
@@ -269,8 +284,8 @@ def _train(run: Run) -> dict:
             extras["val_start"] = evaluate(run)
             metrics.write({"step": state.step, **extras["val_start"]})
             log_rank0("validation at start: loss %.4f, perplexity %.2f", extras["val_start"]["val_loss"], extras["val_start"]["val_ppl"])
-        batches = micro_batches(run.train_reader, dist.rank, dist.world_size, cfg.deepspeed.micro_batch_size, cfg.seed,
-                                consumed_samples=state.consumed_samples)
+        batches = run.source.train_batches(dist.rank, dist.world_size, cfg.deepspeed.micro_batch_size, cfg.seed,
+                                           state.consumed_samples)
         t_start = t_log = time.perf_counter()
         tokens_at_start, loss_acc, steps_acc, saved_step = state.tokens, 0.0, 0, state.step
         tokens_resumed = state.tokens
