@@ -46,8 +46,9 @@ class DataConfig:
     eval_batches: int = 16
     """Validation micro batches per data-parallel rank for each evaluation."""
     document_masking: bool = True
-    """Block-diagonal attention per document in packed sequences, and no loss on the EOS -> next
-    document transition. False trains on packed sequences as one stream (GPT-2 style)."""
+    """Causal LMs: block-diagonal attention per document in packed sequences, and no loss on the
+    EOS -> next document transition. False trains on packed sequences as one stream (GPT-2 style).
+    Masked LMs always attend across the separators of a packed sequence (RoBERTa's FULL-SENTENCES)."""
     save_data_indices: bool = False
     """Write the sample indices each rank trained on to ``run_dir/data-indices/rank{r}.tsv`` (as OLMo does)."""
 
@@ -96,6 +97,20 @@ class DeepSpeedConfig:
     """A user ds_config.json merged over the generated one: its keys win, except the batch keys
     (train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps) and the precision
     sections, which lmforge owns and which must agree with this config if present."""
+
+
+@dataclass
+class MLMConfig:
+    """Dynamic masking for masked-LM presets (BERT recipe, Devlin et al. 2019)."""
+
+    probability: float = 0.15
+    """Fraction of non-special tokens selected for prediction."""
+    mask_replace_prob: float = 0.8
+    """Of the selected, the fraction replaced by the mask token."""
+    random_replace_prob: float = 0.1
+    """Of the selected, the fraction replaced by a random token (the rest stay unchanged)."""
+    whole_word_mask: bool = False
+    """Select whole words (every sub-token); transformers then always uses the mask token."""
 
 
 @dataclass
@@ -169,6 +184,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    mlm: MLMConfig = field(default_factory=MLMConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
@@ -199,6 +215,11 @@ class TrainConfig:
                 p.append(f"{key}={value} (allowed: >= {low})")
         if not opt.lr > 0:
             p.append(f"optim.lr={opt.lr} (allowed: > 0)")
+        m = self.mlm
+        if not 0 < m.probability < 1 or not 0 <= m.mask_replace_prob <= 1 or not 0 <= m.random_replace_prob <= 1 \
+                or m.mask_replace_prob + m.random_replace_prob > 1:
+            p.append(f"mlm.probability={m.probability}, mask_replace_prob={m.mask_replace_prob}, random_replace_prob="
+                     f"{m.random_replace_prob} (allowed: probability in (0, 1), the two replace fractions sum to <= 1)")
         if not 0 < opt.decay_fraction <= 1:
             p.append(f"optim.decay_fraction={opt.decay_fraction} (allowed: (0, 1])")
         if ds.offload_optimizer and ds.zero_stage == 0:

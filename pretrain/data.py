@@ -17,10 +17,6 @@ import numpy as np
 from data_prep.shards import ShardReader
 
 
-IGNORE_INDEX = -100
-"""Label value the loss skips (``torch.nn.CrossEntropyLoss`` default ``ignore_index``)."""
-
-
 @dataclass(frozen=True)
 class MicroBatch:
     input_ids: np.ndarray
@@ -29,30 +25,6 @@ class MicroBatch:
     """``(B,)`` indices of the sequences in their split."""
     document_starts: list[list[int]]
     """Per sequence, the positions where a document begins."""
-
-
-def causal_lm_inputs(mb: MicroBatch, document_masking: bool) -> dict[str, np.ndarray]:
-    """Model inputs for a packed causal-LM micro batch: ``input_ids``, ``labels`` and, with
-    ``document_masking``, ``position_ids``, all ``(B, T)`` int64.
-
-    With document masking, positions restart at 0 at every document boundary; transformers turns
-    such ``position_ids`` (with no attention mask and no cache) into a block-diagonal causal mask
-    (``masking_utils.find_packed_sequence_indices``), so no token attends across a boundary, and the
-    label of each document's first token is ``IGNORE_INDEX``, so the loss skips the transition from
-    one document's EOS to the next document. Labels are the inputs; the model shifts them.
-    """
-    labels = mb.input_ids.copy()
-    out = {"input_ids": mb.input_ids, "labels": labels}
-    if document_masking:
-        batch, seq_len = mb.input_ids.shape
-        position_ids = np.tile(np.arange(seq_len, dtype=np.int64), (batch, 1))
-        for row, starts in enumerate(mb.document_starts):
-            for start in starts:
-                if start > 0:
-                    position_ids[row, start:] -= position_ids[row, start]
-                    labels[row, start] = IGNORE_INDEX
-        out["position_ids"] = position_ids
-    return out
 
 
 class GlobalOrder:

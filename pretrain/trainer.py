@@ -27,14 +27,15 @@ from pretrain import checkpoint
 from pretrain.checkpoint import TrainState
 from pretrain.checks import check_consistency
 from pretrain.config import TrainConfig, to_yaml
-from pretrain.data import causal_lm_inputs
+from pretrain.inputs import IGNORE_INDEX, MaskedLMInputs, causal_lm_inputs
 from pretrain.distributed import DistInfo, all_reduce_sum, destroy_distributed, init_distributed, log_rank0
 from pretrain.engine import build_ds_config, initialize_engine
 from pretrain.errors import ConsistencyError
 from pretrain.flops import flops_per_token, peak_flops_per_device, peak_memory_gib
 from pretrain.guard import DivergenceGuard
 from pretrain.metrics import MetricsWriter
-from pretrain.model import build_model, build_model_config, count_parameters, load_model_config, padded_vocab_size
+from pretrain.model import (build_model, build_model_config, count_parameters, load_model_config, objective_of,
+                            padded_vocab_size)
 from pretrain.sources import ShardSource, StreamingSource
 from pretrain.preemption import EXIT_PREEMPTED, StopPolicy, requeue_slurm_job
 
@@ -59,6 +60,8 @@ class Run:
     global_batch: int
     """Sequences per optimizer step over all ranks."""
     fingerprints: dict
+    objective: str
+    """clm or mlm, from the model architecture."""
     flops_per_token: float
     """Training FLOPs per token, 6N + 12LHQT (pretrain.flops)."""
     peak_flops: float | None
@@ -105,7 +108,7 @@ def preflight(cfg: TrainConfig) -> tuple[TokenizerInfo, object, int]:
         rows = cfg.model.vocab_size or padded_vocab_size(tok.vocab_size)
         special = {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id}
         model_config = build_model_config(cfg.model.preset, rows, seq_len, special, overrides)
-    check_consistency(tok, manifest, model_config, seq_len)
+    check_consistency(tok, manifest, model_config, seq_len, objective_of(model_config))
     return tok, model_config, seq_len
 
 
@@ -129,7 +132,7 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     else:
         source = StreamingSource(list(cfg.data.raw_inputs), tok, seq_len, cfg.data.raw_text_column, cfg.data.raw_val_fraction)
         data_fingerprint = hashlib.sha256("\n".join(source.files).encode()).hexdigest()
-    run = Run(cfg=cfg, dist=dist, engine=engine, resume_from=resume_from, resume_universal=universal, source=source,
+    run = Run(cfg=cfg, dist=dist, engine=engine, objective=objective_of(model_config), resume_from=resume_from, resume_universal=universal, source=source,
               val_batches=source.val_batches(dist.rank, dist.world_size, ds.micro_batch_size, cfg.data.eval_batches),
               seq_len=seq_len,
               global_batch=ds.micro_batch_size * ds.gradient_accumulation_steps * dist.world_size,
@@ -156,27 +159,44 @@ def evaluate(run: Run) -> dict:
     engine, cfg = run.engine, run.cfg
     engine.eval()
     loss_sum, tokens = 0.0, 0
-    with torch.no_grad():
-        for mb in run.val_batches:
-            inputs = to_device(causal_lm_inputs(mb, cfg.data.document_masking), engine.device)
-            n = int((inputs["labels"][:, 1:] != -100).sum())
-            loss_sum += engine(**inputs, use_cache=False).loss.float().item() * n
-            tokens += n
-    engine.train()
+    rng_state = np.random.get_state()
+    np.random.seed(cfg.seed)  # the same MLM masks at every evaluation, without disturbing training's RNG
+    build = input_builder(run)
+    try:
+        with torch.no_grad():
+            for mb in run.val_batches:
+                inputs = build(mb)
+                labels = inputs["labels"][:, 1:] if run.objective == "clm" else inputs["labels"]
+                n = int((labels != IGNORE_INDEX).sum())
+                loss_sum += engine(**to_device(inputs, engine.device)).loss.float().item() * n
+                tokens += n
+    finally:
+        np.random.set_state(rng_state)
+        engine.train()
     loss_sum, tokens = all_reduce_sum([loss_sum, float(tokens)])
     loss = loss_sum / tokens if tokens else float("nan")
     return {"val_loss": loss, "val_ppl": math.exp(loss) if tokens else float("nan"), "val_tokens": int(tokens)}
 
 
 def to_device(arrays: dict[str, np.ndarray], device) -> dict:
-    """numpy arrays -> torch tensors on ``device``."""
+    """numpy arrays -> torch tensors on ``device``; other values (flags) pass through."""
     import torch
 
-    return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+    return {k: torch.from_numpy(v).to(device) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
 
 
-def train_step(engine, batches, accumulation_steps: int, index_log=None, step: int = 0,
-               inject_nan: bool = False, document_masking: bool = True) -> tuple[float, bool]:
+def input_builder(run: Run):
+    """MicroBatch -> model inputs for the run's objective (see pretrain.inputs)."""
+    cfg = run.cfg
+    if run.objective == "mlm":
+        m = cfg.mlm
+        return MaskedLMInputs(cfg.data.tokenizer, m.probability, m.mask_replace_prob, m.random_replace_prob, m.whole_word_mask)
+    # no KV cache: transformers derives the per-document mask from position_ids only without one
+    return lambda mb: {**causal_lm_inputs(mb, cfg.data.document_masking), "use_cache": False}
+
+
+def train_step(engine, batches, build_inputs, accumulation_steps: int, index_log=None, step: int = 0,
+               inject_nan: bool = False) -> tuple[float, bool]:
     """One optimizer step over ``accumulation_steps`` micro batches.
 
     Returns ``(mean loss on this rank, step applied)``; DeepSpeed skips the step on every rank when
@@ -187,7 +207,7 @@ def train_step(engine, batches, accumulation_steps: int, index_log=None, step: i
         mb = next(batches)
         if index_log is not None:
             index_log.write(f"{step}\t{','.join(map(str, mb.sample_indices.tolist()))}\n")
-        loss = engine(**to_device(causal_lm_inputs(mb, document_masking), engine.device), use_cache=False).loss
+        loss = engine(**to_device(build_inputs(mb), engine.device)).loss
         if inject_nan:
             loss = loss * float("nan")
         engine.backward(loss)
@@ -286,13 +306,14 @@ def _train(run: Run) -> dict:
             log_rank0("validation at start: loss %.4f, perplexity %.2f", extras["val_start"]["val_loss"], extras["val_start"]["val_ppl"])
         batches = run.source.train_batches(dist.rank, dist.world_size, cfg.deepspeed.micro_batch_size, cfg.seed,
                                            state.consumed_samples)
+        build_inputs = input_builder(run)
         t_start = t_log = time.perf_counter()
         tokens_at_start, loss_acc, steps_acc, saved_step = state.tokens, 0.0, 0, state.step
         tokens_resumed = state.tokens
         while state.step < cfg.max_steps:
             inject = dist.is_main and (state.step + 1) in cfg.debug.inject_nan_at_steps
-            loss, applied = train_step(engine, batches, cfg.deepspeed.gradient_accumulation_steps, index_log,
-                                       state.step, inject, cfg.data.document_masking)
+            loss, applied = train_step(engine, batches, build_inputs, cfg.deepspeed.gradient_accumulation_steps, index_log,
+                                       state.step, inject)
             state.step += 1
             state.consumed_samples += run.global_batch
             state.tokens += run.global_batch * run.seq_len

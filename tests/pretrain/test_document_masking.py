@@ -3,7 +3,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pretrain.data import IGNORE_INDEX, MicroBatch, causal_lm_inputs
+from pretrain.data import MicroBatch
+from pretrain.inputs import IGNORE_INDEX, causal_lm_inputs
 from pretrain.model import build_model, build_model_config
 
 EOS = 0
