@@ -1,9 +1,7 @@
 """Subcommand parsers and handlers of the ``lmforge`` CLI; each handler is a thin call into a package."""
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
 
 def add_demo(sub) -> None:
@@ -56,15 +54,24 @@ def add_train(sub) -> None:
     p = sub.add_parser("train", help="train on this rank (started once per rank by a launcher, or alone)")
     p.add_argument("config", help="YAML training config")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 deepspeed.zero_stage=3")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume-from", default=None, help="checkpoint tag or folder to resume from (default: newest complete)")
+    group.add_argument("--no-resume", action="store_true", help="refuse to start over an existing checkpoint")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget; then save and exit 75")
     p.set_defaults(handler=_train)
 
 
 def _train(args) -> int:
+    """Exit 0 when training finished, 75 (EX_TEMPFAIL) when it stopped for preemption after a save."""
     from pretrain.config import load_config
+    from pretrain.preemption import EXIT_PREEMPTED
     from pretrain.trainer import train
 
-    train(load_config(args.config, args.overrides))
-    return 0
+    extra = [f"checkpoint.resume={args.resume_from}"] if args.resume_from else []
+    extra += ["checkpoint.resume=never"] if args.no_resume else []
+    extra += [f"preemption.max_minutes={args.max_minutes}"] if args.max_minutes is not None else []
+    summary = train(load_config(args.config, [*args.overrides, *extra]))
+    return EXIT_PREEMPTED if summary.get("preempted") else 0
 
 
 def add_export(sub) -> None:
@@ -102,23 +109,4 @@ def _verify(args) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=2)
-    return 0
-
-
-def add_launch(sub) -> None:
-    p = sub.add_parser("launch", help="start a command on several ranks").add_subparsers(dest="launcher", required=True)
-    loc = p.add_parser("local", help="N processes on this machine")
-    loc.add_argument("--nproc", type=int, default=2)
-    loc.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
-    loc.set_defaults(handler=_launch_local)
-
-
-def _launch_local(args) -> int:
-    from launch.local import run_local
-
-    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    if not cmd:
-        print("lmforge launch local: no command given (lmforge launch local --nproc 2 -- CMD ...)", file=sys.stderr)
-        return 2
-    run_local(cmd, args.nproc)
     return 0

@@ -22,7 +22,8 @@ from data_prep.tokenizer import train_byte_bpe
 from launch.local import run_local
 from pretrain.config import load_config, to_yaml
 from pretrain.export import ExportError, export_hf
-from pretrain.trainer import PROBE_FILE, preflight, read_summary
+from pretrain.checkpoint import PROBE_FILE
+from pretrain.trainer import CHECKPOINT_DIR, preflight, read_summary
 
 log = logging.getLogger("lmforge.demo")
 
@@ -72,7 +73,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     export_hf(run_dir, hf_dir)
     log.info("[5/5] verify: reload with transformers in a fresh process")
     verify_json = out / "verify.json"
-    verify = subprocess.run([sys.executable, "-m", "lmforge", "verify", str(hf_dir), "--probe", str(run_dir / PROBE_FILE),
+    probe = run_dir / CHECKPOINT_DIR / summary["checkpoint_tag"] / PROBE_FILE
+    verify = subprocess.run([sys.executable, "-m", "lmforge", "verify", str(hf_dir), "--probe", str(probe),
                              "--json", str(verify_json)])
     if verify.returncode != 0:
         raise ExportError(f"{hf_dir}: verification in a fresh process failed (exit {verify.returncode}), see above")
