@@ -1,8 +1,6 @@
 """Subcommand parsers and handlers of the ``lmforge`` CLI; each handler is a thin call into a package."""
 from __future__ import annotations
 
-import json
-
 
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="tokenizer -> shards -> 2-rank ZeRO training -> Hugging Face export")
@@ -72,41 +70,3 @@ def _train(args) -> int:
     extra += [f"preemption.max_minutes={args.max_minutes}"] if args.max_minutes is not None else []
     summary = train(load_config(args.config, [*args.overrides, *extra]))
     return EXIT_PREEMPTED if summary.get("preempted") else 0
-
-
-def add_export(sub) -> None:
-    p = sub.add_parser("export", help="export a run's ZeRO checkpoint to a Hugging Face folder")
-    p.add_argument("run_dir")
-    p.add_argument("--output", required=True)
-    p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
-    p.set_defaults(handler=_export)
-
-
-def _export(args) -> int:
-    from pretrain.export import export_hf
-
-    export_hf(args.run_dir, args.output, args.tag)
-    return 0
-
-
-def add_verify(sub) -> None:
-    p = sub.add_parser("verify", help="reload an exported folder with transformers, check logits, generate")
-    p.add_argument("hf_dir")
-    p.add_argument("--probe", default=None, help="probe.safetensors of the run, to compare logits")
-    p.add_argument("--prompt", default="def fibonacci(n):")
-    p.add_argument("--json", default=None, help="also write the result to this JSON file")
-    p.set_defaults(handler=_verify)
-
-
-def _verify(args) -> int:
-    from pretrain.export import verify_export
-
-    result = verify_export(args.hf_dir, args.probe, args.prompt)
-    if result["max_abs_logit_diff"] is not None:
-        print(f"logits match the trained model ({result['precision']}): max |diff| {result['max_abs_logit_diff']:.3g} "
-              f"within rtol {result['tolerance']['rtol']} + atol {result['tolerance']['atol']}")
-    print(f"--- {args.prompt}{result['continuation']}\n---")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
-    return 0

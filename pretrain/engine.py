@@ -76,14 +76,21 @@ def merge_user_ds_config(generated: dict, path: str) -> dict:
     return _deep_merge(generated, user)
 
 
+def optimizer_group(ndim: int) -> int:
+    """AdamW param group of a parameter with ``ndim`` dimensions: 0 (weight decay) for matrices, 1 (none)
+    for norms and biases. The export maps a stage-0 checkpoint's per-group fp32 master weights back to
+    names with this rule (pretrain.consolidate)."""
+    return 0 if ndim >= 2 else 1
+
+
 def build_optimizer(model, cfg: TrainConfig):
     """AdamW with weight decay on matrices only: norms, biases (all 1-D tensors) get none (GPT-3, nanoGPT)."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if optimizer_group(p.ndim) == 0], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p in params if optimizer_group(p.ndim) == 1], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
 

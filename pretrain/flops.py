@@ -38,6 +38,18 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
     return None
 
 
+def device_description() -> str:
+    """What one rank trains on, for the model card: the CUDA device name, else ``CPU (<machine>, <n> cores)``."""
+    import os
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
 def peak_memory_gib() -> float:
     """Peak memory of this process in GiB: CUDA allocator peak on GPU, else peak resident set size."""
     import torch

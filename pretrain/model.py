@@ -80,7 +80,7 @@ def build_model_config(preset: str, vocab_size: int, seq_len: int, special_ids: 
     fields.update(vocab_size=vocab_size, tie_word_embeddings=model_type in MASKED_LM_TYPES,
                   **{k: v for k, v in special_ids.items() if v is not None})
     config = AutoConfig.for_model(model_type, **fields)
-    for key in [k for k in config.to_dict() if k.endswith("_token_id") and k not in special_ids]:
+    for key in [k for k in config.to_dict() if k.endswith("_token_id") and special_ids.get(k) is None]:
         value = getattr(config, key)
         if isinstance(value, int) and not 0 <= value < vocab_size:  # a preset default from another vocabulary
             setattr(config, key, None)

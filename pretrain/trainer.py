@@ -31,7 +31,7 @@ from pretrain.inputs import IGNORE_INDEX, MaskedLMInputs, causal_lm_inputs
 from pretrain.distributed import DistInfo, all_reduce_sum, destroy_distributed, init_distributed, log_rank0
 from pretrain.engine import build_ds_config, initialize_engine
 from pretrain.errors import ConsistencyError
-from pretrain.flops import flops_per_token, peak_flops_per_device, peak_memory_gib
+from pretrain.flops import device_description, flops_per_token, peak_flops_per_device, peak_memory_gib
 from pretrain.guard import DivergenceGuard
 from pretrain.metrics import MetricsWriter
 from pretrain.model import (build_model, build_model_config, count_parameters, load_model_config, objective_of,
@@ -241,7 +241,8 @@ def save_checkpoint(run: Run, state: TrainState, extras: dict) -> Path:
     cfg = run.cfg
     path = checkpoint.save(run.engine, run.checkpoint_dir, state, run.dist.rank,
                            {"world_size": run.dist.world_size, "fingerprints": run.fingerprints,
-                            "config_yaml": to_yaml(cfg), **extras},
+                            "config_yaml": to_yaml(cfg), "hardware": f"{run.dist.world_size} x {device_description()}",
+                            **extras},
                            probe_fn=lambda: _probe(run), crash_point=cfg.debug.crash_in_save)
     if run.dist.is_main:
         checkpoint.prune(run.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_steps)
