@@ -148,14 +148,15 @@ def save(engine, checkpoint_dir: str | Path, state: TrainState, rank: int, lmfor
     return final
 
 
-def prune(checkpoint_dir: str | Path, keep_last: int, keep_every_steps: int = 0) -> list[Path]:
+def prune(checkpoint_dir: str | Path, keep_last: int, keep_every_steps: int = 0, protect=()) -> list[Path]:
     """Delete complete checkpoints beyond the newest ``keep_last`` (0 keeps all), except steps that
-    are multiples of ``keep_every_steps``, and leftover temporary folders. Rank 0 only. Returns what was removed."""
+    are multiples of ``keep_every_steps`` and the folders in ``protect`` (e.g. being exported), and
+    leftover temporary folders. Rank 0 only. Returns what was removed."""
     removed = []
     found = complete_checkpoints(checkpoint_dir)
     if keep_last > 0:
         for step, path in found[:-keep_last]:
-            if keep_every_steps and step % keep_every_steps == 0:
+            if (keep_every_steps and step % keep_every_steps == 0) or path in set(map(Path, protect)):
                 continue
             shutil.rmtree(path)
             removed.append(path)

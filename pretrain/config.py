@@ -123,6 +123,9 @@ class CheckpointConfig:
     """Newest complete checkpoints kept; 0 keeps all."""
     keep_every_steps: int = 0
     """Also keep checkpoints whose step is a multiple of this; 0 = none."""
+    export_every_steps: int = 0
+    """Also write a verified Hugging Face folder (run_dir/hf/step_XXXXXXXX) in a background process at
+    every checkpoint whose step is a multiple of this; 0 = never. Needs save_every_steps to divide it."""
     resume: str = "auto"
     """auto: resume from the newest complete checkpoint if any; never: refuse to start over an existing
     checkpoint; otherwise a checkpoint tag (step_00000100) or the path of a checkpoint folder."""
@@ -207,6 +210,7 @@ class TrainConfig:
                                 ("checkpoint.save_every_steps", self.checkpoint.save_every_steps, 0),
                                 ("checkpoint.keep_last", self.checkpoint.keep_last, 0),
                                 ("checkpoint.keep_every_steps", self.checkpoint.keep_every_steps, 0),
+                                ("checkpoint.export_every_steps", self.checkpoint.export_every_steps, 0),
                                 ("guard.max_consecutive_nonfinite", self.guard.max_consecutive_nonfinite, 1),
                                 ("guard.spike_window", self.guard.spike_window, 1),
                                 ("seq_len", self.seq_len, 0), ("optim.warmup_steps", opt.warmup_steps, 0),
@@ -215,6 +219,10 @@ class TrainConfig:
                 p.append(f"{key}={value} (allowed: >= {low})")
         if not opt.lr > 0:
             p.append(f"optim.lr={opt.lr} (allowed: > 0)")
+        ck = self.checkpoint
+        if ck.export_every_steps and (not ck.save_every_steps or ck.export_every_steps % ck.save_every_steps):
+            p.append(f"checkpoint.export_every_steps={ck.export_every_steps} must be a multiple of "
+                     f"checkpoint.save_every_steps={ck.save_every_steps} (exports are made from checkpoints)")
         m = self.mlm
         if not 0 < m.probability < 1 or not 0 <= m.mask_replace_prob <= 1 or not 0 <= m.random_replace_prob <= 1 \
                 or m.mask_replace_prob + m.random_replace_prob > 1:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ from pretrain.model import (build_model, build_model_config, count_parameters, l
 from pretrain.sources import ShardSource, StreamingSource
 from pretrain.preemption import EXIT_PREEMPTED, StopPolicy, requeue_slurm_job
 
+log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 MODEL_CONFIG_DIR = "model"
 SUMMARY_FILE = "summary.json"
@@ -70,6 +72,8 @@ class Run:
     """Complete checkpoint to resume from, or None for a fresh start."""
     resume_universal: bool
     """The resume checkpoint was saved at another world size (load through the universal format)."""
+    exports: list = field(default_factory=list)
+    """Rank 0: ``(checkpoint path, Popen)`` of background Hugging Face exports."""
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -245,9 +249,24 @@ def save_checkpoint(run: Run, state: TrainState, extras: dict) -> Path:
                             **extras},
                            probe_fn=lambda: _probe(run), crash_point=cfg.debug.crash_in_save)
     if run.dist.is_main:
-        checkpoint.prune(run.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_steps)
+        every = cfg.checkpoint.export_every_steps
+        if every and state.step % every == 0:
+            from pretrain.export import spawn_export
+
+            run.exports.append((path, spawn_export(path, Path(cfg.run_dir) / "hf" / path.name)))
+            log_rank0("exporting %s to hf/%s in the background", path.name, path.name)
+        running = [p for p, proc in run.exports if proc.poll() is None]
+        checkpoint.prune(run.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_steps, protect=running)
     log_rank0("checkpoint %s saved", path.name)
     return path
+
+
+def wait_for_exports(run: Run) -> None:
+    """Rank 0: wait for background exports; a failed one is logged with its log file, not raised."""
+    for path, proc in run.exports:
+        if proc.wait() != 0:
+            log.warning("background export of %s failed (exit %d): see %s", path.name, proc.returncode,
+                        Path(run.cfg.run_dir) / "hf" / f"{path.name}.export.log")
 
 
 def resume_point(cfg: TrainConfig) -> Path | None:
@@ -368,6 +387,7 @@ def _train(run: Run) -> dict:
                    "val_loss_start": start_eval["val_loss"], "val_ppl_start": start_eval["val_ppl"],
                    "val_loss_end": end_eval["val_loss"], "val_ppl_end": end_eval["val_ppl"]}
         if dist.is_main:
+            wait_for_exports(run)
             write_json_atomic(run_dir / SUMMARY_FILE, summary)
         return summary
     finally:

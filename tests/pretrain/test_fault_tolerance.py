@@ -103,3 +103,13 @@ def test_consecutive_nan_steps_stop_training_and_keep_the_last_good_checkpoint(s
     log = (tmp_path / "diverge" / "rank0.log").read_text()
     assert "lmforge: error: step 4: 2 consecutive non-finite steps (limit guard.max_consecutive_nonfinite=2); stopping" in log
     assert [s for s, _ in complete_checkpoints(tmp_path / "diverge" / "checkpoints")] == [2]
+
+
+def test_export_every_steps_writes_verified_folders_in_the_background(start_run, tmp_path):
+    assert start_run("exporting", 1, "max_steps=4", "checkpoint.save_every_steps=2", "checkpoint.export_every_steps=2",
+                     "checkpoint.keep_last=1").wait() == [0]
+    hf = tmp_path / "exporting" / "hf"
+    assert (hf / "step_00000002" / "model.safetensors").is_file(), (hf / "step_00000002.export.log").read_text()[-2000:]
+    assert (hf / "step_00000002" / "config.json").is_file()
+    # the step-2 checkpoint outlived keep_last=1 only while its export was running; the newest is kept
+    assert [s for s, _ in complete_checkpoints(tmp_path / "exporting" / "checkpoints")][-1] == 4
