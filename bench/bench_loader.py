@@ -41,29 +41,6 @@ LOADER_TARGET_X = 20.0
 """The loader must deliver at least 20x the trainer's consumption (issue 5)."""
 
 
-def shard_paths(data_dir: Path, split: str = "train") -> list[str]:
-    """The split's shard files, from the manifest (format-version independent)."""
-    manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
-    return [str(data_dir / s["path"]) for s in manifest["splits"][split]["shards"]]
-
-
-def collate_rows(rows: list[dict], document_masking: bool = True) -> dict:
-    """``datasets`` rows (``input_ids``, ``document_starts``) -> the tensors lmforge feeds the model.
-
-    Returns ``input_ids``, ``labels`` and, with ``document_masking``, ``position_ids``, all
-    ``(B, T)`` int64 ``torch`` tensors, built by ``pretrain.data.causal_lm_inputs`` so both sides
-    of a comparison train on identical inputs.
-    """
-    import numpy as np
-    import torch
-
-    from pretrain.data import MicroBatch, causal_lm_inputs
-
-    ids = np.asarray([r["input_ids"] for r in rows], dtype=np.int64)
-    mb = MicroBatch(ids, np.arange(len(rows)), [[int(s) for s in r["document_starts"]] for r in rows])
-    return {k: torch.from_numpy(v) for k, v in causal_lm_inputs(mb, document_masking).items()}
-
-
 def peer_dataloader(data_dir: Path, iterable: bool = True):
     """A torch DataLoader over the prepared train shards through ``datasets`` (see the module docstring).
 
@@ -73,13 +50,13 @@ def peer_dataloader(data_dir: Path, iterable: bool = True):
     import datasets
     import torch
 
-    ds = datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in shard_paths(data_dir)])
+    ds = datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in common.shard_paths(data_dir)])
     if iterable:
-        files = len(shard_paths(data_dir))
+        files = len(common.shard_paths(data_dir))
         ids = ds.to_iterable_dataset(num_shards=files).shuffle(seed=SEED, buffer_size=SHUFFLE_BUFFER)
-        return torch.utils.data.DataLoader(ids, batch_size=MICRO_BATCH, collate_fn=collate_rows)
+        return torch.utils.data.DataLoader(ids, batch_size=MICRO_BATCH, collate_fn=common.collate_rows)
     sampler = torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(SEED))
-    return torch.utils.data.DataLoader(ds, batch_size=MICRO_BATCH, sampler=sampler, collate_fn=collate_rows)
+    return torch.utils.data.DataLoader(ds, batch_size=MICRO_BATCH, sampler=sampler, collate_fn=common.collate_rows)
 
 
 def lmforge_batches(data_dir: Path, consumed_samples: int = 0):
@@ -109,9 +86,7 @@ def tokens_per_s(batches, count: int) -> float:
 def trainer_consumption(tok: Path, data: Path, steps: int) -> dict:
     """Steady-state tokens/s of a short single-process lmforge training run of the demo config."""
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
-        run_dir = Path(tmp) / "run"
-        result = common.lmforge_train(tok, data, run_dir, nproc=1, steps=steps)
-    return result
+        return common.lmforge_train(tok, data, Path(tmp) / "run", nproc=1, steps=steps)
 
 
 def gpu_consumption_tokens_per_s(preset: str = "llama-125m", seq_len: int = 2048, mfu: float = 0.5,

@@ -9,10 +9,11 @@ sequences), each rank with ``cores / 2`` threads, both started by ``launch.local
 - peer: ``Trainer(args=TrainingArguments(deepspeed=<lmforge's generated ds_config dict>, ...))``
   with the model built by the same code and seed, the same AdamW hyper-parameters and schedule, and
   a collate function producing the very tensors lmforge feeds its model (``input_ids``,
-  ``labels`` and the document-masking ``position_ids``, see ``bench_loader.collate_rows``);
+  ``labels`` and the document-masking ``position_ids``, see ``common.collate_rows``);
   tokens/s from a callback's step-end times.
 
-Both figures are steady state: the first 2 steps (warm-up) are left out. FLOPs per token follow
+Both figures are steady state: the first 4 steps (warm-up) are left out; lmforge logs every 4 steps
+(a log record is an all-reduce, so the bench does not log every step). FLOPs per token follow
 ``pretrain.flops`` (6N + 12LHQT, PaLM appendix B); a CPU has no listed peak, so the script reports
 achieved TFLOP/s per rank, and MFU when ``--peak-tflops`` (of one rank's cores) is given.
 Target (issue 5): lmforge tokens/s >= 1.0x the Trainer's.
@@ -33,7 +34,7 @@ from pathlib import Path
 import common
 
 NPROC = 2
-SKIP_STEPS = 2
+SKIP_STEPS = 4
 DEMO_CONFIG = common.REPO_ROOT / "pretrain" / "configs" / "demo.yaml"
 
 
@@ -77,7 +78,6 @@ def hf_worker(tok: Path, data: Path, steps: int, result_path: Path) -> int:
     from functools import partial
     from transformers import Trainer, TrainerCallback
 
-    from bench_loader import collate_rows, shard_paths
     from pretrain.model import build_model
     from pretrain.trainer import preflight
 
@@ -85,7 +85,7 @@ def hf_worker(tok: Path, data: Path, steps: int, result_path: Path) -> int:
     _, model_config, seq_len = preflight(cfg)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model = build_model(model_config, cfg.seed)
-    train = datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in shard_paths(data)])
+    train = datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in common.shard_paths(data)])
 
     class StepTimes(TrainerCallback):
         def __init__(self):
@@ -97,7 +97,7 @@ def hf_worker(tok: Path, data: Path, steps: int, result_path: Path) -> int:
     times = StepTimes()
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as out:
         trainer = Trainer(model=model, args=training_arguments(cfg, world_size, out), train_dataset=train,
-                          data_collator=partial(collate_rows, document_masking=cfg.data.document_masking),
+                          data_collator=partial(common.collate_rows, document_masking=cfg.data.document_masking),
                           callbacks=[times])
         trainer.train()
         engine = type(trainer.model_wrapped).__name__
@@ -129,7 +129,8 @@ def run_hf(tok: Path, data: Path, steps: int, tmp: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=common.MIN_REPEATS, help="alternating rounds (>= 3)")
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run (the first 2 are warm-up)")
+    parser.add_argument("--steps", type=int, default=16,
+                        help=f"optimizer steps per run, a multiple of {SKIP_STEPS} (the first {SKIP_STEPS} are warm-up)")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak TFLOP/s of one rank's cores, for MFU")
     parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", type=Path, help=argparse.SUPPRESS)
@@ -139,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     common.use_this_checkout()
     if args.hf_worker:
         return hf_worker(args.tokenizer, args.data, args.steps, args.result)
-    if args.steps <= SKIP_STEPS + 1:
-        parser.error(f"--steps {args.steps}: need more than {SKIP_STEPS + 1} (the first {SKIP_STEPS} are warm-up)")
+    if args.steps <= SKIP_STEPS or args.steps % SKIP_STEPS:
+        parser.error(f"--steps {args.steps}: need a multiple of {SKIP_STEPS} above {SKIP_STEPS} "
+                     f"(the first {SKIP_STEPS} are warm-up)")
     tok, data = common.bench_data()
     fpt, n_params = flops_per_token(tok, data)
     runs: dict[str, list[dict]] = {"lmforge": [], "peer": []}

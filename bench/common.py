@@ -128,6 +128,29 @@ def check_child(result: ChildResult, what: str) -> None:
         raise RuntimeError(f"{what} failed (exit {result.returncode}):\n{result.output[-4000:]}")
 
 
+def shard_paths(data_dir: Path, split: str = "train") -> list[str]:
+    """The split's shard files, from the manifest (format-version independent)."""
+    manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
+    return [str(data_dir / s["path"]) for s in manifest["splits"][split]["shards"]]
+
+
+def collate_rows(rows: list[dict], document_masking: bool = True) -> dict:
+    """``datasets`` rows (``input_ids``, ``document_starts``) -> the tensors lmforge feeds the model.
+
+    Returns ``input_ids``, ``labels`` and, with ``document_masking``, ``position_ids``, all
+    ``(B, T)`` int64 ``torch`` tensors, built by ``pretrain.data.causal_lm_inputs`` so both sides
+    of a comparison train on identical inputs.
+    """
+    import numpy as np
+    import torch
+
+    from pretrain.data import MicroBatch, causal_lm_inputs
+
+    ids = np.asarray([r["input_ids"] for r in rows], dtype=np.int64)
+    mb = MicroBatch(ids, np.arange(len(rows)), [[int(s) for s in r["document_starts"]] for r in rows])
+    return {k: torch.from_numpy(v) for k, v in causal_lm_inputs(mb, document_masking).items()}
+
+
 def use_this_checkout() -> None:
     """Put this checkout first on ``sys.path`` (a bench script may run without ``PYTHONPATH``)."""
     if str(REPO_ROOT) not in sys.path[:1]:
@@ -165,16 +188,17 @@ def lmforge_train(tok: Path, data: Path, run_dir: Path, nproc: int, steps: int, 
                   skip_steps: int = 2, cpu_only: bool = True) -> dict:
     """Train the demo config (``pretrain/configs/demo.yaml``) for ``steps`` steps on ``nproc`` ranks.
 
-    One rank runs ``lmforge train``; more run under ``lmforge launch local``. Logged every step;
-    returns ``tokens_per_s`` (all ranks together, steady state after ``skip_steps``, see
-    :func:`steady_tokens_per_s`), ``wall_s`` and ``peak_rss_bytes``.
+    One rank runs ``lmforge train``; more run under ``lmforge launch local``. Logged every
+    ``skip_steps`` steps (each record costs an all-reduce, so not every step), the first record
+    closing the warm-up; returns ``tokens_per_s`` (all ranks together, steady state after
+    ``skip_steps``, see :func:`steady_tokens_per_s`), ``wall_s`` and ``peak_rss_bytes``.
 
     Raises:
         RuntimeError: the run failed (its output included).
     """
     config = REPO_ROOT / "pretrain" / "configs" / "demo.yaml"
     args = [str(config), f"data.path={data}", f"data.tokenizer={tok}", f"run_dir={run_dir}", f"max_steps={steps}",
-            "log_every_steps=1", "show_progress=false", "data.eval_batches=1", "checkpoint.resume=never", *overrides]
+            f"log_every_steps={skip_steps}", "show_progress=false", "data.eval_batches=1", "checkpoint.resume=never", *overrides]
     cmd = lmforge_cmd("train", *args) if nproc == 1 else lmforge_cmd("launch", "local", "--nproc", str(nproc), *args)
     result = run_child(cmd, env=python_env(**(CPU_ONLY_ENV if cpu_only else {})))
     check_child(result, f"lmforge training on {nproc} rank(s)")
