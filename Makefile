@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 DEMO_DIR ?= runs/demo
 SYSTEM_PACKAGES := slurm-wlm slurmd slurmctld munge openmpi-bin libopenmpi-dev
 
-.PHONY: demo test install install-test system-deps clean
+.PHONY: demo test bench install install-test system-deps clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -44,5 +44,17 @@ test: system-deps install-test
 	@$(BIN)/python -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
+# Every bench script (lmforge next to its peer, alternating runs, medians; JSON in bench/results/),
+# then BENCHMARKS.md regenerated from the JSON. All scripts run even when one fails; make fails after.
+# gpu_mfu.py skips (exit 0) without a GPU. About 20 minutes on 2 cores.
+BENCH_SCRIPTS = $(sort $(wildcard bench/bench_*.py)) $(wildcard bench/gpu_*.py)
+
+bench: install
+	@failed=""; for s in $(BENCH_SCRIPTS); do \
+	  echo "== $$s"; PYTHONPATH=$(CURDIR) $(BIN)/python $$s || failed="$$failed $$s"; \
+	done; \
+	$(BIN)/python bench/report.py || failed="$$failed bench/report.py"; \
+	if [ -n "$$failed" ]; then echo "bench: failed:$$failed"; exit 1; fi
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) runs build *.egg-info bench/.cache

@@ -1,0 +1,317 @@
+"""Shared helpers of the ``bench/`` scripts: alternating timed runs, child processes with their peak
+RSS, the prepared bench data, and the result JSON that ``bench/report.py`` turns into BENCHMARKS.md.
+
+Every bench script measures lmforge and its peer side by side in one run on the same input: the
+sides alternate (A B A B A B, so a load spike on the shared machine hits both), each at least
+:data:`MIN_REPEATS` times, and the median is kept.
+
+Result JSON (``bench/results/<name>.json``), written by :func:`write_result`::
+
+    {"name": "bench_loader", "title": "...", "date": "2026-...Z", "machine": {...}, "versions": {...},
+     "rows": [{"metric": "loader throughput", "unit": "tokens/s", "lmforge": 1.2e6,
+               "peer": 3.4e5, "peer_name": "datasets IterableDataset + DataLoader",
+               "ratio": 3.5, "better": "higher", "target": ">= 1.0x", "runs": {"lmforge": [...], "peer": [...]}}],
+     "details": {...}}
+
+``ratio`` is lmforge / peer for ``better == "higher"`` and peer / lmforge for ``"lower"``, so a
+ratio above 1 always means lmforge wins. Rows without a peer (``peer`` null) are reference figures.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Sequence
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+CACHE_DIR = BENCH_DIR / ".cache"
+"""Bench inputs built once (tokenizer, prepared data); git-ignored."""
+MIN_REPEATS = 3
+LIBRARIES = ("torch", "deepspeed", "transformers", "accelerate", "datasets", "tokenizers", "pyarrow", "numpy")
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def alternate(sides: dict[str, Callable[[], float]], repeats: int = MIN_REPEATS) -> dict[str, list[float]]:
+    """Call each side once per round, in turn, for ``repeats`` rounds; returns each side's measurements.
+
+    Each callable returns one measurement (seconds, tokens/s, ...). ``repeats`` below
+    :data:`MIN_REPEATS` is raised to it.
+    """
+    runs: dict[str, list[float]] = {name: [] for name in sides}
+    for round_index in range(max(repeats, MIN_REPEATS)):
+        for name, measure in sides.items():
+            value = measure()
+            runs[name].append(value)
+            print(f"  round {round_index + 1}: {name:>8} {value:,.4g}", flush=True)
+    return runs
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Wall-clock seconds of one call of ``fn``."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@dataclass
+class ChildResult:
+    returncode: int
+    wall_s: float
+    peak_rss_bytes: int
+    """Largest resident set of the child or of any descendant it waited for (``wait4`` ru_maxrss)."""
+    output: str
+    """Combined stdout and stderr (last 20,000 characters)."""
+
+
+def run_child(cmd: Sequence[str], env: dict[str, str] | None = None, cwd: str | Path | None = None,
+              timeout_s: float | None = None) -> ChildResult:
+    """Run ``cmd`` to completion, capturing its output, wall time and peak RSS.
+
+    Raises:
+        subprocess.TimeoutExpired: it ran past ``timeout_s`` (the child is killed first).
+    """
+    start = time.perf_counter()
+    proc = subprocess.Popen(list(cmd), env={**os.environ, **(env or {})}, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    deadline = None if timeout_s is None else start + timeout_s
+    chunks: list[bytes] = []
+    try:
+        import selectors
+
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while True:
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise subprocess.TimeoutExpired(list(cmd), timeout_s)
+                if sel.select(timeout=0.5):
+                    data = proc.stdout.read1(1 << 16)
+                    if not data:
+                        break
+                    chunks.append(data)
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    output = b"".join(chunks).decode("utf-8", "replace")[-20000:]
+    return ChildResult(proc.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024, output)
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    """Environment for child Pythons: this checkout first on ``PYTHONPATH``, plus ``extra``."""
+    path = os.environ.get("PYTHONPATH", "")
+    return {"PYTHONPATH": str(REPO_ROOT) + (os.pathsep + path if path else ""), **extra}
+
+
+def lmforge_cmd(*args: str) -> list[str]:
+    """``python -m lmforge ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "lmforge", *args]
+
+
+def check_child(result: ChildResult, what: str) -> None:
+    """Raise ``RuntimeError`` with the tail of the output when ``result`` failed."""
+    if result.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {result.returncode}):\n{result.output[-4000:]}")
+
+
+def shard_paths(data_dir: Path, split: str = "train") -> list[str]:
+    """The split's shard files, from the manifest (format-version independent)."""
+    manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
+    return [str(data_dir / s["path"]) for s in manifest["splits"][split]["shards"]]
+
+
+def collate_rows(rows: list[dict], document_masking: bool = True) -> dict:
+    """``datasets`` rows (``input_ids``, ``document_starts``) -> the tensors lmforge feeds the model.
+
+    Returns ``input_ids``, ``labels`` and, with ``document_masking``, ``position_ids``, all
+    ``(B, T)`` int64 ``torch`` tensors, built by ``pretrain.data.causal_lm_inputs`` so both sides
+    of a comparison train on identical inputs.
+    """
+    import numpy as np
+    import torch
+
+    from pretrain.data import MicroBatch, causal_lm_inputs
+
+    ids = np.asarray([r["input_ids"] for r in rows], dtype=np.int64)
+    mb = MicroBatch(ids, np.arange(len(rows)), [[int(s) for s in r["document_starts"]] for r in rows])
+    return {k: torch.from_numpy(v) for k, v in causal_lm_inputs(mb, document_masking).items()}
+
+
+def use_this_checkout() -> None:
+    """Put this checkout first on ``sys.path`` (a bench script may run without ``PYTHONPATH``)."""
+    if str(REPO_ROOT) not in sys.path[:1]:
+        sys.path.insert(0, str(REPO_ROOT))
+
+
+CPU_ONLY_ENV = {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+"""Environment that keeps torch and DeepSpeed on the CPU, for the CPU comparisons on any machine."""
+
+
+def steady_tokens_per_s(metrics_path: Path, skip_steps: int = 2) -> float:
+    """Tokens/s over the logged windows after step ``skip_steps`` of a ``metrics.jsonl``.
+
+    Each training record holds ``tokens`` (cumulative) and ``tokens_per_s`` over the window since the
+    previous record; the result is the windows' tokens over the windows' seconds.
+
+    Raises:
+        RuntimeError: no training record after ``skip_steps``.
+    """
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines()]
+    records = [r for r in records if r.get("tokens_per_s")]
+    tokens = seconds = 0.0
+    previous = None
+    for r in records:
+        if previous is not None and r["step"] > skip_steps:
+            window = r["tokens"] - previous["tokens"]
+            tokens, seconds = tokens + window, seconds + window / r["tokens_per_s"]
+        previous = r
+    if not seconds:
+        raise RuntimeError(f"{metrics_path}: no training record after step {skip_steps}")
+    return tokens / seconds
+
+
+def lmforge_train(tok: Path, data: Path, run_dir: Path, nproc: int, steps: int, overrides: Sequence[str] = (),
+                  skip_steps: int = 2, cpu_only: bool = True) -> dict:
+    """Train the demo config (``pretrain/configs/demo.yaml``) for ``steps`` steps on ``nproc`` ranks.
+
+    One rank runs ``lmforge train``; more run under ``lmforge launch local``. Logged every
+    ``skip_steps`` steps (each record costs an all-reduce, so not every step), the first record
+    closing the warm-up; returns ``tokens_per_s`` (all ranks together, steady state after
+    ``skip_steps``, see :func:`steady_tokens_per_s`), ``wall_s`` and ``peak_rss_bytes``.
+
+    Raises:
+        RuntimeError: the run failed (its output included).
+    """
+    config = REPO_ROOT / "pretrain" / "configs" / "demo.yaml"
+    args = [str(config), f"data.path={data}", f"data.tokenizer={tok}", f"run_dir={run_dir}", f"max_steps={steps}",
+            f"log_every_steps={skip_steps}", "show_progress=false", "data.eval_batches=1", "checkpoint.resume=never", *overrides]
+    cmd = lmforge_cmd("train", *args) if nproc == 1 else lmforge_cmd("launch", "local", "--nproc", str(nproc), *args)
+    result = run_child(cmd, env=python_env(**(CPU_ONLY_ENV if cpu_only else {})))
+    check_child(result, f"lmforge training on {nproc} rank(s)")
+    return {"tokens_per_s": steady_tokens_per_s(Path(run_dir) / "metrics.jsonl", skip_steps), "nproc": nproc,
+            "steps": steps, "skip_steps": skip_steps, "wall_s": round(result.wall_s, 2),
+            "peak_rss_bytes": result.peak_rss_bytes}
+
+
+def flops_per_token(model_config, seq_len: int) -> tuple[float, int]:
+    """``(training FLOPs per token, parameters)`` of a transformers config (``pretrain.flops``: 6N + 12LHQT).
+
+    The model is built on the meta device: no memory, no initialisation time.
+    """
+    import torch
+
+    from pretrain.flops import flops_per_token as fpt
+    from pretrain.model import auto_model_class, count_parameters
+
+    with torch.device("meta"):
+        model = auto_model_class(model_config).from_config(model_config)
+    return fpt(model, model_config, seq_len), count_parameters(model)
+
+
+def bench_data(name: str = "stdlib", corpus: Sequence[str] = ("stdlib",), vocab_size: int = 8192,
+               seq_len: int = 256) -> tuple[Path, Path]:
+    """``(tokenizer_dir, prepared_dir)`` of the bench corpus, built once with the lmforge CLI and cached.
+
+    The default is the demo's input: the Python standard library (~31.5 MB, ~8.6M tokens), a
+    byte-level BPE of 8192 tokens, 256-token packed sequences. Built with ``lmforge tokenizer
+    train`` and ``lmforge prep`` (about a minute on 2 cores) under ``bench/.cache/<name>``.
+    """
+    root = CACHE_DIR / f"{name}-v{vocab_size}-s{seq_len}"
+    tok, data = root / "tokenizer", root / "data"
+    env = python_env()
+    if not (tok / "tokenizer.json").is_file():
+        print(f"bench data: training a {vocab_size}-token tokenizer on {' '.join(corpus)} -> {tok}", flush=True)
+        check_child(run_child(lmforge_cmd("tokenizer", "train", "--input", *corpus, "--output", str(tok),
+                                          "--vocab-size", str(vocab_size)), env=env), "lmforge tokenizer train")
+    if not (data / "manifest.json").is_file():
+        print(f"bench data: prep at seq_len {seq_len} -> {data}", flush=True)
+        check_child(run_child(lmforge_cmd("prep", "--input", *corpus, "--tokenizer", str(tok), "--output", str(data),
+                                          "--seq-len", str(seq_len), "--overwrite"), env=env), "lmforge prep")
+    return tok, data
+
+
+def machine_info() -> dict:
+    """CPU model and count, memory, GPU (when torch sees one), OS and the load average at the start."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "os": platform.platform(), "python": platform.python_version()}
+    try:
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+        info["load_average_1_5_15_min"] = [round(x, 2) for x in os.getloadavg()]
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name()
+            info["gpu_count"] = torch.cuda.device_count()
+    except ImportError:
+        pass
+    return info
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of lmforge and of the libraries the benchmarks compare against."""
+    out = {}
+    for name in ("lmforge", *LIBRARIES):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def row(metric: str, unit: str, lmforge: Sequence[float] | float, peer: Sequence[float] | float | None = None,
+        peer_name: str = "", better: str = "higher", target: str = "", note: str = "") -> dict:
+    """One result row: medians of the runs of both sides and the ratio (above 1 = lmforge wins)."""
+    lm_runs = [lmforge] if isinstance(lmforge, (int, float)) else list(lmforge)
+    peer_runs = None if peer is None else ([peer] if isinstance(peer, (int, float)) else list(peer))
+    lm, pv = median(lm_runs), None if peer_runs is None else median(peer_runs)
+    ratio = None
+    if pv is not None and lm > 0 and pv > 0:
+        ratio = lm / pv if better == "higher" else pv / lm
+    return {"metric": metric, "unit": unit, "lmforge": lm, "peer": pv, "peer_name": peer_name, "ratio": ratio,
+            "better": better, "target": target, "note": note, "runs": {"lmforge": lm_runs, "peer": peer_runs}}
+
+
+def print_rows(rows: list[dict]) -> None:
+    """The rows as a plain table on stdout."""
+    for r in rows:
+        peer = "" if r["peer"] is None else f" | {r['peer_name']}: {r['peer']:,.4g}"
+        ratio = "" if r["ratio"] is None else f" | ratio {r['ratio']:.2f}x"
+        target = f" (target {r['target']})" if r["target"] else ""
+        print(f"{r['metric']} [{r['unit']}]: lmforge {r['lmforge']:,.4g}{peer}{ratio}{target}", flush=True)
+
+
+def write_result(name: str, title: str, rows: list[dict], details: dict | None = None) -> Path:
+    """Write ``bench/results/<name>.json`` (temp + rename) with machine, versions and date; returns its path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    payload = {"name": name, "title": title, "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+               "machine": machine_info(), "versions": library_versions(), "rows": rows, "details": details or {}}
+    path = RESULTS_DIR / f"{name}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    print(f"wrote {path}", flush=True)
+    return path
