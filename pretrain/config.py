@@ -72,6 +72,7 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW (beta1, beta2); 0.95 for beta2 as in GPT-3 / Llama."""
     eps: float = 1e-8
+    """AdamW epsilon added to the denominator (PyTorch default)."""
     grad_clip: float = 1.0
     """Max global gradient L2 norm; 0 disables clipping."""
 
