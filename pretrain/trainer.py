@@ -28,6 +28,7 @@ from pretrain import checkpoint
 from pretrain.checkpoint import TrainState
 from pretrain.checks import check_consistency
 from pretrain.config import TrainConfig, to_yaml
+from pretrain.data import ORDER_NAME
 from pretrain.inputs import IGNORE_INDEX, MaskedLMInputs, causal_lm_inputs
 from pretrain.distributed import DistInfo, all_reduce_sum, destroy_distributed, init_distributed, log_rank0
 from pretrain.engine import build_ds_config, initialize_engine
@@ -244,7 +245,7 @@ def save_checkpoint(run: Run, state: TrainState, extras: dict) -> Path:
     """Collective atomic save of ``state`` (see :mod:`pretrain.checkpoint`), then pruning on rank 0."""
     cfg = run.cfg
     path = checkpoint.save(run.engine, run.checkpoint_dir, state, run.dist.rank,
-                           {"world_size": run.dist.world_size, "fingerprints": run.fingerprints,
+                           {"world_size": run.dist.world_size, "fingerprints": run.fingerprints, "data_order": ORDER_NAME,
                             "config_yaml": to_yaml(cfg), "hardware": f"{run.dist.world_size} x {device_description()}",
                             **extras},
                            probe_fn=lambda: _probe(run), crash_point=cfg.debug.crash_in_save)
@@ -293,6 +294,9 @@ def resume_point(cfg: TrainConfig) -> Path | None:
 
 def _resume(run: Run, tag_dir: Path) -> tuple[TrainState, dict]:
     saved = checkpoint.read_state(tag_dir)
+    if saved.get("data_order") != ORDER_NAME:
+        raise ConsistencyError(f"{tag_dir}: checkpoint was trained with sample order {saved.get('data_order')!r}, "
+                               f"this lmforge uses {ORDER_NAME!r}; resuming would repeat and skip samples")
     if saved["fingerprints"] != run.fingerprints:
         raise ConsistencyError(f"{tag_dir}: checkpoint was trained with tokenizer/data {saved['fingerprints']}, "
                                f"now {run.fingerprints}; refusing to resume on other data")
