@@ -7,18 +7,19 @@ order with at most ``2 * workers + 2`` blocks in flight, so memory stays flat ho
 corpus. The output does not depend on the worker count: every document is encoded on its own,
 and the main process packs the streams in corpus order.
 
-Documents longer than ``max_piece_chars`` are encoded in pieces cut just before a space that
-follows a non-space character. For the usual pre-tokenizers (GPT-2 / ByteLevel regex, Metaspace,
-BERT whitespace) no pre-token crosses such a cut, so the ids equal those of the whole document;
-a document with no such space in a window is cut hard. Pieces are encoded at most
+Documents longer than ``max_piece_chars`` are encoded in pieces cut at whitespace that follows a
+non-space character (:func:`split_points`). No pre-token of the usual pre-tokenizers (GPT-2 /
+ByteLevel regex, Metaspace, BERT whitespace) crosses such a cut, so the ids equal those of the
+whole document; only a window with no whitespace at all (say 32k characters of base64) is cut hard. Pieces are encoded at most
 ``encode_batch_chars`` characters at a time, which bounds the memory of a 50 MB one-line document
-to a few times its size instead of the ~100 bytes per token of whole-document ``Encoding`` s.
+to a few times its size (a whole-document ``Encoding`` costs about 100 bytes per token).
 """
 from __future__ import annotations
 
 import collections
 import hashlib
 import os
+import re
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -44,9 +45,9 @@ class EncodeSpec:
     """Token ids put after every document (EOS, or SEP for MLM)."""
     dtype: str
     """``uint16`` or ``uint32``: the token dtype of the streams and shards."""
-    max_piece_chars: int = 1 << 20
+    max_piece_chars: int = 1 << 16
     """Documents longer than this many characters are encoded in pieces."""
-    encode_batch_chars: int = 1 << 22
+    encode_batch_chars: int = 1 << 20
     """At most this many characters per ``encode_batch_fast`` call."""
 
 
@@ -69,19 +70,35 @@ def is_validation(text: str, val_fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
 
+_WS_AFTER_NON_WS = re.compile(r"(?<=\S)\s")
+
+
+def _last_cut(text: str, lo: int, hi: int) -> int | None:
+    """The last safe cut in ``text[lo:hi]``: before a space after a non-space, else before any whitespace after a non-space."""
+    cut = text.rfind(" ", lo, hi)
+    while cut > lo and text[cut - 1].isspace():
+        cut = text.rfind(" ", lo, cut)
+    if cut > lo:
+        return cut
+    last = None
+    for m in _WS_AFTER_NON_WS.finditer(text, lo, hi):
+        last = m.start()
+    return last
+
+
 def split_points(text: str, max_piece_chars: int) -> list[int]:
     """Character offsets ``0 = c0 < c1 < ... < len(text)`` cutting ``text`` into pieces of at most ``max_piece_chars``.
 
-    Each cut is just before a space that follows a non-space character, searched in the second
-    half of the window; where there is none the cut is hard (at ``max_piece_chars``).
+    Each cut, searched in the second half of the window, is just before a space that follows a
+    non-space character (a pre-token boundary for GPT-2 / ByteLevel, Metaspace and BERT
+    pre-tokenizers), else before any whitespace that follows a non-space (a boundary for GPT-2 /
+    ByteLevel and BERT), else hard at ``max_piece_chars``.
     """
     cuts, start, n = [0], 0, len(text)
     while n - start > max_piece_chars:
         limit = start + max_piece_chars
-        cut = text.rfind(" ", start + max_piece_chars // 2, limit)
-        while cut > start and text[cut - 1].isspace():
-            cut = text.rfind(" ", start + max_piece_chars // 2, cut)
-        cut = cut if cut > start else limit
+        cut = _last_cut(text, start + max_piece_chars // 2, limit)
+        cut = cut if cut is not None and cut > start else limit
         cuts.append(cut)
         start = cut
     cuts.append(n)
@@ -96,36 +113,45 @@ class Encoder:
 
         self.spec = spec
         self.tokenizer = Tokenizer.from_file(spec.tokenizer_file)
+        self.tokenizer.no_padding()  # a tokenizer.json may carry padding / truncation settings
+        self.tokenizer.no_truncation()
         self.dtype = np.dtype(spec.dtype)
         self._id_limit = np.iinfo(self.dtype).max
 
-    def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:
-        """uint32 ids of each text (no special tokens), long texts in pieces."""
-        spec = self.spec
-        pieces: list[str] = []
-        owners: list[int] = []
+    def _pieces(self, texts: list[str]) -> Iterator[tuple[int, str]]:
+        """``(document index, piece)`` pairs, produced lazily so only one batch of slices exists."""
+        limit = self.spec.max_piece_chars
         for i, text in enumerate(texts):
-            if len(text) <= spec.max_piece_chars:
-                pieces.append(text)
-                owners.append(i)
-            else:
-                cuts = split_points(text, spec.max_piece_chars)
-                pieces.extend(text[a:b] for a, b in zip(cuts, cuts[1:]))
-                owners.extend([i] * (len(cuts) - 1))
+            if len(text) <= limit:
+                yield i, text
+                continue
+            cuts = split_points(text, limit)
+            for a, b in zip(cuts, cuts[1:]):
+                yield i, text[a:b]
+
+    def _encode_batch(self, batch: list[str], owners: list[int], parts: list[list[np.ndarray]]) -> None:
+        for enc, owner in zip(self.tokenizer.encode_batch_fast(batch, add_special_tokens=False), owners):
+            ids = np.array(enc.ids, dtype=np.uint32)
+            if len(ids) and int(ids.max()) > self._id_limit:
+                raise ValueError(f"token id {int(ids.max())} does not fit {self.dtype.name}")
+            parts[owner].append(ids.astype(self.dtype, copy=False))
+
+    def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:
+        """Ids (``self.dtype``, no special tokens) of each text; long texts in pieces, batches bounded in characters."""
         parts: list[list[np.ndarray]] = [[] for _ in texts]
         batch: list[str] = []
-        batch_owners: list[int] = []
+        owners: list[int] = []
         chars = 0
-        for piece, owner in zip(pieces + [None], owners + [None]):
-            if piece is not None and (not batch or chars + len(piece) <= spec.encode_batch_chars):
-                batch.append(piece)
-                batch_owners.append(owner)
-                chars += len(piece)
-                continue
-            for enc, o in zip(self.tokenizer.encode_batch_fast(batch, add_special_tokens=False), batch_owners):
-                parts[o].append(np.array(enc.ids, dtype=np.uint32))
-            batch, batch_owners, chars = ([piece], [owner], len(piece)) if piece is not None else ([], [], 0)
-        return [p[0] if len(p) == 1 else np.concatenate(p) if p else np.empty(0, np.uint32) for p in parts]
+        for owner, piece in self._pieces(texts):
+            if batch and chars + len(piece) > self.spec.encode_batch_chars:
+                self._encode_batch(batch, owners, parts)
+                batch, owners, chars = [], [], 0
+            batch.append(piece)
+            owners.append(owner)
+            chars += len(piece)
+        if batch:
+            self._encode_batch(batch, owners, parts)
+        return [p[0] if len(p) == 1 else np.concatenate(p) if p else np.empty(0, self.dtype) for p in parts]
 
     def _stream(self, ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         pre, suf = self.spec.doc_prefix, self.spec.doc_suffix
@@ -133,8 +159,6 @@ class Encoder:
         out = np.empty(int(lengths.sum()), dtype=self.dtype)
         pos = 0
         for x, n in zip(ids, lengths):
-            if len(x) and int(x.max()) > self._id_limit:
-                raise ValueError(f"token id {int(x.max())} does not fit {self.dtype.name}")
             out[pos:pos + len(pre)] = pre
             out[pos + len(pre):pos + n - len(suf)] = x
             out[pos + n - len(suf):pos + n] = suf

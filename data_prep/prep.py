@@ -76,7 +76,7 @@ class PrepConfig:
     """Packed sequences per Arrow shard."""
     block_bytes: int = DEFAULT_BLOCK_BYTES
     """Bytes of input per block handed to a worker."""
-    max_piece_chars: int = 1 << 20
+    max_piece_chars: int = 1 << 16
     """Documents longer than this (characters) are tokenized in pieces, in bounded memory."""
     overwrite: bool = False
     """Replace an existing prepared folder (or this task's part) instead of refusing."""
@@ -248,7 +248,7 @@ class _Progress:
 def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
     segments = plan_segments(setup.sources, cfg.task_id, cfg.num_tasks, cfg.text_mode)
     spec = EncodeSpec(str(Path(cfg.tokenizer) / TOKENIZER_FILE), cfg.text_column, cfg.val_fraction, setup.doc_prefix,
-                      setup.doc_suffix, setup.dtype.name, cfg.max_piece_chars, max(cfg.max_piece_chars, 1 << 22))
+                      setup.doc_suffix, setup.dtype.name, cfg.max_piece_chars, max(cfg.max_piece_chars, 1 << 20))
     name = merge_mod.part_name(cfg.task_id)
     fr = setup.framing
     packers = {s: Packer(fr.row_tokens, setup.dtype) for s in SPLITS}

@@ -71,16 +71,17 @@ def plot_histogram(manifest: dict, png_path: str | Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     edges = np.append(_EDGES, _EDGES[-1] * 2)
-    top = 1
+    top, bottom = 1, len(_EDGES)
     for name, split in manifest["splits"].items():
         counts = np.asarray(split.get("doc_length_counts", []), dtype=np.int64)
         if counts.sum() == 0:
             continue
         top = max(top, int(np.nonzero(counts)[0].max()) + 2)
+        bottom = min(bottom, int(np.nonzero(counts)[0].min()))
         ax.stairs(counts, edges[: len(counts) + 1], label=f"{name} ({int(counts.sum()):,} docs)", fill=name == "train", alpha=0.6)
     ax.axvline(manifest["seq_len"], color="k", linestyle="--", label=f"seq_len = {manifest['seq_len']}")
     ax.set_xscale("log")
-    ax.set_xlim(1, edges[min(top, len(edges) - 1)])
+    ax.set_xlim(max(1, min(edges[bottom], manifest["seq_len"]) // 2), edges[min(top, len(edges) - 1)])
     ax.set_xlabel("document length (tokens, special tokens included)")
     ax.set_ylabel("documents per quarter-octave bin")
     ax.set_title("document lengths")

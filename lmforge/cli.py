@@ -8,11 +8,11 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lmforge import commands
+    from lmforge import cli_prep, commands
 
     parser = argparse.ArgumentParser(prog="lmforge", description="Pretrain language models: tokenizer, prep, train, export.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (commands.add_demo, commands.add_tokenizer, commands.add_prep, commands.add_train,
+    for add in (commands.add_demo, commands.add_tokenizer, cli_prep.add_prep, commands.add_train,
                 commands.add_export, commands.add_verify, commands.add_launch):
         add(sub)
     return parser
