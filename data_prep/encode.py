@@ -1,8 +1,8 @@
 """Parse and tokenize blocks, in worker processes, returning each split's token stream in block order.
 
-Worker processes are started with ``spawn`` (no inherited Rust thread pool) and each runs the
-``tokenizers`` encoder on ``threads`` threads (1 when there are as many workers as cores), so
-JSON parsing and tokenization both scale with the worker count. Results come back in submission
+Worker processes are forked (``spawn`` where there is no ``fork``) before this process has used
+the ``tokenizers`` thread pool, and each runs the encoder on ``threads`` threads (1 when there
+are as many workers as cores), so JSON parsing and tokenization both scale with the worker count. Results come back in submission
 order with at most ``2 * workers + 2`` blocks in flight, so memory stays flat however large the
 corpus. The output does not depend on the worker count: every document is encoded on its own,
 and the main process packs the streams in corpus order.
@@ -176,25 +176,33 @@ class Encoder:
         return Encoded(block.source, block.input_bytes, streams, lengths, parsed.rejects)
 
 
-_WORKER_ENCODER: Encoder | None = None
+_WORKER_ENCODERS: dict[EncodeSpec, Encoder] = {}
 
 
-def _init_worker(spec: EncodeSpec, threads: int) -> None:
-    global _WORKER_ENCODER
+def _init_worker(threads: int) -> None:
     if threads == 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     else:
         os.environ["RAYON_NUM_THREADS"] = str(threads)
-    _WORKER_ENCODER = Encoder(spec)
 
 
-def _encode_in_worker(block: Block) -> Encoded:
-    return _WORKER_ENCODER.encode(block)
+def _encode_in_worker(spec: EncodeSpec, block: Block) -> Encoded:
+    encoder = _WORKER_ENCODERS.get(spec)
+    if encoder is None:
+        encoder = _WORKER_ENCODERS[spec] = Encoder(spec)
+    return encoder.encode(block)
 
 
 def default_workers() -> int:
     """One worker per CPU this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _start_method() -> str:
+    """``fork`` where the platform has it (starts in milliseconds, never re-imports ``__main__``), else ``spawn``."""
+    import multiprocessing
+
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def encode_blocks(blocks: Iterable[Block], spec: EncodeSpec, workers: int) -> Iterator[Encoded]:
@@ -210,12 +218,12 @@ def encode_blocks(blocks: Iterable[Block], spec: EncodeSpec, workers: int) -> It
     import multiprocessing
 
     threads = max(1, default_workers() // workers)
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(spec, threads))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(_start_method()),
+                               initializer=_init_worker, initargs=(threads,))
     window: collections.deque[Future] = collections.deque()
     try:
         for block in blocks:
-            window.append(pool.submit(_encode_in_worker, block))
+            window.append(pool.submit(_encode_in_worker, spec, block))
             if len(window) >= 2 * workers + 2:
                 yield window.popleft().result()
         while window:

@@ -270,9 +270,12 @@ def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
             progress.update(sum(len(v) for v in enc.doc_lengths.values()), sum(len(v) for v in enc.streams.values()),
                             enc.input_bytes)
         shards = {s: writers[s].close() for s in SPLITS}
+    except BaseException:
+        rejects.abort()
+        raise
     finally:
         elapsed_s = progress.close()
-        rejects.close()
+    rejects.close()
     splits = {}
     for s in SPLITS:
         tail_tokens, tail_starts = packers[s].take_tail()

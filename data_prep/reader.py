@@ -99,10 +99,17 @@ class RejectLog:
             self.add(source, record, reason)
 
     def close(self) -> None:
+        """Finish the file: rename the temporary file into place."""
         if self._fh is not None:
             self._fh.close()
             self._fh = None
             os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Close after a failed run, leaving only the temporary file (nothing that looks complete)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
 
 # ---------------------------------------------------------------- reading (main process)
