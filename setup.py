@@ -26,10 +26,12 @@ setup(
         "tensorboard>=2.15",
         "numpy>=1.26",
         "zstandard>=0.22",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],
         "test": ["pytest>=8", "mpi4py>=3.1"],
+        "bench": ["psutil>=5.9"],
     },
     entry_points={"console_scripts": ["lmforge=lmforge.cli:main"]},
 )

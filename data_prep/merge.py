@@ -8,7 +8,8 @@ tails together in task order (a document boundary where each one starts) into
 counts of sequences and of dropped tokens equal those of a single task over the whole corpus.
 
 It runs automatically in the task that finds every marker present (``parts/merge.lock``, created
-exclusively, keeps two tasks from merging at once), or by hand: ``lmforge prep merge DIR``.
+exclusively, keeps two tasks from merging at once), or by hand: ``lmforge prep merge DIR``, which
+ignores the lock (for a merge that crashed).
 """
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ def merge_if_complete(out: Path) -> dict | None:
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        log.info("prep: another task is merging (%s exists); leaving it to that task", lock)
+        log.info("prep: another task is merging (%s exists); leaving it to that task "
+                 "(if none is running, a merge crashed: run lmforge prep merge %s)", lock, out)
         return None
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)

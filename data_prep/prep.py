@@ -229,14 +229,15 @@ class _Progress:
     """tqdm over input bytes with docs/s, tokens/s and MB/s."""
 
     def __init__(self, total_bytes: int | None, enabled: bool, desc: str):
-        self.bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, desc=desc, disable=not enabled)
+        self.bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, desc=desc, disable=not enabled,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
         self.start = time.perf_counter()
         self.docs = self.tokens = self.bytes = 0
 
     def update(self, docs: int, tokens: int, nbytes: int) -> None:
         self.docs, self.tokens, self.bytes = self.docs + docs, self.tokens + tokens, self.bytes + nbytes
         dt = max(time.perf_counter() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{self.docs / dt:,.0f} docs/s, {self.tokens / dt:,.0f} tokens/s, "
+        self.bar.set_postfix_str(f"{self.docs / dt:,.0f} docs/s, {self.tokens / dt / 1e6:.2f}M tokens/s, "
                                  f"{self.bytes / dt / 1e6:.1f} MB/s", refresh=False)
         self.bar.update(nbytes)
 
