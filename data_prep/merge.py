@@ -65,22 +65,28 @@ def _lmforge_version() -> str:
         return "unknown"
 
 
-def read_markers(out: Path) -> list[dict]:
-    """All task markers of one plan, in task order.
+def read_markers(out: Path, plan: str | None = None) -> list[dict]:
+    """The task markers of one plan, in task order.
+
+    With ``plan`` (the calling task's), markers of other plans are stale: left by an earlier run
+    with another config or corpus, they are ignored here and their files removed by :func:`merge`.
+    Without it, markers of several plans are an error.
 
     Raises:
-        UserError: no marker, markers of different plans, or unfinished tasks (listed).
+        UserError: no marker, markers of several plans (``plan=None``), or unfinished tasks (listed).
     """
     paths = sorted((Path(out) / PARTS_DIR).glob("part-*.json"))
     markers = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+    plans = {m["plan"] for m in markers}
+    if plan is None and len(plans) > 1:
+        raise UserError(f"{out}: task markers come from {len(plans)} different configs or corpora; "
+                        "rerun the tasks with --overwrite, or remove the stale parts/part-*.json")
+    if plan is not None:
+        markers = [m for m in markers if m["plan"] == plan]
     if not markers:
         raise UserError(f"{out}: no finished prep task (no {PARTS_DIR}/part-*.json); run lmforge prep first")
-    num_tasks = markers[-1]["num_tasks"]
-    by_id = {m["task_id"]: m for m in markers if m["num_tasks"] == num_tasks}
-    plans = {m["plan"] for m in by_id.values()}
-    if len(plans) > 1 or len(by_id) != len(markers):
-        raise UserError(f"{out}: task markers come from different configs or corpora ({len(markers)} markers, "
-                        f"{len(plans)} plans); rerun the tasks with --overwrite")
+    num_tasks = markers[0]["num_tasks"]
+    by_id = {m["task_id"]: m for m in markers}
     missing = [i for i in range(num_tasks) if i not in by_id]
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
@@ -88,11 +94,20 @@ def read_markers(out: Path) -> list[dict]:
     return [by_id[i] for i in range(num_tasks)]
 
 
-def merge_if_complete(out: Path) -> dict | None:
-    """Merge when every task has finished and no other task is merging; else ``None``."""
+def _remove_stale_parts(out: Path, plan: str) -> None:
+    for path in sorted((out / PARTS_DIR).glob("part-*.json")):
+        marker = json.loads(path.read_text(encoding="utf-8"))
+        if marker["plan"] != plan:
+            log.warning("prep: removing part %d of an earlier run with another config or corpus", marker["task_id"])
+            for stale in task_files(out, marker["task_id"]):
+                stale.unlink(missing_ok=True)
+
+
+def merge_if_complete(out: Path, plan: str) -> dict | None:
+    """Merge when every task of ``plan`` has finished and no other task is merging; else ``None``."""
     out = Path(out)
     try:
-        read_markers(out)
+        read_markers(out, plan)
     except UserError as exc:
         log.info("prep: not merging yet: %s", exc)
         return None
@@ -106,7 +121,7 @@ def merge_if_complete(out: Path) -> dict | None:
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
     try:
-        return merge(out)
+        return merge(out, plan)
     finally:
         lock.unlink(missing_ok=True)
 
@@ -151,18 +166,22 @@ def _remove_unreferenced_shards(out: Path, shards: dict[str, list[dict]]) -> Non
                 path.unlink()
 
 
-def merge(out: str | Path) -> dict:
+def merge(out: str | Path, plan: str | None = None) -> dict:
     """Merge every task's part in ``out``; returns the manifest written last to ``out/manifest.json``.
 
+    ``plan`` restricts the merge to that plan's markers and removes the parts of other plans.
+
     Raises:
-        UserError: unfinished tasks or markers of different plans (see :func:`read_markers`).
+        UserError: unfinished tasks or markers of several plans (see :func:`read_markers`).
         InputError: no usable document in the whole corpus (``rejects.jsonl`` is written, the
             manifest is not).
     """
     out = Path(out)
     start = time.perf_counter()
-    markers = read_markers(out)
+    markers = read_markers(out, plan)
     first, cfg = markers[0], markers[0]["config"]
+    if plan is not None:
+        _remove_stale_parts(out, plan)
     fr = first["framing"]
     dtype = np.dtype(first["token_dtype"])
     framing = Framing(cfg["seq_len"], tuple(fr["sequence_prefix_ids"]), tuple(fr["sequence_suffix_ids"]), fr["pad_token_id"])

@@ -181,19 +181,23 @@ def _clean_task_outputs(out: Path, cfg: PrepConfig) -> None:
 
 
 def _check_existing(out: Path, cfg: PrepConfig, plan: str) -> str:
-    """``done`` (whole folder complete for this plan), ``task-done`` (this task's part exists) or ``run``."""
+    """``done`` (whole folder complete for this plan), ``task-done`` (this task's part exists) or ``run``.
+
+    Raises:
+        UserError: without ``overwrite``, the folder holds a dataset or parts of another plan.
+    """
     manifest = out / MANIFEST_NAME
     if manifest.exists() and not cfg.overwrite:
         if json.loads(manifest.read_text(encoding="utf-8")).get("plan") == plan:
             return "done"
         raise UserError(f"{out}: already holds a prepared dataset ({MANIFEST_NAME}) from another config or corpus; "
                         "pass --overwrite to replace it")
+    if not cfg.overwrite:
+        for path in sorted((out / merge_mod.PARTS_DIR).glob("part-*.json")):
+            if json.loads(path.read_text(encoding="utf-8")).get("plan") != plan:
+                raise UserError(f"{path}: a part prepared from another config or corpus; pass --overwrite to replace it")
     marker = merge_mod.marker_path(out, cfg.task_id)
-    if marker.exists() and not cfg.overwrite:
-        if json.loads(marker.read_text(encoding="utf-8")).get("plan") == plan:
-            return "task-done"
-        raise UserError(f"{marker}: task {cfg.task_id} was prepared from another config or corpus; pass --overwrite to redo it")
-    return "run"
+    return "task-done" if marker.exists() and not cfg.overwrite else "run"
 
 
 def prepare(cfg: PrepConfig) -> dict | None:
@@ -222,7 +226,7 @@ def prepare(cfg: PrepConfig) -> dict | None:
         _clean_task_outputs(out, cfg)
         out.mkdir(parents=True, exist_ok=True)
         _run_task(cfg, setup, out)
-    return merge_mod.merge_if_complete(out) if cfg.merge else None
+    return merge_mod.merge_if_complete(out, setup.plan) if cfg.merge else None
 
 
 class _Progress:
@@ -256,8 +260,8 @@ def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
     writers = {s: ShardWriter(out, s, cfg.seq_len, setup.dtype, name, cfg.sequences_per_shard) for s in SPLITS}
     hist = {s: np.zeros(0, dtype=np.int64) for s in SPLITS}
     rejects = RejectLog(merge_mod.task_rejects_path(out, cfg.task_id))
-    task_bytes = sum(s.size_bytes for s in {seg.source for seg in segments} if s.kind != "hub")
-    progress = _Progress(task_bytes if all(s.source.kind != "hub" for s in segments) else None, cfg.show_progress,
+    hub = any(seg.source.kind == "hub" for seg in segments)
+    progress = _Progress(None if hub else sum(seg.nbytes for seg in segments), cfg.show_progress,
                          f"prep task {cfg.task_id}/{cfg.num_tasks}" if cfg.num_tasks > 1 else "prep")
     blocks = (b for seg in segments for b in read_blocks(seg, cfg.text_column, cfg.text_mode, cfg.block_bytes))
     workers = cfg.workers if cfg.workers is not None else default_workers()

@@ -98,6 +98,8 @@ class Segment:
     end: int | None = None
     row_groups: tuple[int, ...] | None = None
     shard_of: tuple[int, int] | None = None
+    nbytes: int = 0
+    """On-disk bytes this segment covers (estimated for parquet row groups); drives progress."""
 
 
 def stdlib_files() -> list[Path]:
@@ -189,20 +191,21 @@ def resolve_sources(inputs: Sequence[str]) -> list[Source]:
     return unique
 
 
-def _parquet_row_group_offsets(path: str) -> list[int]:
-    """Byte offset in the file where each row group's data begins."""
+def _parquet_row_groups(path: str) -> list[tuple[int, int]]:
+    """``(first byte, compressed bytes)`` of each row group of a parquet file."""
     import pyarrow.parquet as pq
 
     try:
         meta = pq.ParquetFile(path).metadata
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for corrupt files
         raise InputError(f"{path}: unreadable parquet file ({exc})") from exc
-    offsets = []
+    groups = []
     for i in range(meta.num_row_groups):
-        col = meta.row_group(i).column(0)
+        rg = meta.row_group(i)
+        col = rg.column(0)
         starts = [o for o in (col.dictionary_page_offset, col.data_page_offset) if o is not None]
-        offsets.append(min(starts) if starts else 0)
-    return offsets
+        groups.append((min(starts) if starts else 0, sum(rg.column(j).total_compressed_size for j in range(rg.num_columns))))
+    return groups
 
 
 def plan_segments(sources: Sequence[Source], task_id: int, num_tasks: int, text_mode: str) -> list[Segment]:
@@ -234,12 +237,12 @@ def plan_segments(sources: Sequence[Source], task_id: int, num_tasks: int, text_
             a, b = max(lo, offset) - offset, (hi if not last else offset + s.size_bytes) - offset
             b = min(b, s.size_bytes)
             if a < b:
-                segments.append(Segment(s, a, b))
+                segments.append(Segment(s, a, b, nbytes=b - a))
         elif s.kind == "parquet" and num_tasks > 1:
-            groups = tuple(i for i, off in enumerate(_parquet_row_group_offsets(s.path)) if owns(offset + off))
-            if groups:
-                segments.append(Segment(s, row_groups=groups))
+            mine = [(i, size) for i, (off, size) in enumerate(_parquet_row_groups(s.path)) if owns(offset + off)]
+            if mine:
+                segments.append(Segment(s, row_groups=tuple(i for i, _ in mine), nbytes=sum(size for _, size in mine)))
         elif owns(offset):
-            segments.append(Segment(s))
+            segments.append(Segment(s, nbytes=s.size_bytes))
         offset += s.size_bytes
     return segments

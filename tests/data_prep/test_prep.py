@@ -143,7 +143,7 @@ def test_array_tasks_plus_merge_match_one_task_and_reruns_skip(tmp_path, tokeniz
     before = marker.stat().st_mtime_ns
     assert prepare(PrepConfig(output=str(out), num_tasks=3, task_id=1, **common))["plan"] == many["plan"]
     assert marker.stat().st_mtime_ns == before  # finished task skipped, nothing rewritten
-    with pytest.raises(UserError, match="from another config or corpus; pass --overwrite"):
+    with pytest.raises(UserError, match="another config or corpus; pass --overwrite"):
         prepare(PrepConfig(output=str(out), num_tasks=3, task_id=1, **{**common, "seq_len": 32}))
 
 
@@ -157,3 +157,11 @@ def test_merge_refuses_while_tasks_are_missing(tmp_path, tokenizer_dir, corpus_d
     with pytest.raises(UserError, match=r"3 of 4 tasks not finished \(task ids 0, 1, 3\)"):
         merge(out)
     assert not (out / "manifest.json").exists()
+    with pytest.raises(UserError, match=r"part-00002.json: a part prepared from another config .* pass --overwrite"):
+        prepare(PrepConfig(**{**cfg.__dict__, "num_tasks": 2, "task_id": 0}))
+    for task in (0, 1):  # the same corpus as 2 tasks: the stale 4-task parts are replaced, then removed at the merge
+        m = prepare(PrepConfig(**{**cfg.__dict__, "num_tasks": 2, "task_id": task, "overwrite": True}))
+    assert m["tasks"]["num_tasks"] == 2
+    assert sorted(p.name for p in (out / "parts").iterdir()) == [
+        "part-00000.json", "part-00000.rejects.jsonl", "part-00001.json", "part-00001.rejects.jsonl"]
+    assert all(sh.name.startswith(("part-00000", "part-00001", "tails")) for sh in (out / "train").glob("*.arrow"))

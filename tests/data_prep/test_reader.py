@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep.errors import InputError
-from data_prep.reader import RejectLog, iter_documents, read_blocks, resolve_inputs, stdlib_files
+from data_prep.reader import RejectLog, iter_documents, parse_block, read_blocks, resolve_inputs, stdlib_files
 from data_prep.sources import plan_segments, resolve_sources
 from tests.conftest import ASSETS
 
@@ -84,8 +84,6 @@ def test_tasks_split_a_file_by_byte_ranges_and_read_every_record_once(tmp_path, 
             segs = plan_segments(sources, task, num_tasks, text_mode)
             for seg in segs:
                 for block in read_blocks(seg, text_mode=text_mode, block_bytes=300):
-                    from data_prep.reader import parse_block
-
                     p = parse_block(block)
                     got.extend((block.source, r, t) for r, t in zip(p.records, p.texts))
         assert got == single, num_tasks
@@ -115,6 +113,10 @@ def test_hub_datasets_stream_through_load_dataset(tmp_path, monkeypatch):
     (folder / "train.jsonl").write_text("".join(json.dumps({"text": t, "n": i}) + "\n" for i, t in enumerate(TEXTS)))
     rejects = RejectLog()
     assert [d.text for d in iter_documents([f"hf:{folder}"], rejects=rejects)] == TEXTS
+    sources = resolve_sources([f"hf:{folder}@train"])
+    by_task = [[t for seg in plan_segments(sources, task, 2, "file") for b in read_blocks(seg) for t in parse_block(b).texts]
+               for task in range(2)]
+    assert sorted(by_task[0] + by_task[1]) == sorted(TEXTS) and all(by_task)  # split by node, every row once
     with pytest.raises(InputError, match=r"hf:.*hubby@train: text column 'body' not found \(columns: text, n\)"):
         list(iter_documents([f"hf:{folder}@train"], text_column="body"))
     with pytest.raises(InputError, match=r"hf:.*nowhere: cannot open with datasets.load_dataset\(streaming=True\)"):
