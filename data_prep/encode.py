@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from data_prep.errors import UserError
 from data_prep.reader import Block, parse_block
 
 SPLITS = ("train", "val")
@@ -133,7 +134,8 @@ class Encoder:
         for enc, owner in zip(self.tokenizer.encode_batch_fast(batch, add_special_tokens=False), owners):
             ids = np.array(enc.ids, dtype=np.uint32)
             if len(ids) and int(ids.max()) > self._id_limit:
-                raise ValueError(f"token id {int(ids.max())} does not fit {self.dtype.name}")
+                raise UserError(f"{self.spec.tokenizer_file}: produced token id {int(ids.max())}, which does not fit the "
+                                f"{self.dtype.name} chosen from its vocabulary size; the tokenizer's ids are not contiguous")
             parts[owner].append(ids.astype(self.dtype, copy=False))
 
     def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:

@@ -23,7 +23,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +117,7 @@ class _Setup:
     doc_suffix: tuple[int, ...]
     sources: list[Source]
     plan: str = ""
-    extra: dict = field(default_factory=dict)
+    """sha256 of the config (runtime fields aside), tokenizer fingerprint and source sizes."""
 
 
 def _post_processor_framing(tokenizer_dir: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
