@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import InputError, UserError
-from data_prep.pack import Framing, Packer
+from data_prep.pack import Framing, StreamPacker
 from data_prep.shards import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, ShardWriter,
                               write_datasets_metadata, write_json_atomic)
 from data_prep.stats import length_bin_edges
@@ -127,7 +127,7 @@ def merge_if_complete(out: Path, plan: str) -> dict | None:
 
 
 def _stitch_tails(out: Path, markers: list[dict], split: str, framing: Framing, dtype: np.dtype, per_shard: int) -> dict:
-    packer = Packer(framing.row_tokens, dtype)
+    packer = StreamPacker(framing.row_tokens, dtype)
     writer = ShardWriter(out, split, framing.seq_len, dtype, TAILS_PREFIX, per_shard)
     for m in markers:
         part = m["splits"][split]

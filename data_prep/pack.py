@@ -14,10 +14,14 @@ fragment of one that does not continue the preceding token, begins. The last par
 *tail*: prep keeps it per task, and the merge packs all tails together and then drops or pads
 what is left (``tail='drop'|'pad'``); padded positions are recorded by the per-sequence count of
 real tokens (``num_tokens``), so training can mask them out of the loss.
+
+:class:`StreamPacker` cuts whole blocks of documents at once (numpy, used by prep);
+:class:`Packer` takes one document at a time (for streaming callers).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -95,7 +99,7 @@ class Framing:
                     np.array([len(real)], dtype=np.int32))
 
 
-class Packer:
+class StreamPacker:
     """Cuts a token stream into full rows of ``row_tokens``, carrying the remainder to the next call.
 
     Counts: ``documents``, ``tokens`` (stream tokens fed in) and ``rows`` (full rows cut).
@@ -153,3 +157,44 @@ class Packer:
         self._carry = np.empty(0, dtype=self.dtype)
         self._carry_starts = np.empty(0, dtype=np.int64)
         return tail
+
+
+class Packer:
+    """One document at a time: ``[bos] + ids + [eos]`` into ``(seq_len,)`` int64 sequences.
+
+    The per-document interface over :class:`StreamPacker` for streaming callers (pretrain's
+    raw-corpus path); ``bos`` only when it is defined and differs from ``eos``.
+    """
+
+    def __init__(self, seq_len: int, eos_id: int, bos_id: int | None = None):
+        self.seq_len = seq_len
+        self.prefix = [bos_id] if bos_id is not None and bos_id != eos_id else []
+        self.suffix = [eos_id]
+        self._stream = StreamPacker(seq_len, np.dtype(np.int64))
+        self.tokens_dropped = 0
+        """Tokens of the final partial sequence, dropped by :meth:`finish`."""
+
+    @property
+    def documents(self) -> int:
+        return self._stream.documents
+
+    @property
+    def tokens(self) -> int:
+        """Tokens fed in, special tokens included."""
+        return self._stream.tokens
+
+    @property
+    def sequences(self) -> int:
+        return self._stream.rows
+
+    def add(self, ids) -> Iterator[tuple[np.ndarray, list[int]]]:
+        """Add one document's ids; yields every ``(sequence, document_starts)`` it completes."""
+        doc = np.concatenate([np.asarray(self.prefix, np.int64), np.asarray(ids, np.int64), np.asarray(self.suffix, np.int64)])
+        rows, offsets, starts = self._stream.add(doc, [len(doc)])
+        for i, row in enumerate(rows):
+            yield row, starts[offsets[i]:offsets[i + 1]].tolist()
+
+    def finish(self) -> None:
+        """Drop the final partial sequence (fewer than ``seq_len`` tokens), counting its tokens."""
+        tail, _ = self._stream.take_tail()
+        self.tokens_dropped += len(tail)

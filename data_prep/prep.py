@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from data_prep import merge as merge_mod
 from data_prep.encode import SPLITS, EncodeSpec, default_workers, encode_blocks, is_validation  # noqa: F401 (re-export)
 from data_prep.errors import UserError
-from data_prep.pack import TAIL_MODES, Framing, Packer
+from data_prep.pack import TAIL_MODES, Framing, StreamPacker
 from data_prep.reader import DEFAULT_BLOCK_BYTES, RejectLog, read_blocks
 from data_prep.shards import MANIFEST_NAME, ShardWriter, token_dtype, write_json_atomic
 from data_prep.sources import TEXT_MODES, Source, plan_segments, resolve_sources
@@ -256,7 +256,7 @@ def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
                       setup.doc_suffix, setup.dtype.name, cfg.max_piece_chars, max(cfg.max_piece_chars, 1 << 20))
     name = merge_mod.part_name(cfg.task_id)
     fr = setup.framing
-    packers = {s: Packer(fr.row_tokens, setup.dtype) for s in SPLITS}
+    packers = {s: StreamPacker(fr.row_tokens, setup.dtype) for s in SPLITS}
     writers = {s: ShardWriter(out, s, cfg.seq_len, setup.dtype, name, cfg.sequences_per_shard) for s in SPLITS}
     hist = {s: np.zeros(0, dtype=np.int64) for s in SPLITS}
     rejects = RejectLog(merge_mod.task_rejects_path(out, cfg.task_id))

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from data_prep.errors import InputError
-from data_prep.sources import Segment, Source, plan_segments, resolve_sources, stdlib_files  # noqa: F401 (re-export)
+from data_prep.sources import (JSONL_SUFFIXES, KNOWN_SUFFIXES, PARQUET_SUFFIXES, TEXT_SUFFIXES,  # noqa: F401 (re-exported)
+                               Segment, Source, plan_segments, resolve_sources, stdlib_files)
 
 DEFAULT_BLOCK_BYTES = 1 << 20
 COUNT_CHUNK_BYTES = 1 << 24
