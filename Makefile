@@ -26,7 +26,8 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-# Slurm, munge and OpenMPI for the launcher tests; installed with apt when missing and running as root.
+# Slurm, munge and OpenMPI for the launcher tests; installed with apt when missing and running as root,
+# before the Python test dependencies (mpi4py links against OpenMPI).
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -39,7 +40,7 @@ demo: install
 	$(BIN)/lmforge demo --output $(DEMO_DIR)
 
 # pytest exits 5 when it collected no test: that must fail CI, not pass it.
-test: install-test system-deps
+test: system-deps install-test
 	@$(BIN)/python -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

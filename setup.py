@@ -26,6 +26,7 @@ setup(
         "tensorboard>=2.15",
         "numpy>=1.26",
         "zstandard>=0.22",
+        "huggingface_hub>=0.25",
         "matplotlib>=3.7",
     ],
     extras_require={

@@ -219,7 +219,7 @@ def merge(out: str | Path, plan: str | None = None) -> dict:
         "pad_token_id": framing.pad_id, **{k: fr[k] for k in ("document_prefix_ids", "document_suffix_ids",
                                                               "sequence_prefix_ids", "sequence_suffix_ids")},
         "tokenizer": first["tokenizer"],
-        "sources": sources if len(sources) <= 64 else {"count": len(sources), "first": sources[0], "last": sources[-1]},
+        "sources": sources if len(sources) <= 64 else {"files": len(sources), "first": sources[0], "last": sources[-1]},
         "config": cfg,
         "counts": {
             "documents": documents, "tokens": sum(v["tokens"] for v in splits.values()),

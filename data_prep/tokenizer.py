@@ -1,8 +1,10 @@
-"""Tokenizer training (byte-level BPE, GPT-2 style) and the tokenizer fingerprint.
+"""Tokenizer folders: the fingerprint, the ids prep and training agree on, and the atomic save.
 
-The tokenizer is built explicitly from ``tokenizers`` components (ByteLevel pre-tokenizer and
-decoder, BPE model with the 256-byte initial alphabet, so no text ever maps to an unknown token)
-and saved through ``transformers`` so that ``AutoTokenizer.from_pretrained(DIR)`` loads it.
+A tokenizer folder holds ``tokenizer.json`` (the ``tokenizers`` pipeline), ``tokenizer_config.json``
+and ``special_tokens_map.json`` (so ``AutoTokenizer.from_pretrained(DIR)`` loads it with the right
+special tokens, padding side and ``model_max_length``) and ``lmforge_tokenizer.json`` (how it was
+trained: family, corpus sample, counts). Training lives in :mod:`data_prep.tokenizer_train`, the
+families in :mod:`data_prep.tokenizer_families`.
 """
 from __future__ import annotations
 
@@ -12,16 +14,19 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
-from data_prep.errors import InputError, UserError
-from data_prep.reader import RejectLog, iter_documents, total_input_bytes
+from data_prep.errors import InputError
 
 log = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
-BYTE_ALPHABET_SIZE = 256
+"""End-of-text token of the default byte-bpe family (GPT-2's); also its bos token."""
 TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+METADATA_FILE = "lmforge_tokenizer.json"
+ROLE_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 @dataclass(frozen=True)
@@ -50,16 +55,29 @@ def fingerprint(tokenizer_dir: str | Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def load_tokenizer(tokenizer_dir: str | Path):
+    """``AutoTokenizer.from_pretrained`` on a local folder (never the hub).
+
+    Raises:
+        InputError: the folder holds no ``tokenizer.json`` or transformers cannot load it.
+    """
+    from transformers import AutoTokenizer
+
+    fingerprint(tokenizer_dir)  # a clear error before transformers' own
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{tokenizer_dir}: not a loadable tokenizer folder ({str(exc).splitlines()[0]})") from exc
+
+
 def load_tokenizer_info(tokenizer_dir: str | Path) -> TokenizerInfo:
     """Read vocabulary size and special-token ids of a saved tokenizer folder.
 
     Raises:
         InputError: the folder does not hold a loadable tokenizer.
     """
-    from transformers import AutoTokenizer
-
     fp = fingerprint(tokenizer_dir)
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = load_tokenizer(tokenizer_dir)
     return TokenizerInfo(
         path=str(tokenizer_dir),
         fingerprint=fp,
@@ -70,35 +88,53 @@ def load_tokenizer_info(tokenizer_dir: str | Path) -> TokenizerInfo:
     )
 
 
-def _sampled_texts(
-    inputs: Sequence[str], text_column: str, max_bytes: int | None, rejects: RejectLog, batch_docs: int = 256
-) -> Iterator[list[str]]:
-    """Batches of document texts; with ``max_bytes``, a deterministic uniform sample of about that many bytes.
+def read_metadata(tokenizer_dir: str | Path) -> dict:
+    """``lmforge_tokenizer.json`` of a folder; ``{}`` for a folder lmforge did not train."""
+    path = Path(tokenizer_dir) / METADATA_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
-    Sampling keeps a document when its content hash falls below ``max_bytes / corpus_bytes``, so
-    every source contributes in proportion to its size and the same corpus gives the same sample.
+
+def is_replaceable_output(output_dir: str | Path) -> bool:
+    """True when ``output_dir`` is absent, empty, or a tokenizer folder (safe to replace)."""
+    out = Path(output_dir)
+    if not out.exists():
+        return True
+    if not out.is_dir():
+        return False
+    return not any(out.iterdir()) or (out / TOKENIZER_FILE).is_file() or (out / METADATA_FILE).is_file()
+
+
+def special_tokens_map(tokenizer) -> dict:
+    """The legacy ``special_tokens_map.json`` content of a transformers tokenizer: role -> token, plus extras."""
+    out = {attr: str(getattr(tokenizer, attr)) for attr in ROLE_ATTRIBUTES if getattr(tokenizer, attr, None) is not None}
+    extra = [str(t) for t in getattr(tokenizer, "extra_special_tokens", None) or []]
+    if extra:
+        out["additional_special_tokens"] = extra
+    return out
+
+
+def save_tokenizer_folder(tokenizer, output_dir: str | Path, metadata: dict) -> TokenizerInfo:
+    """Write a transformers tokenizer to ``output_dir`` with ``special_tokens_map.json`` and metadata.
+
+    The folder is written to ``output_dir.tmp`` and renamed into place, so a crash never leaves a
+    folder that looks complete. transformers 5 no longer writes ``special_tokens_map.json``; it is
+    written here for tools that still read it.
+
+    Returns:
+        The saved folder's :class:`TokenizerInfo` (loaded back through ``AutoTokenizer``).
     """
-    keep_fraction = 1.0
-    if max_bytes is not None:
-        corpus_bytes = total_input_bytes(inputs)
-        keep_fraction = min(1.0, max_bytes / max(corpus_bytes, 1))
-    batch: list[str] = []
-    kept_bytes = 0
-    for doc in iter_documents(inputs, text_column, rejects):
-        if keep_fraction < 1.0:
-            digest = hashlib.blake2b(doc.text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-            if int.from_bytes(digest, "little") / 2**64 >= keep_fraction:
-                continue
-        size = len(doc.text.encode("utf-8", "surrogatepass"))
-        if max_bytes is not None and kept_bytes + size > max_bytes:
-            continue
-        kept_bytes += size
-        batch.append(doc.text)
-        if len(batch) == batch_docs:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    out = Path(output_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / SPECIAL_TOKENS_MAP_FILE).write_text(json.dumps(special_tokens_map(tokenizer), indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
+    meta = {**metadata, "fingerprint": hashlib.sha256((tmp / TOKENIZER_FILE).read_bytes()).hexdigest()}
+    (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return load_tokenizer_info(out)
 
 
 def train_byte_bpe(
@@ -112,63 +148,21 @@ def train_byte_bpe(
 ) -> TokenizerInfo:
     """Train a GPT-2 style byte-level BPE on ``inputs`` and save it to ``output_dir``.
 
+    A shortcut for :func:`data_prep.tokenizer_train.train_tokenizer` with family ``byte-bpe``:
+    ``<|endoftext|>`` is bos and eos, ``<|pad|>`` pads.
+
     Args:
-        vocab_size: target vocabulary size in tokens, ``<|endoftext|>`` included (GPT-2: 50257).
+        vocab_size: target vocabulary size in tokens, special tokens included (GPT-2: 50257).
         min_frequency: a merge needs at least this many occurrences.
-        max_bytes: byte budget of training text (deterministic uniform sample); ``None`` reads all.
+        max_bytes: budget of training text in UTF-8 bytes (deterministic uniform sample); ``None`` reads all.
         model_max_length: longest sequence in tokens the saved tokenizer advertises.
 
-    The folder is written to ``output_dir.tmp`` and renamed into place, so a crash never leaves a
-    folder that looks complete.
-
     Raises:
-        UserError: ``vocab_size`` is smaller than the 256-byte alphabet plus the special token.
+        UserError: ``vocab_size`` is smaller than the 256-byte alphabet plus the special tokens.
         InputError: missing inputs, or no usable document in them.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from data_prep.tokenizer_train import TokenizerTrainConfig, train_tokenizer
 
-    minimum = BYTE_ALPHABET_SIZE + 1
-    if vocab_size < minimum:
-        raise UserError(f"vocab_size {vocab_size} is smaller than the byte alphabet (256) plus 1 special token = {minimum}")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=[EOS_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    rejects = RejectLog()
-    counted = {"docs": 0}
-
-    def batches() -> Iterator[list[str]]:
-        for batch in _sampled_texts(inputs, text_column, max_bytes, rejects):
-            counted["docs"] += len(batch)
-            yield batch
-
-    tok.train_from_iterator(batches(), trainer=trainer)
-    if counted["docs"] == 0:
-        raise InputError(f"{', '.join(map(str, inputs))}: empty corpus, no usable document ({rejects.total} rejected)")
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=EOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
-        model_max_length=model_max_length,
-    )
-    out = Path(output_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fast.save_pretrained(str(tmp))
-    (tmp / "lmforge_tokenizer.json").write_text(
-        json.dumps({"family": "byte-bpe", "vocab_size": vocab_size, "min_frequency": min_frequency,
-                    "documents": counted["docs"], "rejects": rejects.total, "max_bytes": max_bytes}, indent=2)
-    )
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    info = load_tokenizer_info(out)
-    log.info("tokenizer: %d tokens from %d documents -> %s (fingerprint %s)", info.vocab_size, counted["docs"], out, info.fingerprint[:12])
-    return info
+    return train_tokenizer(TokenizerTrainConfig(
+        inputs=list(inputs), output=str(output_dir), family="byte-bpe", vocab_size=vocab_size,
+        min_frequency=min_frequency, max_bytes=max_bytes, text_column=text_column, model_max_length=model_max_length))

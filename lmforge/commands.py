@@ -1,10 +1,6 @@
 """Subcommand parsers and handlers of the ``lmforge`` CLI; each handler is a thin call into a package."""
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-
 
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="tokenizer -> shards -> 2-rank ZeRO training -> Hugging Face export")
@@ -32,92 +28,25 @@ def _demo(args) -> int:
     return 0
 
 
-def add_tokenizer(sub) -> None:
-    p = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="tokenizer_command", required=True)
-    t = p.add_parser("train", help="train a byte-level BPE tokenizer")
-    t.add_argument("--input", nargs="+", required=True, help="corpus paths, globs, directories or 'stdlib'")
-    t.add_argument("--output", required=True, help="tokenizer folder to write")
-    t.add_argument("--vocab-size", type=int, default=8192, help="vocabulary in tokens, special tokens included")
-    t.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
-    t.add_argument("--max-bytes", type=int, default=None, help="byte budget of training text (uniform sample)")
-    t.add_argument("--text-column", default="text")
-    t.set_defaults(handler=_tokenizer_train)
-
-
-def _tokenizer_train(args) -> int:
-    from data_prep.tokenizer import train_byte_bpe
-
-    train_byte_bpe(args.input, args.output, args.vocab_size, args.min_frequency, args.max_bytes, args.text_column)
-    return 0
-
-
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train on this rank (started once per rank by a launcher, or alone)")
     p.add_argument("config", help="YAML training config")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 deepspeed.zero_stage=3")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume-from", default=None, help="checkpoint tag or folder to resume from (default: newest complete)")
+    group.add_argument("--no-resume", action="store_true", help="refuse to start over an existing checkpoint")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget; then save and exit 75")
     p.set_defaults(handler=_train)
 
 
 def _train(args) -> int:
+    """Exit 0 when training finished, 75 (EX_TEMPFAIL) when it stopped for preemption after a save."""
     from pretrain.config import load_config
+    from pretrain.preemption import EXIT_PREEMPTED
     from pretrain.trainer import train
 
-    train(load_config(args.config, args.overrides))
-    return 0
-
-
-def add_export(sub) -> None:
-    p = sub.add_parser("export", help="export a run's ZeRO checkpoint to a Hugging Face folder")
-    p.add_argument("run_dir")
-    p.add_argument("--output", required=True)
-    p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
-    p.set_defaults(handler=_export)
-
-
-def _export(args) -> int:
-    from pretrain.export import export_hf
-
-    export_hf(args.run_dir, args.output, args.tag)
-    return 0
-
-
-def add_verify(sub) -> None:
-    p = sub.add_parser("verify", help="reload an exported folder with transformers, check logits, generate")
-    p.add_argument("hf_dir")
-    p.add_argument("--probe", default=None, help="probe.safetensors of the run, to compare logits")
-    p.add_argument("--prompt", default="def fibonacci(n):")
-    p.add_argument("--json", default=None, help="also write the result to this JSON file")
-    p.set_defaults(handler=_verify)
-
-
-def _verify(args) -> int:
-    from pretrain.export import verify_export
-
-    result = verify_export(args.hf_dir, args.probe, args.prompt)
-    if result["max_abs_logit_diff"] is not None:
-        print(f"logits match the trained model ({result['precision']}): max |diff| {result['max_abs_logit_diff']:.3g} "
-              f"within rtol {result['tolerance']['rtol']} + atol {result['tolerance']['atol']}")
-    print(f"--- {args.prompt}{result['continuation']}\n---")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
-    return 0
-
-
-def add_launch(sub) -> None:
-    p = sub.add_parser("launch", help="start a command on several ranks").add_subparsers(dest="launcher", required=True)
-    loc = p.add_parser("local", help="N processes on this machine")
-    loc.add_argument("--nproc", type=int, default=2)
-    loc.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
-    loc.set_defaults(handler=_launch_local)
-
-
-def _launch_local(args) -> int:
-    from launch.local import run_local
-
-    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    if not cmd:
-        print("lmforge launch local: no command given (lmforge launch local --nproc 2 -- CMD ...)", file=sys.stderr)
-        return 2
-    run_local(cmd, args.nproc)
-    return 0
+    extra = [f"checkpoint.resume={args.resume_from}"] if args.resume_from else []
+    extra += ["checkpoint.resume=never"] if args.no_resume else []
+    extra += [f"preemption.max_minutes={args.max_minutes}"] if args.max_minutes is not None else []
+    summary = train(load_config(args.config, [*args.overrides, *extra]))
+    return EXIT_PREEMPTED if summary.get("preempted") else 0

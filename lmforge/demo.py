@@ -4,14 +4,13 @@
 2. prep: tokenize, pack, write Arrow shards + manifest        -> DIR/data
 3. train: DeepSpeed ZeRO-2 on ``nproc`` local ranks           -> DIR/run
 4. export: consolidated Hugging Face folder with model card   -> DIR/hf
-5. verify: reload in a fresh process, compare logits, generate
+5. verify: the export reloads it in a fresh process, compares logits, generates -> DIR/verify.json
 """
 from __future__ import annotations
 
 import json
 import logging
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,8 +20,8 @@ from data_prep.prep import PrepConfig, prepare
 from data_prep.tokenizer import train_byte_bpe
 from launch.local import run_local
 from pretrain.config import load_config, to_yaml
-from pretrain.export import ExportError, export_hf
-from pretrain.trainer import PROBE_FILE, preflight, read_summary
+from pretrain.export import ExportOptions, export
+from pretrain.trainer import CHECKPOINT_DIR, preflight, read_summary
 
 log = logging.getLogger("lmforge.demo")
 
@@ -68,15 +67,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     log.info("[3/5] train: %d ranks, ZeRO stage %d -> %s", cfg.nproc, train_cfg.deepspeed.zero_stage, run_dir)
     run_local([sys.executable, "-m", "lmforge", "train", str(config_path)], cfg.nproc)
     summary = read_summary(run_dir)
-    log.info("[4/5] export -> %s", hf_dir)
-    export_hf(run_dir, hf_dir)
-    log.info("[5/5] verify: reload with transformers in a fresh process")
-    verify_json = out / "verify.json"
-    verify = subprocess.run([sys.executable, "-m", "lmforge", "verify", str(hf_dir), "--probe", str(run_dir / PROBE_FILE),
-                             "--json", str(verify_json)])
-    if verify.returncode != 0:
-        raise ExportError(f"{hf_dir}: verification in a fresh process failed (exit {verify.returncode}), see above")
-    result = {**summary, **json.loads(verify_json.read_text())}
+    log.info("[4/5] export -> %s, then [5/5] its verification in a fresh process", hf_dir)
+    record = export(run_dir / CHECKPOINT_DIR / summary["checkpoint_tag"], hf_dir, ExportOptions(overwrite=True))
+    verification = record["verification"]
+    (out / "verify.json").write_text(json.dumps(verification, indent=2))
+    log.info("[5/5] verified: logits within %.3g of the trained model's; generated %r -> %r",
+             verification["max_abs_logit_diff"], verification["prompt"], verification["continuation"])
+    result = {**summary, **verification}
     log.info("validation perplexity: %.2f at start -> %.2f at end (%d steps, %d tokens, %.0f tokens/s)",
              summary["val_ppl_start"], summary["val_ppl_end"], summary["steps"], summary["tokens"], summary["tokens_per_s"])
     return result

@@ -9,12 +9,13 @@ from data_prep.tokenizer import TokenizerInfo
 from pretrain.errors import ConsistencyError
 
 
-def check_consistency(tok: TokenizerInfo, manifest: dict, model_config, seq_len: int, objective: str = "clm") -> None:
+def check_consistency(tok: TokenizerInfo, manifest: dict | None, model_config, seq_len: int, objective: str = "clm") -> None:
     """Raise one :class:`ConsistencyError` listing every disagreement, with the numbers.
 
     Checks: tokenizer size <= embedding rows; special-token ids inside the embedding; ``seq_len``
     equals the data's and fits ``max_position_embeddings``; the manifest's tokenizer fingerprint
-    equals the tokenizer's; the data's objective equals the model's.
+    equals the tokenizer's; the data's objective equals the model's. ``manifest`` is None for a raw
+    corpus streamed through this very tokenizer: the data checks then do not apply.
     """
     problems: list[str] = []
     rows = model_config.vocab_size
@@ -26,16 +27,16 @@ def check_consistency(tok: TokenizerInfo, manifest: dict, model_config, seq_len:
             problems.append(f"{name}={value} is outside the embedding [0, {rows})")
     if tok.eos_token_id is None:
         problems.append(f"tokenizer {tok.path} defines no eos token")
-    data_seq_len = manifest["seq_len"]
+    data_seq_len = manifest["seq_len"] if manifest is not None else seq_len
     if seq_len != data_seq_len:
         problems.append(f"seq_len={seq_len} differs from the prepared data's seq_len={data_seq_len}")
     max_pos = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
     if max_pos is not None and seq_len > max_pos:
         problems.append(f"seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}")
-    data_fp = manifest["tokenizer"]["fingerprint"]
+    data_fp = manifest["tokenizer"]["fingerprint"] if manifest is not None else tok.fingerprint
     if data_fp != tok.fingerprint:
         problems.append(f"data was tokenized by tokenizer {data_fp[:12]}, not by {tok.path} ({tok.fingerprint[:12]})")
-    if manifest.get("objective", "clm") != objective:
+    if manifest is not None and manifest.get("objective", "clm") != objective:
         problems.append(f"data objective {manifest.get('objective')!r} does not match the model objective {objective!r}")
     if problems:
         raise ConsistencyError("refusing to train: " + "; ".join(problems))

@@ -14,7 +14,7 @@ from pretrain.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ZERO_STAGES = (0, 1, 2, 3)
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
 
 @dataclass
@@ -25,16 +25,30 @@ class ModelConfig:
     """Embedding rows (tokens); 0 = the tokenizer's size rounded up to a multiple of 64."""
     overrides: Dict[str, Any] = field(default_factory=dict)
     """Any transformers config field, e.g. ``{num_hidden_layers: 2}``."""
+    init_from: str = ""
+    """A local Hugging Face model folder to continue pretraining from (its config and weights replace
+    the preset; overrides still apply). Nothing is downloaded."""
 
 
 @dataclass
 class DataConfig:
     path: str = ""
-    """Prepared dataset folder (holds ``manifest.json``)."""
+    """Prepared dataset folder (holds ``manifest.json``); the fast path."""
+    raw_inputs: List[str] = field(default_factory=list)
+    """Instead of ``path``: raw corpus paths / globs streamed and tokenized on the fly (slower; see
+    pretrain.sources). Needs ``seq_len``."""
+    raw_text_column: str = "text"
+    """Text field of jsonl / parquet records in ``raw_inputs``."""
+    raw_val_fraction: float = 0.005
+    """Fraction of ``raw_inputs`` documents (by content hash) held out for validation."""
     tokenizer: str = ""
     """Tokenizer folder; its fingerprint must equal the manifest's."""
     eval_batches: int = 16
     """Validation micro batches per data-parallel rank for each evaluation."""
+    document_masking: bool = True
+    """Causal LMs: block-diagonal attention per document in packed sequences, and no loss on the
+    EOS -> next document transition. False trains on packed sequences as one stream (GPT-2 style).
+    Masked LMs always attend across the separators of a packed sequence (RoBERTa's FULL-SENTENCES)."""
     save_data_indices: bool = False
     """Write the sample indices each rank trained on to ``run_dir/data-indices/rank{r}.tsv`` (as OLMo does)."""
 
@@ -46,7 +60,11 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     """Final learning rate of the cosine schedule, as a fraction of ``lr``."""
     schedule: str = "cosine"
-    """Learning-rate schedule after linear warmup: cosine, linear (to 0) or constant."""
+    """Learning-rate schedule after linear warmup: cosine (to ``min_lr_ratio``), linear (to 0), constant,
+    or wsd: warmup-stable-decay (Hu et al. 2024, MiniCPM), constant then a cosine decay to ``min_lr_ratio``
+    over the last ``decay_fraction`` of the steps."""
+    decay_fraction: float = 0.2
+    """wsd only: fraction of ``max_steps`` spent in the final decay."""
     warmup_steps: int = 100
     """Optimizer steps of linear warmup from 0 to ``lr``."""
     weight_decay: float = 0.1
@@ -68,6 +86,81 @@ class DeepSpeedConfig:
     """Sequences per data-parallel rank per forward/backward (micro batch)."""
     gradient_accumulation_steps: int = 1
     """Micro batches accumulated per optimizer step."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass (transformers gradient checkpointing):
+    less memory, about a third more compute."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: keep optimizer states and the step on the CPU (ZeRO stage >= 1)."""
+    offload_params: bool = False
+    """ZeRO-Infinity style parameter offload to CPU (ZeRO stage 3 only)."""
+    config_file: str = ""
+    """A user ds_config.json merged over the generated one: its keys win, except the batch keys
+    (train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps) and the precision
+    sections, which lmforge owns and which must agree with this config if present."""
+
+
+@dataclass
+class MLMConfig:
+    """Dynamic masking for masked-LM presets (BERT recipe, Devlin et al. 2019)."""
+
+    probability: float = 0.15
+    """Fraction of non-special tokens selected for prediction."""
+    mask_replace_prob: float = 0.8
+    """Of the selected, the fraction replaced by the mask token."""
+    random_replace_prob: float = 0.1
+    """Of the selected, the fraction replaced by a random token (the rest stay unchanged)."""
+    whole_word_mask: bool = False
+    """Select whole words (every sub-token); transformers then always uses the mask token."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_every_steps: int = 0
+    """Optimizer steps between checkpoints; 0 = none by step count (one is always saved at the end)."""
+    save_every_minutes: float = 0.0
+    """Wall-clock minutes between checkpoints; 0 = none by time."""
+    keep_last: int = 3
+    """Newest complete checkpoints kept; 0 keeps all."""
+    keep_every_steps: int = 0
+    """Also keep checkpoints whose step is a multiple of this; 0 = none."""
+    export_every_steps: int = 0
+    """Also write a verified Hugging Face folder (run_dir/hf/step_XXXXXXXX) in a background process at
+    every checkpoint whose step is a multiple of this; 0 = never. Needs save_every_steps to divide it."""
+    resume: str = "auto"
+    """auto: resume from the newest complete checkpoint if any; never: refuse to start over an existing
+    checkpoint; otherwise a checkpoint tag (step_00000100) or the path of a checkpoint folder."""
+
+
+@dataclass
+class PreemptionConfig:
+    signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that make every rank save at the next step boundary and exit with code 75."""
+    requeue: bool = False
+    """Under Slurm, run ``scontrol requeue $SLURM_JOB_ID`` after the preemption save."""
+    max_minutes: float = 0.0
+    """Wall-clock budget in minutes; when spent, save and exit with code 75 as on a signal. 0 = none."""
+
+
+@dataclass
+class GuardConfig:
+    max_consecutive_nonfinite: int = 5
+    """Consecutive skipped (non-finite loss or gradient norm) steps that stop training."""
+    spike_factor: float = 3.0
+    """A loss above this factor times the rolling mean is logged as a spike; 0 disables."""
+    spike_window: int = 50
+    """Optimizer steps in the rolling mean of the spike detector."""
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for the fault-tolerance tests; all off by default."""
+
+    inject_nan_at_steps: List[int] = field(default_factory=list)
+    """Optimizer steps (1-based) whose loss is made NaN on rank 0."""
+    kill_at_step: int = 0
+    """SIGKILL every rank right after this optimizer step; 0 = never."""
+    crash_in_save: str = ""
+    """SIGKILL at this point of the next save: after_engine_save, before_rename or before_latest."""
 
 
 @dataclass
@@ -84,14 +177,21 @@ class TrainConfig:
     """Optimizer steps between metrics.jsonl records."""
     eval_every_steps: int = 0
     """Optimizer steps between validation passes; 0 = only at the start and the end."""
-    save_every_steps: int = 0
-    """Optimizer steps between checkpoints; 0 = only at the end."""
     show_progress: bool = True
     """Rank-0 tqdm bar."""
+    wandb_project: str = ""
+    """Weights & Biases project to log metrics to from rank 0 (needs ``wandb`` installed); empty = off."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device for MFU; 0 = look up the GPU (pretrain.flops), none on CPU."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def validate(self) -> None:
         """Raise one :class:`ConfigError` listing every bad key, its value and what is allowed."""
@@ -106,20 +206,63 @@ class TrainConfig:
         for key, value, low in [("deepspeed.micro_batch_size", ds.micro_batch_size, 1),
                                 ("deepspeed.gradient_accumulation_steps", ds.gradient_accumulation_steps, 1),
                                 ("max_steps", self.max_steps, 1), ("log_every_steps", self.log_every_steps, 1),
-                                ("eval_every_steps", self.eval_every_steps, 0), ("save_every_steps", self.save_every_steps, 0),
+                                ("eval_every_steps", self.eval_every_steps, 0),
+                                ("checkpoint.save_every_steps", self.checkpoint.save_every_steps, 0),
+                                ("checkpoint.keep_last", self.checkpoint.keep_last, 0),
+                                ("checkpoint.keep_every_steps", self.checkpoint.keep_every_steps, 0),
+                                ("checkpoint.export_every_steps", self.checkpoint.export_every_steps, 0),
+                                ("guard.max_consecutive_nonfinite", self.guard.max_consecutive_nonfinite, 1),
+                                ("guard.spike_window", self.guard.spike_window, 1),
                                 ("seq_len", self.seq_len, 0), ("optim.warmup_steps", opt.warmup_steps, 0),
                                 ("data.eval_batches", self.data.eval_batches, 0), ("model.vocab_size", self.model.vocab_size, 0)]:
             if value < low:
                 p.append(f"{key}={value} (allowed: >= {low})")
         if not opt.lr > 0:
             p.append(f"optim.lr={opt.lr} (allowed: > 0)")
+        ck = self.checkpoint
+        if ck.export_every_steps and (not ck.save_every_steps or ck.export_every_steps % ck.save_every_steps):
+            p.append(f"checkpoint.export_every_steps={ck.export_every_steps} must be a multiple of "
+                     f"checkpoint.save_every_steps={ck.save_every_steps} (exports are made from checkpoints)")
+        m = self.mlm
+        if not 0 < m.probability < 1 or not 0 <= m.mask_replace_prob <= 1 or not 0 <= m.random_replace_prob <= 1 \
+                or m.mask_replace_prob + m.random_replace_prob > 1:
+            p.append(f"mlm.probability={m.probability}, mask_replace_prob={m.mask_replace_prob}, random_replace_prob="
+                     f"{m.random_replace_prob} (allowed: probability in (0, 1), the two replace fractions sum to <= 1)")
+        if not 0 < opt.decay_fraction <= 1:
+            p.append(f"optim.decay_fraction={opt.decay_fraction} (allowed: (0, 1])")
+        if ds.offload_optimizer and ds.zero_stage == 0:
+            p.append("deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1")
+        if ds.offload_params and ds.zero_stage != 3:
+            p.append("deepspeed.offload_params=true needs deepspeed.zero_stage=3")
         if not 0 <= opt.min_lr_ratio <= 1:
             p.append(f"optim.min_lr_ratio={opt.min_lr_ratio} (allowed: [0, 1])")
         if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
             p.append(f"optim.betas={list(opt.betas)} (allowed: two values in [0, 1))")
-        for key in ("path", "tokenizer"):
-            if not getattr(self.data, key):
-                p.append(f"data.{key} is required")
+        import signal
+
+        bad_signals = [n for n in self.preemption.signals if not isinstance(getattr(signal, n, None), signal.Signals)]
+        if bad_signals:
+            p.append(f"preemption.signals={bad_signals} (allowed: signal names such as SIGTERM, SIGUSR1)")
+        from pretrain.checkpoint import CRASH_POINTS
+
+        if self.debug.crash_in_save not in CRASH_POINTS:
+            p.append(f"debug.crash_in_save={self.debug.crash_in_save!r} (allowed: {', '.join(CRASH_POINTS[1:])})")
+        for key, value in [("checkpoint.save_every_minutes", self.checkpoint.save_every_minutes),
+                           ("preemption.max_minutes", self.preemption.max_minutes)]:
+            if value < 0:
+                p.append(f"{key}={value} (allowed: >= 0)")
+        if self.wandb_project:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                p.append(f"wandb_project={self.wandb_project!r} but wandb is not installed (pip install wandb)")
+        if not self.data.tokenizer:
+            p.append("data.tokenizer is required")
+        if bool(self.data.path) == bool(self.data.raw_inputs):
+            p.append("data.path is required (or data.raw_inputs, not both)" if not self.data.path
+                     else "give data.path or data.raw_inputs, not both")
+        if self.data.raw_inputs and self.seq_len == 0:
+            p.append("seq_len is required with data.raw_inputs (there is no manifest to take it from)")
         if p:
             raise ConfigError("invalid config: " + "; ".join(p))
 

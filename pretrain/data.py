@@ -22,7 +22,9 @@ class MicroBatch:
     input_ids: np.ndarray
     """``(B, T)`` int64 token ids."""
     sample_indices: np.ndarray
-    """``(B,)`` indices of the sequences in the train split."""
+    """``(B,)`` indices of the sequences in their split."""
+    document_starts: list[list[int]]
+    """Per sequence, the positions where a document begins."""
 
 
 class GlobalOrder:
@@ -52,13 +54,13 @@ def micro_batches(reader: ShardReader, rank: int, world_size: int, micro_batch_s
     position = consumed_samples
     while True:
         idx = order.indices(position + rank * micro_batch_size, micro_batch_size)
-        yield MicroBatch(reader.batch(idx), idx)
+        yield MicroBatch(reader.batch(idx), idx, [reader.document_starts(int(i)) for i in idx])
         position += world_size * micro_batch_size
 
 
 def eval_batches(reader: ShardReader, rank: int, world_size: int, micro_batch_size: int,
-                 max_batches: int) -> Iterator[np.ndarray]:
-    """The fixed validation set: ``(B, T)`` batches from the split's first sequences, in order.
+                 max_batches: int) -> Iterator[MicroBatch]:
+    """The fixed validation set: micro batches of the split's first sequences, in order.
 
     Every rank gets the same number of batches (ZeRO-3 forwards are collective), at most
     ``max_batches``; sequences past ``world_size * micro_batch_size * n`` are not evaluated.
@@ -66,5 +68,5 @@ def eval_batches(reader: ShardReader, rank: int, world_size: int, micro_batch_si
     per_step = world_size * micro_batch_size
     n = min(max_batches, len(reader) // per_step)
     for b in range(n):
-        start = b * per_step + rank * micro_batch_size
-        yield reader.batch(np.arange(start, start + micro_batch_size))
+        idx = np.arange(b * per_step + rank * micro_batch_size, b * per_step + (rank + 1) * micro_batch_size)
+        yield MicroBatch(reader.batch(idx), idx, [reader.document_starts(int(i)) for i in idx])

@@ -3,12 +3,22 @@ from __future__ import annotations
 
 from pretrain.config import TrainConfig
 
-SCHEDULER_NAMES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
+import json
+from pathlib import Path
+
+from pretrain.errors import ConfigError
+
+SCHEDULER_NAMES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup",
+                   "wsd": "warmup_stable_decay"}
+OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16")
+"""ds_config keys generated from the lmforge config that a user file may repeat but not change."""
 """lmforge schedule -> ``transformers.get_scheduler`` name (all with linear warmup)."""
 
 
-def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
+def build_ds_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict:
     """The DeepSpeed config for ``cfg`` on ``world_size`` data-parallel ranks.
+
+    ``load_universal``: the engine will load a universal checkpoint (resume at another world size).
 
     ``train_batch_size`` (the global batch, in sequences) = micro batch x accumulation x world size.
     """
@@ -23,11 +33,54 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     if ds.precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif ds.precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if ds.offload_optimizer:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        config["zero_force_ds_cpu_optimizer"] = False  # lmforge's AdamW param groups run on the CPU as given
+    if ds.offload_params:
+        config["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if ds.config_file:
+        config = merge_user_ds_config(config, ds.config_file)
     return config
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def merge_user_ds_config(generated: dict, path: str) -> dict:
+    """``generated`` with the user's ds_config.json merged over it (user keys win, nested dicts merged).
+
+    Raises:
+        ConfigError: unreadable file, or a value for a key lmforge owns (:data:`OWNED_KEYS`) that
+            differs from the generated one.
+    """
+    file = Path(path)
+    try:
+        user = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read DeepSpeed config ({exc})") from exc
+    conflicts = [f"{k}={user[k]!r} (lmforge: {generated.get(k)!r})" for k in OWNED_KEYS
+                 if k in user and user[k] != generated.get(k)]
+    if conflicts:
+        raise ConfigError(f"{path}: sets keys lmforge derives from its own config: {'; '.join(conflicts)}; "
+                          "change deepspeed.* / optim.* in the lmforge config instead")
+    return _deep_merge(generated, user)
+
+
+def optimizer_group(ndim: int) -> int:
+    """AdamW param group of a parameter with ``ndim`` dimensions: 0 (weight decay) for matrices, 1 (none)
+    for norms and biases. The export maps a stage-0 checkpoint's per-group fp32 master weights back to
+    names with this rule (pretrain.consolidate)."""
+    return 0 if ndim >= 2 else 1
 
 
 def build_optimizer(model, cfg: TrainConfig):
@@ -36,8 +89,8 @@ def build_optimizer(model, cfg: TrainConfig):
 
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if optimizer_group(p.ndim) == 0], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p in params if optimizer_group(p.ndim) == 1], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
 
@@ -46,17 +99,27 @@ def build_scheduler(optimizer, cfg: TrainConfig):
     """Linear warmup over ``optim.warmup_steps`` then ``optim.schedule`` until ``max_steps`` (transformers schedulers)."""
     from transformers import get_scheduler
 
-    kwargs = {"min_lr_rate": cfg.optim.min_lr_ratio} if cfg.optim.schedule == "cosine" else {}
+    opt = cfg.optim
+    kwargs = {"cosine": {"min_lr_rate": opt.min_lr_ratio},
+              "wsd": {"num_decay_steps": max(1, round(opt.decay_fraction * cfg.max_steps)), "min_lr_ratio": opt.min_lr_ratio,
+                      "decay_type": "cosine"}}.get(opt.schedule, {})
     return get_scheduler(SCHEDULER_NAMES[cfg.optim.schedule], optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                          num_training_steps=cfg.max_steps, scheduler_specific_kwargs=kwargs)
 
 
-def initialize_engine(model, cfg: TrainConfig, world_size: int):
+def initialize_engine(model, cfg: TrainConfig, world_size: int, load_universal: bool = False):
     """Wrap ``model`` in a DeepSpeed engine with the generated config, optimizer and schedule."""
     import deepspeed
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
+    # Declares the checkpoint convertible to DeepSpeed's universal format (no tensor-parallel
+    # patterns: lmforge is data parallel), so a resume can change the world size.
+    setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+    if cfg.deepspeed.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_ds_config(cfg, world_size))
+                                           config=build_ds_config(cfg, world_size, load_universal))
     return engine

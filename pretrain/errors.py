@@ -1,4 +1,4 @@
-"""Errors of the trainer a user can fix; printed by the CLI as one line with a non-zero exit."""
+"""Errors of the trainer and the export a user can fix; printed by the CLI as one line with a non-zero exit."""
 from data_prep.errors import UserError
 
 
@@ -8,3 +8,11 @@ class ConfigError(UserError):
 
 class ConsistencyError(UserError):
     """Tokenizer, model and data disagree (vocabulary, special ids, seq_len, fingerprint, objective)."""
+
+
+class ExportError(UserError):
+    """A checkpoint cannot be exported, or the export does not reproduce the trained model."""
+
+
+class HubError(UserError):
+    """Pushing an export to the Hugging Face Hub failed; the local export is left as it is."""

@@ -1,175 +1,234 @@
-"""Export a ZeRO checkpoint to a Hugging Face folder, and verify it in a fresh process.
+"""Export a ZeRO checkpoint (stages 0-3, any world size) to a verified Hugging Face folder.
 
-The exported folder holds ``config.json``, ``model.safetensors`` (float32 master weights,
-consolidated from the ZeRO partitions by DeepSpeed's ``zero_to_fp32``), ``generation_config.json``,
-the tokenizer files and a ``README.md`` model card. It is written to ``OUT.tmp`` and renamed.
+``OUT`` holds::
+
+    config.json                model config: architectures, vocab_size (= embedding rows), dtype / torch_dtype, bos/eos/pad ids
+    model.safetensors          weights; above --max-shard-size model-0000i-of-0000n.safetensors + model.safetensors.index.json
+    generation_config.json     bos / eos / pad ids (pad falls back to eos)
+    tokenizer.json, ...        the run's tokenizer files, byte for byte (same fingerprint)
+    README.md, loss_curve.png  model card (pretrain.model_card)
+    lmforge_export.json        provenance and the verification result; written last
+
+Steps: read and cross-check the run (:mod:`pretrain.run_info`); plan the consolidation
+(:mod:`pretrain.consolidate`, no tensor data); stream tensor by tensor into safetensors
+(:mod:`pretrain.safetensors_writer`), casting the float32 master weights to ``dtype``; write the rest;
+verify in a fresh process (``lmforge verify``, :mod:`pretrain.verify`); rename ``OUT.tmp`` to ``OUT``;
+optionally push (:mod:`pretrain.hub`). A failed verification leaves ``OUT.tmp``, never ``OUT``.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.errors import UserError
-from data_prep.shards import read_manifest
-from data_prep.tokenizer import fingerprint
-from pretrain.config import load_config
-from pretrain.trainer import CHECKPOINT_DIR, MODEL_CONFIG_DIR, SUMMARY_FILE
+from pretrain.consolidate import CheckpointPlan, TensorReader, plan_checkpoint
+from pretrain.errors import ExportError
+from pretrain.hub import PushOptions, push_folder
+from pretrain.model_card import LOSS_CURVE_FILE, CardOptions, plot_loss_curve, render_card
+from pretrain.run_info import RunInfo, load_run_info, resolve_checkpoint
+from pretrain.safetensors_writer import INDEX_FILE, TensorSpec, write_sharded
+from pretrain.verify import PRECISION_DTYPES
 
-PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-LOGIT_TOLERANCE = {"fp32": (1e-4, 1e-4), "bf16": (1.6e-2, 1e-2), "fp16": (1e-3, 1e-3)}
-"""(rtol, atol) for the reloaded export's logits against the live engine's, at the training dtype:
-``|got - expected| <= atol + rtol * |expected|``. bf16 / fp16 rtol are torch.testing's defaults
-for those dtypes (one bf16 ulp is 2**-8 relative); the logits themselves are computed in that dtype.
-"""
+log = logging.getLogger(__name__)
 
-
-class ExportError(UserError):
-    """The checkpoint cannot be exported, or the export does not reproduce the trained model."""
-
-
-def latest_tag(checkpoint_dir: Path) -> str:
-    """The tag DeepSpeed recorded in ``checkpoint_dir/latest``."""
-    latest = checkpoint_dir / "latest"
-    if not latest.is_file():
-        raise ExportError(f"{checkpoint_dir}: no 'latest' file; no complete DeepSpeed checkpoint there")
-    return latest.read_text().strip()
+EXPORT_RECORD = "lmforge_export.json"
+TMP_SUFFIX = ".tmp"
+EXPORT_FILES = ("README.md", "config.json", "generation_config.json", LOSS_CURVE_FILE, EXPORT_RECORD, INDEX_FILE)
+"""Names the export writes itself; tokenizer files of the same name are not copied over them."""
+EMBEDDING_RE = re.compile(r"(embed_tokens|word_embeddings|tok_embeddings|wte)\.weight$")
+SIZE_RE = re.compile(r"^\s*(\d+(\.\d+)?)\s*(KB|MB|GB|TB)?\s*$", re.IGNORECASE)
+SIZE_UNITS = {None: 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 
 
-def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> dict:
-    """Full float32 state dict of checkpoint ``tag``: ZeRO partitions merged, or the module of a stage-0 run."""
+@dataclass
+class ExportOptions:
+    dtype: str = "fp32"
+    """Dtype of the exported floating-point weights: fp32 (the master weights as trained), bf16 or fp16."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors file, bytes with an optional KB/MB/GB/TB suffix (powers of 10, as the Hub's)."""
+    verify: bool = True
+    """Reload in a fresh process and compare logits with the checkpoint's probe (never skip for a release)."""
+    overwrite: bool = False
+    """Replace an existing export folder."""
+    card: CardOptions = field(default_factory=CardOptions)
+    push: PushOptions | None = None
+    """Push to the Hub after a successful export; None = local only."""
+
+    @property
+    def max_shard_bytes(self) -> int:
+        m = SIZE_RE.match(self.max_shard_size)
+        return int(float(m.group(1)) * SIZE_UNITS[m.group(3).upper() if m.group(3) else None])
+
+    def validate(self) -> None:
+        """Raise one ExportError naming every bad option."""
+        problems = []
+        if self.dtype not in PRECISION_DTYPES:
+            problems.append(f"--dtype {self.dtype!r} (allowed: {', '.join(PRECISION_DTYPES)})")
+        m = SIZE_RE.match(self.max_shard_size)
+        if m is None or float(m.group(1)) <= 0:
+            problems.append(f"--max-shard-size {self.max_shard_size!r} (expected a positive size such as 5GB, 500MB or 1000000)")
+        if self.push is not None:
+            problems += self.push.validate()
+        if problems:
+            raise ExportError("invalid export options: " + "; ".join(problems))
+
+
+def _architecture(model_type: str, objective: str) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    names = MODEL_FOR_MASKED_LM_MAPPING_NAMES if objective == "mlm" else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if model_type not in names:
+        raise ExportError(f"model_type {model_type!r} has no transformers {objective.upper()} class")
+    return names[model_type]
+
+
+def _write_configs(tmp: Path, info: RunInfo, plan: CheckpointPlan, dtype: str) -> dict:
+    """config.json and generation_config.json; returns the config written."""
+    from transformers import GenerationConfig
+
+    config = dict(info.model_config)
+    rows = {t.shape[0] for t in plan.tensors if EMBEDDING_RE.search(t.name) and len(t.shape) == 2}
+    if rows and rows != {config.get("vocab_size")}:
+        raise ExportError(f"{info.run_dir}/model/config.json: vocab_size={config.get('vocab_size')} but the checkpoint's "
+                          f"embedding has {sorted(rows)} rows")
+    config["architectures"] = [_architecture(config["model_type"], info.objective)]
+    config["dtype"] = config["torch_dtype"] = PRECISION_DTYPES[dtype]  # torch_dtype: the name transformers 4 reads
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        config.setdefault(key, None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    pad = config["pad_token_id"] if config["pad_token_id"] is not None else config["eos_token_id"]
+    GenerationConfig(bos_token_id=config["bos_token_id"], eos_token_id=config["eos_token_id"],
+                     pad_token_id=pad).save_pretrained(str(tmp))
+    return config
+
+
+def _copy_tokenizer(tmp: Path, tokenizer_dir: Path) -> list[str]:
+    copied = []
+    for path in sorted(tokenizer_dir.iterdir()):
+        if path.is_file() and path.name not in EXPORT_FILES and not path.name.startswith("model"):
+            shutil.copy2(path, tmp / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def _write_metadata(tmp: Path, info: RunInfo, plan: CheckpointPlan, options: ExportOptions, export_name: str) -> tuple:
+    """config.json, generation_config.json, tokenizer files, loss curve and README.md; returns
+    ``(tokenizer files, card arguments)`` (the card is rendered again with the verification result)."""
+    _write_configs(tmp, info, plan, options.dtype)
+    tokenizer_files = _copy_tokenizer(tmp, info.tokenizer_dir)
+    has_curve = plot_loss_curve(info, tmp / LOSS_CURVE_FILE)
+    card_args = (info, plan.n_params, plan.zero_stage, options.card, export_name, has_curve)
+    (tmp / "README.md").write_text(render_card(*card_args), encoding="utf-8")
+    return tokenizer_files, card_args
+
+
+def write_weights(tmp: Path, plan: CheckpointPlan, dtype: str, max_shard_bytes: int) -> list[str]:
+    """Stream the planned tensors into safetensors files; floating-point ones cast to ``dtype``. Returns file names."""
     import torch
+    from tqdm.auto import tqdm
 
-    tag_dir = checkpoint_dir / tag
-    if not tag_dir.is_dir():
-        raise ExportError(f"{tag_dir}: checkpoint tag not found")
-    if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return {k: v.float() for k, v in states["module"].items()}
-
-
-def model_card(cfg, summary: dict, manifest: dict, n_params: int) -> str:
-    """A Hub model card (YAML front matter + Markdown) describing the model, data and training run."""
-    c = manifest["counts"]
-    ds = cfg.deepspeed
-    return f"""---
-library_name: transformers
-pipeline_tag: text-generation
-tags: [lmforge, causal-lm, pretrained-from-scratch]
----
-# {Path(cfg.run_dir).name} ({cfg.model.preset})
-
-A causal language model pretrained from scratch with lmforge (DeepSpeed ZeRO stage {ds.zero_stage}, {ds.precision}).
-
-## Model
-- architecture: {cfg.model.preset}, {n_params / 1e6:.2f}M parameters
-- sequence length: {manifest['seq_len']} tokens
-- tokenizer fingerprint (sha256 of tokenizer.json): `{manifest['tokenizer']['fingerprint']}`
-
-## Training
-- steps: {summary['steps']}, tokens: {summary['tokens']:,}, global batch: {summary['consumed_samples'] // max(summary['steps'], 1)} sequences
-- data-parallel ranks: {summary['world_size']}, micro batch {ds.micro_batch_size}, gradient accumulation {ds.gradient_accumulation_steps}
-- optimizer: AdamW, peak lr {cfg.optim.lr}, {cfg.optim.schedule} schedule, {cfg.optim.warmup_steps} warmup steps
-- data: {c['documents']:,} documents, {c['tokens']:,} tokens, {c['sequences']:,} packed sequences
-
-## Evaluation (held-out split)
-| | loss | perplexity |
-|---|---|---|
-| start | {summary['val_loss_start']:.4f} | {summary['val_ppl_start']:.2f} |
-| end | {summary['val_loss_end']:.4f} | {summary['val_ppl_end']:.2f} |
-
-## Use
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained("PATH")
-model = AutoModelForCausalLM.from_pretrained("PATH")
-```
-"""
+    out_dtype = getattr(torch, PRECISION_DTYPES[dtype])
+    by_name = {t.name: t for t in plan.tensors}
+    specs = [TensorSpec(t.name, t.shape, out_dtype if t.dtype.is_floating_point else t.dtype) for t in plan.tensors]
+    total = sum(s.nbytes for s in specs)
+    buffer = torch.empty(max((t.numel * t.dtype.itemsize for t in plan.tensors), default=0), dtype=torch.uint8)
+    start = time.perf_counter()
+    with TensorReader() as reader, tqdm(total=total, unit="B", unit_scale=True, desc="export", dynamic_ncols=True,
+                                        disable=None) as bar:
+        files = write_sharded(tmp, specs, lambda s: reader.read(by_name[s.name], into=buffer).to(s.dtype),
+                              max_shard_bytes, plan.n_params, on_tensor=bar.update)
+    log.info("consolidated %d tensors (%.3f GB, %s) from ZeRO stage %d over %d rank(s) into %d file(s) in %.1f s",
+             len(specs), total / 1e9, dtype, plan.zero_stage, plan.world_size, len(files), time.perf_counter() - start)
+    return files
 
 
-def export_hf(run_dir: str | Path, output: str | Path, tag: str | None = None) -> Path:
-    """Export checkpoint ``tag`` (default: latest) of ``run_dir`` to a Hugging Face folder ``output``.
+def verify_in_fresh_process(hf_dir: Path, probe: Path, json_path: Path) -> dict:
+    """Run ``lmforge verify`` on ``hf_dir`` in a new Python process; returns its result.
 
     Raises:
-        ExportError: no checkpoint, a state dict that does not fit the model config, or a
-            tokenizer that differs from the one the data was prepared with.
+        ExportError: the verification failed; carries its one-line reason (e.g. by how much logits differ).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    cmd = [sys.executable, "-m", "lmforge", "verify", str(hf_dir), "--probe", str(probe), "--json", str(json_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("lmforge")]
+        reason = errors[-1].split("error: ", 1)[-1] if errors else f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}"
+        raise ExportError(f"verification in a fresh process failed: {reason}; the unverified export is left in {hf_dir}")
+    return json.loads(json_path.read_text(encoding="utf-8"))
 
-    run_dir, output = Path(run_dir), Path(output)
-    cfg = load_config(run_dir / "config.yaml")
-    summary = json.loads((run_dir / SUMMARY_FILE).read_text()) if (run_dir / SUMMARY_FILE).is_file() else None
-    if summary is None:
-        raise ExportError(f"{run_dir}: no {SUMMARY_FILE}; the run did not finish")
-    manifest = read_manifest(cfg.data.path)
-    if fingerprint(cfg.data.tokenizer) != manifest["tokenizer"]["fingerprint"]:
-        raise ExportError(f"{cfg.data.tokenizer}: tokenizer changed since the data was prepared (fingerprint mismatch)")
-    checkpoint_dir = run_dir / CHECKPOINT_DIR
-    tag = tag or latest_tag(checkpoint_dir)
-    config = AutoConfig.from_pretrained(str(run_dir / MODEL_CONFIG_DIR))
-    model = AutoModelForCausalLM.from_config(config)
-    state = consolidated_state_dict(checkpoint_dir, tag)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ExportError(f"{checkpoint_dir / tag}: state dict does not fit {config.model_type}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    tmp = output.with_name(output.name + ".tmp")
+
+def export(checkpoint: str | Path, output: str | Path, options: ExportOptions | None = None) -> dict:
+    """Export ``checkpoint`` (a checkpoint folder, or a run / checkpoints folder: its newest) to ``output``.
+
+    Returns the export record (also ``output/lmforge_export.json``).
+
+    Raises:
+        ExportError: bad options, an existing ``output`` without ``overwrite``, a checkpoint that is
+            incomplete or does not match its run, or a failed verification (``output`` is then not created).
+        HubError: the push failed; ``output`` is complete and verified.
+    """
+    options = options or ExportOptions()
+    options.validate()
+    output = Path(output)
+    if output.exists() and not options.overwrite:
+        raise ExportError(f"{output}: already exists; pass --overwrite to replace it")
+    tag_dir = resolve_checkpoint(checkpoint)
+    info = load_run_info(tag_dir)
+    if options.verify and info.probe is None:
+        raise ExportError(f"{tag_dir}: no probe.safetensors, so the export cannot be verified; --no-verify exports it unchecked")
+    plan = plan_checkpoint(tag_dir)
+    log.info("exporting %s (step %d, ZeRO stage %d, %d rank(s), %.2fM parameters) -> %s", tag_dir, info.step,
+             plan.zero_stage, plan.world_size, plan.n_params / 1e6, output)
+    tmp = output.with_name(output.name + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    AutoTokenizer.from_pretrained(cfg.data.tokenizer).save_pretrained(str(tmp))
-    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                     pad_token_id=config.pad_token_id).save_pretrained(str(tmp))
-    n_params = sum(p.numel() for p in model.parameters())
-    (tmp / "README.md").write_text(model_card(cfg, summary, manifest, n_params), encoding="utf-8")
-    shutil.rmtree(output, ignore_errors=True)
-    tmp.rename(output)
-    return output
+    tmp.mkdir(parents=True)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # configs and card (imports, a plot) overlap the weights' I/O
+        metadata = pool.submit(_write_metadata, tmp, info, plan, options, output.name)
+        files = write_weights(tmp, plan, options.dtype, options.max_shard_bytes)
+        tokenizer_files, card_args = metadata.result()
+    verification = None
+    if options.verify:
+        verification = verify_in_fresh_process(tmp, info.probe, output.with_name(output.name + ".verify.json"))
+        output.with_name(output.name + ".verify.json").unlink()
+        (tmp / "README.md").write_text(render_card(*card_args, verification), encoding="utf-8")
+        log.info("verified in a fresh process: logits within %.3g of the training engine's (%s), %s works",
+                 verification["max_abs_logit_diff"], verification["precision"], verification["pipeline"])
+    else:
+        log.warning("%s: exported WITHOUT verification (--no-verify)", output)
+    record = {"checkpoint": str(tag_dir.resolve()), "tag": tag_dir.name, "step": info.step, "tokens": int(info.state["tokens"]),
+              "zero_stage": plan.zero_stage, "world_size": plan.world_size, "dtype": options.dtype,
+              "n_params": plan.n_params, "weights": files, "tied": plan.aliases, "tokenizer_files": tokenizer_files,
+              "verified": verification is not None, "verification": verification, "created_unix_s": round(time.time(), 3)}
+    (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(tmp, output)
+    log.info("export complete: %s", output)
+    if options.push is not None:
+        record["pushed"] = push_folder(output, options.push, info.step, tag_dir.name)
+    return record
 
 
-def verify_export(hf_dir: str | Path, probe: str | Path | None = None, prompt: str = "def fibonacci(n):",
-                  max_new_tokens: int = 40, seed: int = 0) -> dict:
-    """Reload ``hf_dir`` with transformers, compare logits with the run's probe, and generate.
+def spawn_export(checkpoint_dir: str | Path, out_dir: str | Path, extra_args: tuple[str, ...] = (),
+                 log_path: str | Path | None = None) -> subprocess.Popen:
+    """Start ``lmforge export CHECKPOINT OUT [extra_args]`` in a fresh process and return at once.
 
-    Returns ``{"max_abs_logit_diff", "tolerance", "continuation"}``.
-
-    Raises:
-        ExportError: the tokenizer does not fit the embedding, or the logits differ from the
-            probe by more than the tolerance of the training precision.
+    For exports during training: the child runs at lower CPU priority (``nice -n 10`` where available)
+    and writes its output to ``log_path`` (default ``OUT.export.log`` beside ``OUT``); poll or wait on the
+    returned Popen (exit 0: verified export in ``OUT``; 2: a one-line error at the end of the log).
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    precision, ids, expected = "fp32", None, None
-    if probe is not None:
-        from safetensors import safe_open
-
-        with safe_open(str(probe), framework="pt") as f:
-            precision = f.metadata().get("precision", "fp32")
-            ids, expected = f.get_tensor("input_ids"), f.get_tensor("logits")
-    # Load at the training dtype (not .to(dtype), which would also cast the fp32 rotary buffers that
-    # DeepSpeed keeps in fp32): then the weights are bit-identical to the live engine's.
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=getattr(torch, PRECISION_DTYPES[precision]))
-    if len(tok) > model.config.vocab_size:
-        raise ExportError(f"{hf_dir}: tokenizer has {len(tok)} tokens, embedding {model.config.vocab_size} rows")
-    result = {"max_abs_logit_diff": None, "tolerance": None, "precision": precision}
-    if probe is not None:
-        with torch.no_grad():
-            got = model(input_ids=ids).logits.float()
-        rtol, atol = LOGIT_TOLERANCE[precision]
-        err = (got - expected).abs()
-        excess = (err - rtol * expected.abs()).max().item()
-        result.update(max_abs_logit_diff=err.max().item(), tolerance={"rtol": rtol, "atol": atol})
-        if not excess <= atol:
-            raise ExportError(f"{hf_dir}: logits differ from the trained model's by up to {err.max().item():.4g} "
-                              f"(beyond rtol {rtol} + atol {atol} at {precision})")
-    torch.manual_seed(seed)
-    inputs = tok(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, top_k=20, temperature=0.7,
-                             pad_token_id=tok.pad_token_id)
-    result["continuation"] = tok.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    result["prompt"] = prompt
-    return result
+    out_dir = Path(out_dir)
+    log_path = Path(log_path) if log_path else out_dir.with_name(out_dir.name + ".export.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    nice = ["nice", "-n", "10"] if shutil.which("nice") else []
+    cmd = [*nice, sys.executable, "-m", "lmforge", "export", str(checkpoint_dir), str(out_dir), *extra_args]
+    with open(log_path, "ab") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)

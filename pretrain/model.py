@@ -27,7 +27,29 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
     "gpt2-small": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, n_positions=1024),
+    # masked LMs: BERT-base (Devlin et al. 2019), RoBERTa-base (Liu et al. 2019), ModernBERT-base (Warner et al. 2024)
+    "bert-test": dict(model_type="bert", hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=512),
+    "bert-base": dict(model_type="bert", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                      num_attention_heads=12, max_position_embeddings=512),
+    "roberta-base": dict(model_type="roberta", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=514),
+    "modernbert-base": dict(model_type="modernbert", hidden_size=768, intermediate_size=1152, num_hidden_layers=22,
+                            num_attention_heads=12, max_position_embeddings=8192),
 }
+MASKED_LM_TYPES = ("bert", "roberta", "modernbert")
+
+
+def objective_of(config) -> str:
+    """``mlm`` for masked-LM architectures, else ``clm``."""
+    return "mlm" if config.model_type in MASKED_LM_TYPES else "clm"
+
+
+def auto_model_class(config):
+    """``AutoModelForMaskedLM`` or ``AutoModelForCausalLM`` for ``config``."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    return AutoModelForMaskedLM if objective_of(config) == "mlm" else AutoModelForCausalLM
 
 
 def padded_vocab_size(vocab_size: int, multiple: int = EMBEDDING_MULTIPLE) -> int:
@@ -53,9 +75,19 @@ def build_model_config(preset: str, vocab_size: int, seq_len: int, special_ids: 
     model_type = fields.pop("model_type")
     pos_key = "n_positions" if model_type == "gpt2" else "max_position_embeddings"
     fields[pos_key] = max(fields[pos_key], seq_len)
-    fields.update(vocab_size=vocab_size, tie_word_embeddings=False,
+    if model_type == "roberta":  # RoBERTa offsets positions by padding_idx + 1
+        fields["max_position_embeddings"] = max(fields["max_position_embeddings"], seq_len + 2)
+    fields.update(vocab_size=vocab_size, tie_word_embeddings=model_type in MASKED_LM_TYPES,
                   **{k: v for k, v in special_ids.items() if v is not None})
     config = AutoConfig.for_model(model_type, **fields)
+    for key in [k for k in config.to_dict() if k.endswith("_token_id") and special_ids.get(k) is None]:
+        value = getattr(config, key)
+        if isinstance(value, int) and not 0 <= value < vocab_size:  # a preset default from another vocabulary
+            setattr(config, key, None)
+    return _apply_overrides(config, overrides)
+
+
+def _apply_overrides(config, overrides: dict[str, Any] | None):
     for key, value in (overrides or {}).items():
         if not hasattr(config, key):
             raise ConfigError(f"model.overrides.{key}: not a field of {type(config).__name__}")
@@ -63,13 +95,32 @@ def build_model_config(preset: str, vocab_size: int, seq_len: int, special_ids: 
     return config
 
 
-def build_model(config, seed: int):
-    """A randomly initialised causal LM for ``config`` (float32 weights), seeded identically on every rank."""
+def load_model_config(path: str, overrides: dict[str, Any] | None = None):
+    """The config of a local Hugging Face model folder, for continued pretraining.
+
+    Raises:
+        ConfigError: not a folder with a ``config.json``, or a bad override.
+    """
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"model.init_from={path}: no config.json there (a local Hugging Face model folder is needed)")
+    return _apply_overrides(AutoConfig.from_pretrained(path, local_files_only=True), overrides)
+
+
+def build_model(config, seed: int, init_from: str = ""):
+    """A causal or masked LM for ``config`` (float32 weights): randomly initialised, seeded identically on
+    every rank, or loaded from the local folder ``init_from`` for continued pretraining."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    cls = auto_model_class(config)
+    if init_from:
+        return cls.from_pretrained(init_from, config=config, dtype=torch.float32, local_files_only=True,
+                                   attn_implementation="sdpa")
+    return cls.from_config(config, attn_implementation="sdpa")
 
 
 def count_parameters(model) -> int:

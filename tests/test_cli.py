@@ -36,3 +36,11 @@ def test_vocabulary_that_does_not_fit_the_embedding(tmp_path, corpus_dirs):
     (line,) = _error_lines(proc)
     assert "has 512 tokens but the model embedding has 256 rows (model.vocab_size)" in line
     assert not (tmp_path / "out" / "run").exists()
+
+
+def test_trainer_and_launchers_agree_on_the_preempted_exit_code():
+    """launch/ imports nothing of pretrain/, so the shared exit code is a contract checked here."""
+    from launch.contract import EXIT_PREEMPTED as launcher_code
+    from pretrain.preemption import EXIT_PREEMPTED as trainer_code
+
+    assert launcher_code == trainer_code == 75

@@ -31,7 +31,7 @@ def test_byte_budget_limits_training_text(tmp_path, corpus_dirs):
 
 
 def test_bad_tokenizer_requests_fail_clearly(tmp_path, corpus_dirs):
-    with pytest.raises(UserError, match=r"vocab_size 100 is smaller than .* = 257"):
+    with pytest.raises(UserError, match=r"vocab_size 100 is smaller than the byte alphabet \(256\) plus 2 special tokens = 258"):
         train_byte_bpe(corpus_dirs, tmp_path / "t", vocab_size=100)
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": ""}\n')

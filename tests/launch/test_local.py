@@ -1,3 +1,5 @@
+import json
+import subprocess
 import sys
 import time
 
@@ -28,3 +30,21 @@ def test_a_failing_rank_stops_the_others_and_is_named():
 def test_nproc_must_be_positive():
     with pytest.raises(LaunchError, match="nproc=0"):
         run_local(["true"], nproc=0)
+
+
+def test_launch_local_cli_trains_on_two_ranks(tiny_config, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "lmforge", "launch", "local", "--nproc", "2", str(tiny_config),
+                           f"run_dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
+    assert (run_dir / "checkpoints" / "step_00000005").is_dir()
+
+
+def test_launch_local_cli_refuses_before_starting_ranks(tiny_config, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lmforge", "launch", "local", "--nproc", "2", str(tiny_config),
+                           f"run_dir={tmp_path / 'run'}", "model.vocab_size=256"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lmforge")]
+    assert len(errors) == 1 and "embedding has 256 rows" in errors[0], proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -43,7 +43,59 @@ def test_unknown_key_wrong_type_and_missing_data_are_named(tmp_path):
         load_config(None, ["deepspeed.zero_stag=2"])
     with pytest.raises(ConfigError, match="max_steps"):
         load_config(None, ["max_steps=many"])
-    with pytest.raises(ConfigError, match="data.path is required; data.tokenizer is required"):
+    with pytest.raises(ConfigError, match=r"data.tokenizer is required; data.path is required \(or data.raw_inputs, not both\)"):
         load_config(None, [])
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_user_ds_config_merges_but_cannot_change_what_lmforge_owns(tmp_path):
+    import json
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.3,
+                                "train_micro_batch_size_per_gpu": 8}))
+    base = ["data.path=d", "data.tokenizer=t", "deepspeed.micro_batch_size=8", f"deepspeed.config_file={user}",
+            "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"]
+    ds = build_ds_config(load_config(None, base), world_size=2)
+    assert ds["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000, "offload_optimizer": {"device": "cpu", "pin_memory": False},
+                                       "offload_param": {"device": "cpu", "pin_memory": False}}
+    assert ds["gradient_clipping"] == 0.3  # the user's file wins where lmforge does not own the key
+    with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu=8 \(lmforge: 4\)"):
+        build_ds_config(load_config(None, [*base, "deepspeed.micro_batch_size=4"]), world_size=2)
+    with pytest.raises(ConfigError, match="offload_params=true needs deepspeed.zero_stage=3"):
+        load_config(None, [*base, "deepspeed.zero_stage=2"])
+
+
+def test_schedules_warm_up_then_follow_their_shape():
+    import torch
+
+    from pretrain.engine import build_scheduler
+
+    def lrs(schedule):
+        cfg = load_config(None, ["data.path=d", "data.tokenizer=t", f"optim.schedule={schedule}", "optim.lr=1.0",
+                                 "optim.warmup_steps=10", "max_steps=100", "optim.min_lr_ratio=0.1"])
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = build_scheduler(opt, cfg)
+        out = []
+        for _ in range(100):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    for name in ("cosine", "linear", "constant", "wsd"):
+        lr = lrs(name)
+        assert lr[0] == (0.1 if name == "wsd" else 0.0) and abs(lr[10] - 1.0) < 1e-9, name  # wsd warms up from min
+    assert abs(lrs("cosine")[-1] - 0.1) < 0.01 and lrs("linear")[-1] < 0.02 and lrs("constant")[-1] == 1.0
+    wsd = lrs("wsd")
+    assert wsd[79] == 1.0 and wsd[-1] < 0.15  # stable until the last 20%, then decays to about min_lr_ratio
+
+
+def test_wandb_needs_wandb_installed():
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ConfigError, match="wandb_project='proj' but wandb is not installed"):
+        load_config(None, ["data.path=d", "data.tokenizer=t", "wandb_project=proj"])

@@ -1,0 +1,120 @@
+"""MPI launcher: ``np`` ranks of one command under OpenMPI's ``mpirun``.
+
+mpirun starts the processes (locally, or on the hosts of a hostfile through its own daemons);
+each rank finds its place in ``OMPI_COMM_WORLD_RANK`` / ``_LOCAL_RANK`` / ``_SIZE`` (read by
+``pretrain.distributed``). The rendezvous is passed with ``-x``: ``MASTER_ADDR`` is the first host
+of the hostfile (127.0.0.1 without one), ``MASTER_PORT`` a free local port (``master_port``
+on a hostfile). No ssh launcher of our own and no MPI communication: torch.distributed (gloo or
+NCCL) carries the traffic, MPI only starts the ranks. ``--bind-to none`` lets each rank's intra-op
+threads use the cores it is given (OpenMPI otherwise pins each rank to one core).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Sequence
+
+from launch.errors import LaunchError
+from launch.local import free_port
+
+log = logging.getLogger(__name__)
+
+FORWARDED_VARS = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES",
+                  "OMP_NUM_THREADS")
+"""Variables passed to every rank (``mpirun -x``) when set here; remote ranks get no other environment."""
+
+FORWARDED_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "HF_")
+"""Every variable with one of these prefixes is forwarded too."""
+
+DEFAULT_MASTER_PORT = 29500
+"""Rendezvous port with a hostfile (torch.distributed's default); the free port of this host can't be checked there."""
+
+
+def read_hostfile(path: str | Path) -> list[str]:
+    """Hosts of an OpenMPI hostfile (``host [slots=N] ...`` per line, ``#`` comments), in order.
+
+    Raises:
+        LaunchError: the file is missing or names no host.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LaunchError(f"{path}: hostfile not found")
+    hosts = [line.split("#")[0].split()[0] for line in path.read_text().splitlines() if line.split("#")[0].strip()]
+    if not hosts:
+        raise LaunchError(f"{path}: hostfile names no host")
+    return hosts
+
+
+def mpirun_command(command: Sequence[str], np: int, mpirun: str = "mpirun", hostfile: str | None = None,
+                   master_addr: str | None = None, master_port: int | None = None,
+                   env: dict[str, str] | None = None, cpu_count: int | None = None) -> list[str]:
+    """The ``mpirun`` argument list that starts ``np`` ranks of ``command``.
+
+    Args:
+        master_addr: default: the hostfile's first host, else 127.0.0.1.
+        master_port: default: ``DEFAULT_MASTER_PORT`` with a hostfile, else a free local port.
+        env: the environment to forward from (default ``os.environ``).
+        cpu_count: cores of this machine (default ``os.cpu_count()``); without a hostfile more
+            ranks than cores add ``--oversubscribe`` and ``OMP_NUM_THREADS`` is cores // np.
+
+    Raises:
+        LaunchError: ``np < 1`` or an unreadable hostfile.
+    """
+    if np < 1:
+        raise LaunchError(f"--np {np}: need at least 1 rank")
+    env = dict(os.environ if env is None else env)
+    cmd = [mpirun, "-np", str(np), "--bind-to", "none"]
+    if hostfile:
+        hosts = read_hostfile(hostfile)
+        cmd += ["--hostfile", str(hostfile)]
+        master_addr = master_addr or hosts[0]
+        master_port = master_port or DEFAULT_MASTER_PORT
+    else:
+        cores = cpu_count or os.cpu_count() or 1
+        if np > cores:
+            cmd.append("--oversubscribe")
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // np)))
+        master_addr = master_addr or "127.0.0.1"
+        master_port = master_port or free_port(master_addr)
+    if os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")  # OpenMPI refuses root without it (containers, CI)
+    cmd += ["-x", f"MASTER_ADDR={master_addr}", "-x", f"MASTER_PORT={master_port}"]
+    for key in sorted(env):
+        if key in FORWARDED_VARS or key.startswith(FORWARDED_PREFIXES):
+            cmd += ["-x", f"{key}={env[key]}"]
+    return cmd + list(command)
+
+
+def find_openmpi() -> str:
+    """Path of an OpenMPI ``mpirun``.
+
+    Raises:
+        LaunchError: no mpirun on PATH, or it is not OpenMPI's (MPICH / Intel MPI take other options:
+            run their mpiexec yourself; ranks then come from ``PMI_RANK`` / ``PMI_SIZE``).
+    """
+    exe = shutil.which("mpirun")
+    if exe is None:
+        raise LaunchError("mpirun not found on PATH: install OpenMPI (e.g. apt install openmpi-bin)")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    if "Open MPI" not in version.stdout + version.stderr:
+        raise LaunchError(f"{exe} is not OpenMPI's mpirun: start the ranks with its own mpiexec "
+                          "(lmforge train reads PMI_RANK / PMI_SIZE, and MASTER_ADDR / MASTER_PORT)")
+    return exe
+
+
+def run_mpi(command: Sequence[str], np: int, hostfile: str | None = None, master_addr: str | None = None,
+            master_port: int | None = None) -> None:
+    """Run ``np`` ranks of ``command`` under mpirun and wait; mpirun stops all ranks when one fails.
+
+    Raises:
+        LaunchError: see :func:`find_openmpi` and :func:`mpirun_command`; mpirun exited non-zero.
+    """
+    cmd = mpirun_command(command, np, find_openmpi(), hostfile, master_addr, master_port)
+    log.info("starting %d ranks: %s", np, " ".join(cmd))
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        raise LaunchError(f"mpirun exited with code {rc} ({np} ranks of: {' '.join(command)}); the failing rank's "
+                          "output is above")

@@ -1,0 +1,164 @@
+"""``lmforge launch local|slurm|slurm-prep|mpi``: start ``lmforge train CONFIG [overrides]`` on many ranks.
+
+Every launcher starts the same per-rank entry point, ``python -m lmforge train CONFIG [overrides]``,
+with this interpreter; the config is loaded (and, before anything starts, checked against the
+tokenizer and data) here, once.
+
+``launch local`` uses lmforge's own :func:`launch.local.run_local` rather than torchrun: the same
+per-rank variables (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
+``MASTER_PORT``), plus the failing rank named in the error, the others stopped at once, and the
+cores split between ranks (``OMP_NUM_THREADS``), with no elastic agent process in between.
+``torchrun --nproc-per-node N -m lmforge train CONFIG`` works as well.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def add_launch(sub) -> None:
+    p = sub.add_parser("launch", help="train on many ranks: this machine, a Slurm cluster, or under mpirun")
+    launchers = p.add_subparsers(dest="launcher", required=True)
+
+    loc = launchers.add_parser("local", help="N ranks on this machine")
+    loc.add_argument("--nproc", type=int, default=None, help="ranks (default: one per GPU, or 2 on CPU)")
+    _add_train_args(loc)
+    loc.set_defaults(handler=_local)
+
+    slurm = launchers.add_parser("slurm", help="render an sbatch script (one rank per GPU, or per node on CPU) and submit it")
+    slurm.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    slurm.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one rank each; 0 = CPU, one rank per node")
+    _add_slurm_options(slurm)
+    slurm.add_argument("--no-preemption", dest="preemption", action="store_false",
+                       help="no --signal/--requeue: a preempted or timed-out job just ends")
+    slurm.add_argument("--signal-grace-s", type=int, default=300,
+                       help="seconds before the time limit at which the ranks get SIGUSR1 to save (default 300)")
+    slurm.add_argument("--socket-ifname", default=None, help="network interface for NCCL / gloo (e.g. ib0)")
+    _add_train_args(slurm)
+    slurm.set_defaults(handler=_slurm)
+
+    prep = launchers.add_parser("slurm-prep", help="data prep as a Slurm job array, one task per part, plus a dependent merge")
+    prep.add_argument("--num-tasks", type=int, required=True, help="parts, one array task each")
+    prep.add_argument("--output", required=True, help="prepared dataset folder (lmforge prep --output)")
+    prep.add_argument("--max-parallel", type=int, default=None, help="array tasks running at once (--array=...%%K)")
+    _add_slurm_options(prep, batch_log=False)  # --output is the dataset; logs go to OUTPUT/slurm/
+    prep.add_argument("prep_args", nargs=argparse.REMAINDER,
+                      help="after --: the lmforge prep options, e.g. -- --input 'corpus/*.jsonl' --tokenizer tok")
+    prep.set_defaults(handler=_slurm_prep)
+
+    mpi = launchers.add_parser("mpi", help="N ranks under OpenMPI's mpirun (locally or on a hostfile's hosts)")
+    mpi.add_argument("--np", type=int, default=None, help="ranks (default: one per GPU, or 2 on CPU)")
+    mpi.add_argument("--hostfile", default=None, help="OpenMPI hostfile; its first host is the rendezvous address")
+    mpi.add_argument("--master-addr", default=None, help="rendezvous address (default: first host, or 127.0.0.1)")
+    mpi.add_argument("--master-port", type=int, default=None, help="rendezvous port")
+    _add_train_args(mpi)
+    mpi.set_defaults(handler=_mpi)
+
+
+def _add_train_args(p) -> None:
+    p.add_argument("config", help="YAML training config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides passed to every rank, e.g. max_steps=100")
+
+
+def _add_slurm_options(p, batch_log: bool = True) -> None:
+    options = [("partition", "partition"), ("account", "account charged"), ("qos", "quality of service"),
+               ("time", "time limit, e.g. 2-00:00:00"), ("constraint", "node features, e.g. a100"),
+               ("mem", "memory per node, e.g. 64G (0 = all)"), ("job-name", "job name")]
+    if batch_log:
+        options.append(("output", "the batch script's own log (%%j = job id; default RUN_DIR/slurm/%%j-batch.out)"))
+    for name, help_text in options:
+        p.add_argument(f"--{name}", default=None, help=f"sbatch --{name}: {help_text}")
+    p.add_argument("--cpus-per-task", type=int, default=None, help="sbatch --cpus-per-task (also OMP_NUM_THREADS)")
+    p.add_argument("--exclusive", action="store_true", help="sbatch --exclusive: whole nodes")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script(s); write and submit nothing")
+
+
+def _slurm_options(args, batch_log: bool = True):
+    from launch.slurm import SlurmOptions
+
+    return SlurmOptions(nodes=getattr(args, "nodes", 1), gpus_per_node=getattr(args, "gpus_per_node", 0),
+                        cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account, qos=args.qos,
+                        time=args.time, constraint=args.constraint, exclusive=args.exclusive, mem=args.mem,
+                        output=getattr(args, "output", None) if batch_log else None, job_name=args.job_name, preemption=getattr(args, "preemption", False),
+                        signal_grace_s=getattr(args, "signal_grace_s", 300), socket_ifname=getattr(args, "socket_ifname", None))
+
+
+def _train_command(args, check: bool):
+    """``(per-rank command, resolved config)``; ``check`` also runs the tokenizer / data consistency checks."""
+    from pretrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if check:
+        from pretrain.trainer import preflight
+
+        preflight(cfg)
+    return [sys.executable, "-m", "lmforge", "train", os.path.abspath(args.config), *args.overrides], cfg
+
+
+def _default_ranks(value: int | None) -> int:
+    from lmforge.commands import default_nproc
+
+    return value if value is not None else default_nproc()
+
+
+def _local(args) -> int:
+    from launch.local import run_local
+
+    command, cfg = _train_command(args, check=True)
+    nproc = _default_ranks(args.nproc)
+    run_local(command, nproc)
+    print(f"trained on {nproc} local ranks: {cfg.run_dir}")
+    return 0
+
+
+def _mpi(args) -> int:
+    from launch.mpi import run_mpi
+
+    command, cfg = _train_command(args, check=True)
+    np = _default_ranks(args.np)
+    run_mpi(command, np, args.hostfile, args.master_addr, args.master_port)
+    print(f"trained on {np} MPI ranks: {cfg.run_dir}")
+    return 0
+
+
+def _slurm(args) -> int:
+    from launch.sbatch_scripts import SLURM_DIR, render_train_script
+    from launch.slurm import submit, write_script
+
+    opts = _slurm_options(args)
+    command, cfg = _train_command(args, check=not args.dry_run)
+    run_dir = os.path.abspath(cfg.run_dir)
+    script = render_train_script(opts, command, run_dir, os.getcwd())
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    path = write_script(Path(run_dir) / SLURM_DIR / "train.sbatch", script)
+    job_id = submit(path)
+    print(f"submitted job {job_id}: {opts.nodes} node(s), {opts.world_size} ranks; script {path}; "
+          f"logs {Path(run_dir) / SLURM_DIR}/{job_id}-rank<R>.log")
+    return 0
+
+
+def _slurm_prep(args) -> int:
+    from launch.errors import LaunchError
+    from launch.sbatch_scripts import SLURM_DIR, render_prep_scripts
+    from launch.slurm import submit, write_script
+
+    prep_args = args.prep_args[1:] if args.prep_args[:1] == ["--"] else args.prep_args
+    clash = [a for a in prep_args if a.split("=")[0] in ("--output", "--num-tasks", "--task-id")]
+    if clash:
+        raise LaunchError(f"slurm-prep sets {', '.join(clash)} itself: give --output / --num-tasks before --")
+    output = os.path.abspath(args.output)
+    array, merge = render_prep_scripts(_slurm_options(args, batch_log=False), sys.executable, prep_args, output, args.num_tasks,
+                                       os.getcwd(), args.max_parallel)
+    if args.dry_run:
+        print(f"{array}\n# ---- merge job (sbatch --dependency=afterok:<array job id>) ----\n{merge}", end="")
+        return 0
+    folder = Path(output) / SLURM_DIR
+    array_id = submit(write_script(folder / "prep-array.sbatch", array))
+    merge_id = submit(write_script(folder / "prep-merge.sbatch", merge), dependency=f"afterok:{array_id}")
+    print(f"submitted prep array job {array_id} ({args.num_tasks} tasks) and merge job {merge_id} (afterok); "
+          f"scripts and logs in {folder}")
+    return 0

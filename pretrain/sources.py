@@ -1,0 +1,125 @@
+"""Where training sequences come from: prepared Arrow shards (the fast path) or a raw corpus streamed
+and tokenized on the fly (the slower path, no prep step).
+
+Both give each data-parallel rank its own endless stream of :class:`~pretrain.data.MicroBatch` and a
+fixed list of validation micro batches (the same number on every rank).
+
+The streaming path reads with ``datasets.load_dataset(..., streaming=True)`` split across ranks by
+``datasets.distributed.split_dataset_by_node`` and packs with :class:`data_prep.pack.Packer`. It
+tokenizes while training (on CPU it competes with the step for cores), holds out validation
+documents by the same content hash as prep, and resumes by re-reading and skipping the consumed
+sequences (O(consumed), not O(1) as with shards): use prep for anything long.
+"""
+from __future__ import annotations
+
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from data_prep.errors import InputError
+from data_prep.pack import Packer
+from data_prep.prep import is_validation
+from data_prep.reader import JSONL_SUFFIXES, PARQUET_SUFFIXES, resolve_inputs
+from data_prep.shards import ShardReader
+from data_prep.tokenizer import TOKENIZER_FILE, TokenizerInfo
+from pretrain.data import MicroBatch, eval_batches, micro_batches
+
+
+class ShardSource:
+    """Memory-mapped shards of a prepared dataset (see :mod:`pretrain.data` for the sample order)."""
+
+    def __init__(self, data_dir: str):
+        self.train, self.val = ShardReader(data_dir, "train"), ShardReader(data_dir, "val")
+        self.num_train_sequences: int | None = len(self.train)
+        self.num_val_sequences = len(self.val)
+
+    def train_batches(self, rank: int, world_size: int, micro_batch_size: int, seed: int,
+                      consumed_samples: int) -> Iterator[MicroBatch]:
+        return micro_batches(self.train, rank, world_size, micro_batch_size, seed, consumed_samples)
+
+    def val_batches(self, rank: int, world_size: int, micro_batch_size: int, max_batches: int) -> list[MicroBatch]:
+        return list(eval_batches(self.val, rank, world_size, micro_batch_size, max_batches))
+
+
+def _builder(files: list[Path]) -> tuple[str, dict]:
+    names = {p.name for p in files}
+    if all(n.endswith(JSONL_SUFFIXES) for n in names):
+        return "json", {}
+    if all(n.endswith(PARQUET_SUFFIXES) for n in names):
+        return "parquet", {}
+    if not any(n.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES) for n in names):
+        return "text", {"sample_by": "document"}
+    raise InputError(f"{files[0]}: streaming needs one format per run (jsonl, parquet or text files), got a mix")
+
+
+class StreamingSource:
+    """A raw corpus tokenized and packed on the fly, split across ranks by ``datasets``."""
+
+    num_train_sequences = None
+    """Unknown before reading the whole stream."""
+
+    def __init__(self, inputs: list[str], tok: TokenizerInfo, seq_len: int, text_column: str, val_fraction: float):
+        from tokenizers import Tokenizer
+
+        self.files = [str(p) for p in resolve_inputs(inputs)]
+        self.builder, self.builder_kwargs = _builder([Path(f) for f in self.files])
+        self.tokenizer = Tokenizer.from_file(str(Path(tok.path) / TOKENIZER_FILE))
+        self.tok, self.seq_len, self.text_column, self.val_fraction = tok, seq_len, text_column, val_fraction
+
+    def _texts(self, rank: int, world_size: int, split: str) -> Iterator[str]:
+        from datasets import load_dataset
+        from datasets.distributed import split_dataset_by_node
+
+        ds = load_dataset(self.builder, data_files=self.files, split="train", streaming=True, **self.builder_kwargs)
+        if world_size > 1:
+            ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+        column = "text" if self.builder == "text" else self.text_column
+        want_val = split == "val"
+        for record in ds:
+            text = record.get(column)
+            if isinstance(text, str) and text.strip() and is_validation(text, self.val_fraction) == want_val:
+                yield text
+
+    def _sequences(self, rank: int, world_size: int, split: str, batch_docs: int = 64) -> Iterator[tuple[np.ndarray, list[int]]]:
+        packer = Packer(self.seq_len, self.tok.eos_token_id, self.tok.bos_token_id)
+        texts = self._texts(rank, world_size, split)
+        while batch := list(islice(texts, batch_docs)):
+            for enc in self.tokenizer.encode_batch_fast(batch, add_special_tokens=False):
+                yield from packer.add(enc.ids)
+
+    def train_batches(self, rank: int, world_size: int, micro_batch_size: int, seed: int,
+                      consumed_samples: int) -> Iterator[MicroBatch]:
+        """Endless: the stream restarts at its end (one epoch per pass); skips this rank's share of
+        ``consumed_samples`` by re-reading. ``seed`` is unused: the order is the corpus order."""
+        skip = consumed_samples // world_size
+        counter = 0
+        while True:
+            produced = 0
+            rows, starts = [], []
+            for seq, doc_starts in self._sequences(rank, world_size, "train"):
+                produced += 1
+                if skip:
+                    skip -= 1
+                    continue
+                rows.append(seq)
+                starts.append(doc_starts)
+                if len(rows) == micro_batch_size:
+                    yield MicroBatch(np.stack(rows), np.arange(counter, counter + micro_batch_size), starts)
+                    counter += micro_batch_size
+                    rows, starts = [], []
+            if produced == 0:
+                raise InputError(f"{self.files[0]}: the training stream of rank {rank} holds no full sequence of {self.seq_len} tokens")
+
+    def val_batches(self, rank: int, world_size: int, micro_batch_size: int, max_batches: int) -> list[MicroBatch]:
+        """The first held-out sequences of the whole stream (read unsplit), sliced per rank like the shard path."""
+        need = max_batches * world_size * micro_batch_size
+        seqs = list(islice(self._sequences(0, 1, "val"), need))
+        per_step = world_size * micro_batch_size
+        out = []
+        for b in range(len(seqs) // per_step):
+            lo = b * per_step + rank * micro_batch_size
+            chunk = seqs[lo:lo + micro_batch_size]
+            out.append(MicroBatch(np.stack([s for s, _ in chunk]), np.arange(lo, lo + micro_batch_size), [d for _, d in chunk]))
+        return out

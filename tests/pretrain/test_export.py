@@ -1,0 +1,291 @@
+"""Export round trips on real checkpoints: CLM from the real trainer (ZeRO 0 on 1 rank, ZeRO 2 and 3 on 2 ranks),
+MLM from lmforge's engine and save protocol (tests/pretrain/mlm_checkpoints.py), each exported by ``lmforge
+export`` in its own process and verified there in a fresh one; weights compared with DeepSpeed's zero_to_fp32.
+
+All checkpoints are trained concurrently and all exports run concurrently (a few at a time), once per module.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pretrain.verify import LOGIT_TOLERANCE
+from tests.pretrain.conftest import TINY, Ranks
+
+CLM_RUNS = {  # name: (ranks, overrides)
+    "clm-zero0-bf16": (1, ["deepspeed.zero_stage=0", "deepspeed.precision=bf16"]),
+    "clm-zero2-fp16": (2, ["deepspeed.zero_stage=2", "deepspeed.precision=fp16"]),
+    "clm-zero3-bf16": (2, ["deepspeed.zero_stage=3", "deepspeed.precision=bf16"]),
+}
+MLM_RUNS = ("0:bf16", "2:fp32", "3:bf16")
+SHARD_BYTES = 100_000
+UNREACHABLE = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_dummy_token_for_tests", "HF_HUB_OFFLINE": "0"}
+MAX_CONCURRENT_EXPORTS = 4
+
+
+@pytest.fixture(scope="module")
+def mlm_data(tmp_path_factory, tokenizer_dir, corpus_dirs):
+    """The session tokenizer plus a mask token, and a small dataset prepared with it."""
+    from transformers import AutoTokenizer
+
+    from data_prep.prep import PrepConfig, prepare
+
+    root = tmp_path_factory.mktemp("mlm-data")
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.add_special_tokens({"mask_token": "<mask>"})
+    tok.save_pretrained(str(root / "tokenizer"))
+    prepare(PrepConfig(inputs=corpus_dirs[:1], tokenizer=str(root / "tokenizer"), output=str(root / "data"), seq_len=64,
+                       val_fraction=0.2, show_progress=False))
+    return root / "tokenizer", root / "data"
+
+
+def _corrupt(tag_dir: Path, name: str) -> None:
+    """Add 0.5 to every element of tensor ``name`` where the checkpoint stores its fp32 master copy."""
+    from pretrain.consolidate import plan_checkpoint
+
+    (plan,) = [t for t in plan_checkpoint(tag_dir).tensors if t.name == name]
+    for ext in plan.extents:
+        with open(ext.path, "r+b") as fh:
+            fh.seek(ext.offset_bytes)
+            values = torch.frombuffer(bytearray(fh.read(ext.numel * 4)), dtype=torch.float32)
+            fh.seek(ext.offset_bytes)
+            fh.write((values + 0.5).numpy().tobytes())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tokenizer_dir, prepared_dir, mlm_data) -> dict[str, Path]:
+    """name -> complete checkpoint folder, for every CLM and MLM run."""
+    root = tmp_path_factory.mktemp("export-runs")
+    config = root / "train.yaml"
+    config.write_text(f"data:\n  path: {prepared_dir}\n  tokenizer: {tokenizer_dir}\n")
+    ranks = {}
+    for name, (nproc, extra) in CLM_RUNS.items():
+        (root / name).mkdir()
+        ranks[name] = Ranks(config, nproc, [*TINY, f"run_dir={root / name}", "max_steps=2", *extra], root / name)
+    mlm_log = open(root / "mlm.log", "wb")
+    mlm = subprocess.Popen([sys.executable, "-m", "tests.pretrain.mlm_checkpoints", str(root), str(mlm_data[0]),
+                            str(mlm_data[1]), *MLM_RUNS], stdout=mlm_log, stderr=subprocess.STDOUT,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for name, r in ranks.items():
+        assert r.wait() == [0] * len(r.procs), (root / name / "rank0.log").read_text()[-3000:]
+    assert mlm.wait(timeout=300) == 0, (root / "mlm.log").read_text()[-3000:]
+    mlm_log.close()
+    from pretrain.checkpoint import latest_complete
+
+    found = {p.name: latest_complete(p / "checkpoints") for p in root.iterdir() if (p / "checkpoints").is_dir()}
+    assert set(found) == {*CLM_RUNS, *(f"mlm-zero{v.replace(':', '-')}" for v in MLM_RUNS)} and all(found.values())
+    return found
+
+
+@pytest.fixture(scope="module")
+def exports(runs, tmp_path_factory) -> dict[str, dict]:
+    """name -> {"out", "rc", "stderr", "log"} of each ``lmforge export`` (run concurrently)."""
+    from pretrain.export import spawn_export
+
+    out = tmp_path_factory.mktemp("exports")
+    bad_run = out / "corrupted-run"
+    shutil.copytree(runs["clm-zero3-bf16"].parent.parent, bad_run, ignore=shutil.ignore_patterns("rank*.log"))
+    _corrupt(bad_run / "checkpoints" / runs["clm-zero3-bf16"].name, "model.layers.0.self_attn.q_proj.weight")
+    jobs = {name: ([str(tag)], {}) for name, tag in runs.items()}
+    jobs["clm-zero0-bf16"] = ([str(runs["clm-zero0-bf16"]), "--max-shard-size", f"{SHARD_BYTES // 1000}KB"], {})
+    jobs["clm-zero2-fp16"] = ([str(runs["clm-zero2-fp16"]), "--dtype", "bf16", "--push-to-hub", "me/tiny", "--private",
+                               "--revision", "step-{step}"], UNREACHABLE)
+    jobs["corrupted"] = ([str(bad_run)], {})
+    pending, running, results = list(jobs), {}, {}
+    while pending or running:
+        while pending and len(running) < MAX_CONCURRENT_EXPORTS:
+            name = pending.pop(0)
+            args, env = jobs[name]
+            target = out / name
+            if name == "clm-zero3-bf16":  # the non-blocking entry point the trainer uses for export_every
+                proc = spawn_export(args[0], target)
+            else:
+                log = open(out / f"{name}.export.log", "wb")
+                proc = subprocess.Popen([sys.executable, "-m", "lmforge", "export", args[0], str(target), *args[1:]],
+                                        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+                log.close()
+            running[name] = (proc, time.monotonic())
+        for name, (proc, started) in list(running.items()):
+            if proc.poll() is not None or time.monotonic() - started > 300:
+                rc = proc.poll()
+                if rc is None:
+                    proc.kill()
+                log = (out / f"{name}.export.log").read_text()
+                results[name] = {"out": out / name, "rc": rc, "log": log,
+                                 "errors": [line for line in log.splitlines() if line.startswith("lmforge")]}
+                del running[name]
+        time.sleep(0.2)
+    return results
+
+
+def _ok(exports, name) -> Path:
+    r = exports[name]
+    assert r["rc"] == 0, r["log"][-3000:]
+    return r["out"]
+
+
+def _reference_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The master weights as DeepSpeed's zero_to_fp32 gives them; for stage 0, the module (fp32 training) or
+    its fp32 master copies, which the module's bf16/fp16 weights must equal after casting."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if any(tag_dir.glob("*optim_states.pt")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(out.glob("model*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+@pytest.mark.parametrize("name", [*CLM_RUNS, *(f"mlm-zero{v.replace(':', '-')}" for v in MLM_RUNS)])
+def test_round_trip_reproduces_the_trained_model(exports, runs, name):
+    out = exports[name]["out"]
+    assert (out / "lmforge_export.json").is_file(), exports[name]["log"][-3000:]
+    record = json.loads((out / "lmforge_export.json").read_text())
+    assert record["verified"] and record["step"] == json.loads((runs[name] / "lmforge_state.json").read_text())["step"]
+    v = record["verification"]
+    loosest = "fp32" if name == "mlm-zero2-fp32" else "bf16"  # training or export dtype, whichever is looser
+    assert v["tolerance"] == dict(zip(("rtol", "atol"), LOGIT_TOLERANCE[loosest])) and v["max_abs_logit_diff"] is not None
+    mlm = name.startswith("mlm")
+    assert v["pipeline"] == ("fill-mask" if mlm else "text-generation")
+    assert len(v["fill_mask"]) == 3 if mlm else isinstance(v["continuation"], str)
+    weights, reference = _weights(out), _reference_weights(runs[name])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[record["dtype"]]
+    tied = set(record["tied"])
+    assert set(weights) == set(reference) - tied
+    assert tied == ({"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"} if mlm else set())
+    for key, ref in reference.items():
+        if key in tied:
+            continue
+        if ref.dtype == torch.float32:
+            assert torch.equal(weights[key], ref.to(dtype)), key
+        else:  # stage-0 mixed precision: the module holds the low-precision copy of the exported master weights
+            assert torch.equal(weights[key].to(ref.dtype), ref), key
+    config = json.loads((out / "config.json").read_text())
+    embedding = weights["bert.embeddings.word_embeddings.weight" if mlm else "model.embed_tokens.weight"]
+    assert config["architectures"] == (["BertForMaskedLM"] if mlm else ["LlamaForCausalLM"])
+    assert config["vocab_size"] == embedding.shape[0] and config["torch_dtype"] == str(dtype).removeprefix("torch.")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
+        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == tok.eos_token_id
+    state = json.loads((runs[name] / "lmforge_state.json").read_text())
+    assert hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest() == state["fingerprints"]["tokenizer"]
+
+
+def test_export_in_the_background_for_the_trainer(exports):
+    """spawn_export returned at once and its child wrote a verified export and a log."""
+    assert exports["clm-zero3-bf16"]["rc"] == 0 and "export complete" in exports["clm-zero3-bf16"]["log"]
+
+
+def test_pipelines_load_the_exported_folders(exports):
+    from transformers import pipeline
+
+    torch.manual_seed(0)
+    generated = pipeline("text-generation", model=str(_ok(exports, "clm-zero3-bf16")))(
+        "def f(x):", max_new_tokens=5, do_sample=False, return_full_text=False)
+    assert generated[0]["generated_text"]
+    fill = pipeline("fill-mask", model=str(_ok(exports, "mlm-zero3-bf16")))
+    results = fill(f"import json{fill.tokenizer.mask_token}", top_k=4)
+    assert len(results) == 4 and all(r["token_str"] is not None and 0 <= r["score"] <= 1 for r in results)
+
+
+def test_sharded_output_has_an_index(exports):
+    out = _ok(exports, "clm-zero0-bf16")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and not (out / "model.safetensors").exists()
+    assert set(index["weight_map"].values()) == {p.name for p in shards}
+    weights = _weights(out)
+    assert set(index["weight_map"]) == set(weights)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in weights.values())
+    for path in shards:
+        held = [k for k, f in index["weight_map"].items() if f == path.name]
+        assert path.stat().st_size <= SHARD_BYTES + 1000 or len(held) == 1, (path.name, held)
+
+
+def test_model_card_validates_and_reports_the_run(exports, runs):
+    from huggingface_hub import ModelCard
+
+    for name, task in (("clm-zero3-bf16", "text-generation"), ("mlm-zero3-bf16", "fill-mask")):
+        out = _ok(exports, name)
+        card = ModelCard((out / "README.md").read_text())
+        data = card.data.to_dict()
+        assert data["library_name"] == "transformers" and data["pipeline_tag"] == task
+        assert data["license"] and data["language"] and data["datasets"] and "lmforge" in data["tags"]
+        records = [json.loads(line) for line in (runs[name].parent.parent / "metrics.jsonl").read_text().splitlines()]
+        last_val = [r for r in records if "val_ppl" in r][-1]
+        (result,) = card.data.eval_results
+        assert result.metric_type == "perplexity" and result.metric_value == pytest.approx(last_val["val_ppl"], rel=1e-5)
+        state = json.loads((runs[name] / "lmforge_state.json").read_text())
+        data_dir = Path(yaml.safe_load(state["config_yaml"])["data"]["path"])
+        manifest_tokens = json.loads((data_dir / "manifest.json").read_text())["counts"]["tokens"]
+        for text in ("## Model", "## Tokenizer", state["fingerprints"]["tokenizer"], "## Training data",
+                     f"{manifest_tokens:,} tokens", "mixing weights", f"tokens seen: {state['tokens']:,}", "global batch",
+                     "schedule: cosine", "precision: bf16", "ZeRO stage 3", f"hardware: {state['hardware']}",
+                     "wall time", "MFU", "## Evaluation", "loss_curve.png", "## Intended use and limitations",
+                     "## How to load"):
+            assert text in card.text, (name, text)
+        assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_verification_catches_a_corrupted_tensor(exports):
+    r = exports["corrupted"]
+    assert r["rc"] == 2 and len(r["errors"]) == 1, r["log"][-3000:]
+    line = r["errors"][0]
+    assert line.startswith("lmforge: error: verification in a fresh process failed:")
+    diff = float(line.split("differ from the trained model's by up to ")[1].split(" ")[0])
+    assert diff > 0.1, line
+    assert not r["out"].exists() and (r["out"].parent / "corrupted.tmp" / "model.safetensors").is_file()
+
+
+def test_push_to_an_unreachable_endpoint_fails_cleanly(exports):
+    r = exports["clm-zero2-fp16"]
+    assert r["rc"] == 2 and len(r["errors"]) == 1, r["log"][-3000:]
+    assert "Traceback" not in r["log"]
+    line = r["errors"][0]
+    assert "push of" in line and "http://127.0.0.1:9/me/tiny@step-2" in line and "complete and unchanged" in line
+    record = json.loads((r["out"] / "lmforge_export.json").read_text())  # the local export is there and verified
+    assert record["verified"] and record["dtype"] == "bf16"
+
+
+def test_bad_input_is_one_line_naming_the_problem(runs, tmp_path):
+    from pretrain.consolidate import plan_checkpoint
+    from pretrain.errors import ExportError
+    from pretrain.export import ExportOptions, export
+    from pretrain.hub import PushOptions
+
+    with pytest.raises(ExportError, match="--dtype 'int8'.*--max-shard-size 'lots'.*--push-to-hub 'noslash'"):
+        export(runs["clm-zero3-bf16"], tmp_path / "x", ExportOptions(dtype="int8", max_shard_size="lots",
+                                                                     push=PushOptions(repo_id="noslash")))
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(ExportError, match="already exists; pass --overwrite"):
+        export(runs["clm-zero3-bf16"], tmp_path / "exists")
+    with pytest.raises(ExportError, match="not a complete checkpoint"):
+        export(tmp_path / "exists", tmp_path / "y")
+    partial = tmp_path / "partial"
+    shutil.copytree(runs["clm-zero3-bf16"], partial)
+    next(partial.glob("*zero_pp_rank_1_*optim_states.pt")).unlink()
+    with pytest.raises(ExportError, match="1 optimizer state files but the checkpoint was partitioned over 2 ranks"):
+        plan_checkpoint(partial)
+    proc = subprocess.run([sys.executable, "-m", "lmforge", "export", str(tmp_path / "nowhere"), str(tmp_path / "z")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"lmforge: error: {tmp_path / 'nowhere'}: checkpoint folder not found")

@@ -1,0 +1,17 @@
+from pretrain.flops import flops_per_token, peak_flops_per_device, peak_memory_gib
+from pretrain.model import build_model, build_model_config
+
+
+def test_flops_per_token_is_6n_plus_attention_term():
+    config = build_model_config("llama-test", 512, 64, {})
+    model = build_model(config, seed=0)
+    # llama-test: hidden 64, 2 layers, 4 heads of 16, MLP 172, untied 512-row embedding and head
+    per_layer = 4 * 64 * 64 + 3 * 64 * 172 + 2 * 64
+    n_matmul = 2 * per_layer + 64 + 512 * 64  # layers, final norm, lm head (the input embedding is a lookup)
+    assert flops_per_token(model, config, 64) == 6 * n_matmul + 12 * 2 * 4 * 16 * 64
+
+
+def test_peak_flops_unknown_on_cpu_unless_given():
+    assert peak_flops_per_device() is None
+    assert peak_flops_per_device(100.0) == 100e12
+    assert peak_memory_gib() > 0.01

@@ -1,0 +1,74 @@
+"""Dynamic MLM masking statistics on a real WordPiece tokenizer: 15% selected, 80/10/10, specials never, whole words."""
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from data_prep.reader import iter_documents
+from pretrain.data import MicroBatch
+from pretrain.inputs import IGNORE_INDEX, MaskedLMInputs, word_start_table
+
+
+@pytest.fixture(scope="module")
+def wordpiece_dir(tmp_path_factory, corpus_dirs):
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator((d.text for d in iter_documents(corpus_dirs[:1])),
+                            trainers.WordPieceTrainer(vocab_size=800, special_tokens=specials, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    out = tmp_path_factory.mktemp("wp") / "tok"
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(str(out))
+    return str(out)
+
+
+def _batch(tok, rows=64, seq_len=128, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(len(tok.all_special_ids), len(tok), size=(rows, seq_len))
+    ids[:, 0], ids[:, -1] = tok.cls_token_id, tok.sep_token_id
+    return MicroBatch(ids, np.arange(rows), [[0]] * rows)
+
+
+def test_masking_statistics_and_special_tokens(wordpiece_dir):
+    mlm = MaskedLMInputs(wordpiece_dir)
+    tok = mlm.tokenizer
+    np.random.seed(0)
+    mb = _batch(tok)
+    out = mlm(mb)
+    selected = out["labels"] != IGNORE_INDEX
+    assert not selected[:, 0].any() and not selected[:, -1].any()  # [CLS] / [SEP] never masked
+    assert (out["labels"][selected] == mb.input_ids[selected]).all()
+    frac = selected[:, 1:-1].mean()
+    assert 0.14 < frac < 0.16
+    masked = out["input_ids"][selected] == tok.mask_token_id
+    kept = out["input_ids"][selected] == mb.input_ids[selected]
+    assert 0.77 < masked.mean() < 0.83 and 0.08 < kept.mean() < 0.12  # random replacement: the other ~10%
+    assert (out["attention_mask"] == 1).all()
+
+
+def test_padding_is_never_a_label_and_not_attended(wordpiece_dir):
+    mlm = MaskedLMInputs(wordpiece_dir, probability=0.5)
+    mb = _batch(mlm.tokenizer, rows=8, seq_len=32)
+    mb = MicroBatch(mb.input_ids, mb.sample_indices, mb.document_starts)
+    object.__setattr__(mb, "num_tokens", np.full(8, 20))
+    out = mlm(mb)
+    assert (out["labels"][:, 20:] == IGNORE_INDEX).all() and (out["attention_mask"][:, 20:] == 0).all()
+    assert (out["labels"][:, 1:19] != IGNORE_INDEX).any()
+
+
+def test_whole_word_masking_masks_every_piece_of_a_word(wordpiece_dir):
+    mlm = MaskedLMInputs(wordpiece_dir, whole_word_mask=True)
+    tok = mlm.tokenizer
+    starts = word_start_table(tok)
+    assert not starts[tok.convert_tokens_to_ids([t for t in tok.get_vocab() if t.startswith("##")][0])]
+    np.random.seed(1)
+    mb = _batch(tok, rows=32, seq_len=64)
+    selected = mlm(mb)["labels"] != IGNORE_INDEX
+    word = np.cumsum(starts[mb.input_ids], axis=1)
+    for row in range(len(selected)):
+        for w in np.unique(word[row][selected[row]]):
+            members = (word[row] == w) & ~np.isin(mb.input_ids[row], tok.all_special_ids)
+            assert selected[row][members].all()
