@@ -296,7 +296,7 @@ def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
                     "sequence_prefix_ids": list(fr.prefix), "sequence_suffix_ids": list(fr.suffix), "pad_token_id": fr.pad_id},
         "sources": [s.path for s in setup.sources],
         "input_bytes": progress.bytes, "elapsed_s": round(elapsed_s, 3), "workers": workers,
-        "rejects": rejects.total, "rejects_by_reason": dict(rejects.counts), "splits": splits,
+        "rejects": rejects.total, "rejects_by_reason": dict(rejects.kinds), "splits": splits,
     }
     write_json_atomic(merge_mod.marker_path(out, cfg.task_id), marker)
     log.info("prep task %d/%d: %d documents, %d tokens, %d rejects in %.1f s (%.0f tokens/s, %.1f MB/s)",

@@ -77,6 +77,9 @@ class RejectLog:
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path is not None else None
         self.counts: Counter[str] = Counter()
+        """Rejects per full reason (``invalid UTF-8 at byte 7``)."""
+        self.kinds: Counter[str] = Counter()
+        """Rejects per kind: the reason without its position or detail (``invalid UTF-8``)."""
         self._fh = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +94,8 @@ class RejectLog:
         return sum(self.counts.values())
 
     def add(self, source: str, record: int, reason: str) -> None:
-        self.counts[reason.split(":")[0].split(" at ")[0]] += 1
+        self.counts[reason] += 1
+        self.kinds[reason.split(":")[0].split(" at ")[0]] += 1
         if self._fh is not None:
             self._fh.write(json.dumps({"source": source, "record": record, "reason": reason}) + "\n")
 

@@ -26,7 +26,7 @@ def test_mixed_jsonl_rejects_each_bad_record_and_keeps_the_good(tmp_path):
                  "not an object", "invalid UTF-8"):
         assert part in reasons
     assert rejects.total == 6
-    assert rejects.counts["malformed JSON"] == 1 and rejects.counts["invalid UTF-8"] == 1
+    assert rejects.kinds["malformed JSON"] == 1 and rejects.kinds["invalid UTF-8"] == 1
     assert not (tmp_path / "rejects.jsonl.tmp").exists()
 
 
@@ -103,7 +103,7 @@ def test_column_sources_reject_nulls_and_wrong_types_with_row_numbers(tmp_path):
     rejects = RejectLog()
     docs = list(iter_documents([str(tmp_path / "l.txt")], rejects=rejects, text_mode="line"))
     assert [(d.text, d.record) for d in docs] == [("good", 1), ("last", 5)]
-    assert dict(rejects.counts) == {"empty document": 1, "invalid UTF-8": 1}
+    assert dict(rejects.kinds) == {"empty document": 1, "invalid UTF-8": 1}
 
 
 def test_hub_datasets_stream_through_load_dataset(tmp_path, monkeypatch):
