@@ -398,8 +398,11 @@ def iter_documents(inputs: Sequence[str] | Iterable[Path], text_column: str = "t
 
 
 def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Local files of ``inputs`` (Hub datasets left out); see :func:`~data_prep.sources.resolve_sources`."""
-    return [Path(s.path) for s in resolve_sources(inputs) if s.kind != "hub"]
+    """The files of ``inputs`` (see :func:`~data_prep.sources.resolve_sources`).
+
+    A Hub dataset stays as ``Path("hf:NAME...")``, which :func:`iter_documents` reads back.
+    """
+    return [Path(s.path) for s in resolve_sources(inputs)]
 
 
 def total_input_bytes(inputs: Sequence[str]) -> int:

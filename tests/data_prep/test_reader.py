@@ -113,6 +113,7 @@ def test_hub_datasets_stream_through_load_dataset(tmp_path, monkeypatch):
     (folder / "train.jsonl").write_text("".join(json.dumps({"text": t, "n": i}) + "\n" for i, t in enumerate(TEXTS)))
     rejects = RejectLog()
     assert [d.text for d in iter_documents([f"hf:{folder}"], rejects=rejects)] == TEXTS
+    assert [d.text for d in iter_documents(resolve_inputs([f"hf:{folder}"]))] == TEXTS  # as tokenizer training reads
     sources = resolve_sources([f"hf:{folder}@train"])
     by_task = [[t for seg in plan_segments(sources, task, 2, "file") for b in read_blocks(seg) for t in parse_block(b).texts]
                for task in range(2)]
