@@ -62,6 +62,9 @@ def test_slurm_array_tasks_then_merge_then_stats(tmp_path, tokenizer_dir, corpus
     assert main(["prep", "merge", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tasks"]["num_tasks"] == 2 and manifest["counts"]["documents"] > 0
+    assert main(["prep", "merge", str(out)]) == 0  # again, as launch slurm-prep's merge job does after an auto-merge
+    again = json.loads((out / "manifest.json").read_text())
+    assert (again["counts"], again["splits"]) == (manifest["counts"], manifest["splits"])
     assert main(["prep", "stats", str(out), "--json", str(tmp_path / "stats.json")]) == 0
     table = capsys.readouterr().out
     assert "p50" in table and f"{manifest['splits']['train']['documents']:>12,}" in table
