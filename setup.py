@@ -32,6 +32,7 @@ setup(
     extras_require={
         "mpi": ["mpi4py>=3.1"],
         "test": ["pytest>=8", "mpi4py>=3.1"],
+        "bench": ["psutil>=5.9"],
     },
     entry_points={"console_scripts": ["lmforge=lmforge.cli:main"]},
 )

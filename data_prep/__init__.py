@@ -1,5 +1,12 @@
 """data_prep: corpus reading, tokenizer training, tokenization and packing into Arrow shards.
 
-data_prep owns the on-disk shard format (:mod:`data_prep.shards`) and its reader; ``pretrain``
-imports it, never the other way round.
+Modules: :mod:`~data_prep.sources` (inputs and their split into tasks), :mod:`~data_prep.reader`
+(blocks and records, shared with tokenizer training), :mod:`~data_prep.tokenizer`,
+:mod:`~data_prep.encode` (tokenizing worker processes), :mod:`~data_prep.pack` (packing),
+:mod:`~data_prep.shards` (the on-disk format, its writer and ``ShardReader``),
+:mod:`~data_prep.prep` (one prep task), :mod:`~data_prep.merge` (tasks into one dataset),
+:mod:`~data_prep.stats` and :mod:`~data_prep.blend` (weighted blends of prepared datasets).
+
+data_prep owns the on-disk shard format and its reader; ``pretrain`` imports it, never the other
+way round.
 """

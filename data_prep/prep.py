@@ -1,56 +1,89 @@
 """``lmforge prep``: read a corpus, tokenize it, pack it and write Arrow shards plus a manifest.
 
-Tokenization runs in ``tokenizers``' Rust thread pool (``encode_batch_fast`` over batches of
-about ``batch_bytes`` of text), so it uses every core with no Python worker processes. The
-validation split is chosen per document by a hash of its text, so the same text always lands in
-the same split (no leakage, deterministic whatever the order of the inputs).
+One call runs one *task* (``task_id`` of ``num_tasks``; a Slurm job array runs one per array
+element) over its share of the corpus (:func:`data_prep.sources.plan_segments`):
+
+1. the main process reads blocks (:mod:`data_prep.reader`), worker processes parse and tokenize
+   them (:mod:`data_prep.encode`), and the main process packs each split's stream in corpus order
+   (:mod:`data_prep.pack`) into ``<split>/part-TTTTT-*.arrow`` shards (:mod:`data_prep.shards`);
+2. the task writes its rejects and then its completion marker ``parts/part-TTTTT.json``; a rerun
+   with the same plan skips a task whose marker exists;
+3. the task that finds every marker present merges (:mod:`data_prep.merge`): it packs the tasks'
+   partial last rows together, writes ``rejects.jsonl`` and, last, ``manifest.json``.
+
+The validation split is chosen per document by a hash of its text, so the same text always lands
+in the same split (no leakage, deterministic whatever the order of the inputs). The shard bytes
+do not depend on the worker count; with several tasks the counts in the manifest equal the
+single-task counts (only the order of sequences differs).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
-from data_prep.errors import InputError, UserError
-from data_prep.pack import Packer
-from data_prep.reader import RejectLog, iter_documents, resolve_inputs
-from data_prep.shards import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, ShardWriter,
-                              token_dtype, write_json_atomic)
+from data_prep import merge as merge_mod
+from data_prep.encode import SPLITS, EncodeSpec, default_workers, encode_blocks, is_validation  # noqa: F401 (re-export)
+from data_prep.errors import UserError
+from data_prep.pack import TAIL_MODES, Framing, StreamPacker
+from data_prep.reader import DEFAULT_BLOCK_BYTES, RejectLog, read_blocks
+from data_prep.shards import MANIFEST_NAME, ShardWriter, token_dtype, write_json_atomic
+from data_prep.sources import TEXT_MODES, Source, plan_segments, resolve_sources
+from data_prep.stats import doc_length_counts
 from data_prep.tokenizer import TOKENIZER_FILE, load_tokenizer_info
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val")
+OBJECTIVES = ("clm", "mlm")
+RUNTIME_FIELDS = ("task_id", "workers", "overwrite", "show_progress", "merge", "block_bytes")
 
 
 @dataclass
 class PrepConfig:
-    """Configuration of one prep run."""
+    """Configuration of one prep task."""
 
     inputs: list[str]
-    """Corpus paths, globs, directories, or ``stdlib``."""
+    """Corpus paths, globs, folders, ``stdlib`` or ``hf:NAME[:CONFIG][@SPLIT]`` (see :mod:`data_prep.sources`)."""
     tokenizer: str
     """Folder of a saved tokenizer (``tokenizer.json`` inside)."""
     output: str
     """Folder to write shards, rejects and manifest into."""
     seq_len: int = 512
-    """Tokens per packed sequence."""
+    """Tokens per packed sequence, framing tokens included."""
     val_fraction: float = 0.005
     """Fraction of documents (by content hash) held out for validation, in [0, 1)."""
     text_column: str = "text"
-    """Field of jsonl / parquet records that holds the text."""
+    """Field of jsonl / parquet / Arrow / Hub records that holds the text."""
+    text_mode: str = "file"
+    """Plain-text files: ``file`` (one document per file) or ``line`` (one per non-blank line)."""
+    objective: str = "clm"
+    """``clm`` (EOS after each document) or ``mlm`` (sequences framed by the tokenizer's post-processor)."""
+    tail: str = "drop"
+    """The last partial sequence of each split: ``drop`` it, or ``pad`` it (``num_tokens`` marks real tokens)."""
+    workers: int | None = None
+    """Worker processes that parse and tokenize; ``None``: one per usable CPU; ``<= 1``: in this process."""
+    num_tasks: int = 1
+    """Tasks the corpus is split into (Slurm job-array size)."""
+    task_id: int = 0
+    """This task's index in ``[0, num_tasks)``."""
     sequences_per_shard: int = 16384
     """Packed sequences per Arrow shard."""
-    batch_bytes: int = 4 << 20
-    """Bytes of text handed to the tokenizer per ``encode_batch`` call."""
+    block_bytes: int = DEFAULT_BLOCK_BYTES
+    """Bytes of input per block handed to a worker."""
+    max_piece_chars: int = 1 << 16
+    """Documents longer than this (characters) are tokenized in pieces, in bounded memory."""
     overwrite: bool = False
-    """Replace an existing complete prepared folder instead of refusing."""
+    """Replace an existing prepared folder (or this task's part) instead of refusing."""
+    merge: bool = True
+    """Merge the parts and write the manifest when this task finds every task finished."""
     show_progress: bool = True
+    """Show a tqdm bar with docs/s, tokens/s and MB/s."""
 
     def validate(self) -> None:
         """Raise one :class:`UserError` listing every invalid field."""
@@ -59,127 +92,213 @@ class PrepConfig:
             problems.append(f"seq_len={self.seq_len} must be >= 2 tokens")
         if not 0.0 <= self.val_fraction < 1.0:
             problems.append(f"val_fraction={self.val_fraction} must be in [0, 1)")
-        if self.sequences_per_shard < 1:
-            problems.append(f"sequences_per_shard={self.sequences_per_shard} must be >= 1")
-        if self.batch_bytes < 1:
-            problems.append(f"batch_bytes={self.batch_bytes} must be >= 1")
+        for name, allowed in (("text_mode", TEXT_MODES), ("objective", OBJECTIVES), ("tail", TAIL_MODES)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name}={getattr(self, name)!r} must be one of {', '.join(allowed)}")
+        if self.num_tasks < 1:
+            problems.append(f"num_tasks={self.num_tasks} must be >= 1")
+        elif not 0 <= self.task_id < self.num_tasks:
+            problems.append(f"task_id={self.task_id} must be in [0, {self.num_tasks})")
+        for name in ("sequences_per_shard", "block_bytes", "max_piece_chars"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if problems:
             raise UserError("prep config: " + "; ".join(problems))
 
 
-def is_validation(text: str, val_fraction: float) -> bool:
-    """True when the document's content hash (blake2b, 64 bit) falls below ``val_fraction``."""
-    if val_fraction <= 0.0:
-        return False
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < val_fraction
+@dataclass
+class _Setup:
+    """Everything a task derives from the config before reading: ids, framing, plan."""
+
+    tokenizer: dict
+    dtype: np.dtype
+    framing: Framing
+    doc_prefix: tuple[int, ...]
+    doc_suffix: tuple[int, ...]
+    sources: list[Source]
+    plan: str = ""
+    """sha256 of the config (runtime fields aside), tokenizer fingerprint and source sizes."""
 
 
-def _lmforge_version() -> str:
-    try:
-        return metadata.version("lmforge")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _prepare_output(out: Path, overwrite: bool) -> None:
-    if (out / MANIFEST_NAME).exists() and not overwrite:
-        raise UserError(f"{out}: already holds a prepared dataset ({MANIFEST_NAME}); pass --overwrite to replace it")
-    (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on the folder is not complete
-    for split in SPLITS:
-        shutil.rmtree(out / split, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def prepare(cfg: PrepConfig) -> dict:
-    """Run prep; returns the manifest that was written to ``cfg.output/manifest.json``.
-
-    Raises:
-        UserError: invalid config, or an existing prepared folder without ``overwrite``.
-        InputError: missing / unreadable inputs, or no usable document (the manifest is not written).
-    """
+def _post_processor_framing(tokenizer_dir: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The special tokens the tokenizer's post-processor puts before and after a single sequence."""
     from tokenizers import Tokenizer
 
+    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / TOKENIZER_FILE))
+    tok.no_padding()
+    tok.no_truncation()
+    enc = tok.encode("a", add_special_tokens=True)
+    mask = enc.special_tokens_mask
+    if 0 not in mask:
+        raise UserError(f"{tokenizer_dir}: cannot find the text in the post-processor's output {enc.tokens}")
+    first, last = mask.index(0), len(mask) - mask[::-1].index(0)
+    return tuple(enc.ids[:first]), tuple(enc.ids[last:])
+
+
+def _setup(cfg: PrepConfig) -> _Setup:
+    info = load_tokenizer_info(cfg.tokenizer)
+    tok = {"fingerprint": info.fingerprint, "vocab_size": info.vocab_size, "eos_token_id": info.eos_token_id,
+           "bos_token_id": info.bos_token_id, "pad_token_id": info.pad_token_id}
+    if cfg.objective == "clm":
+        if info.eos_token_id is None:
+            raise UserError(f"{cfg.tokenizer}: tokenizer defines no eos token; packing needs one to mark document ends")
+        prefix, suffix = (), ()
+        doc_prefix = (info.bos_token_id,) if info.bos_token_id not in (None, info.eos_token_id) else ()
+        doc_suffix = (info.eos_token_id,)
+        pad_id = info.pad_token_id if info.pad_token_id is not None else info.eos_token_id
+    else:
+        prefix, suffix = _post_processor_framing(cfg.tokenizer)
+        if not prefix and not suffix:
+            raise UserError(f"{cfg.tokenizer}: the tokenizer's post-processor adds no special token; "
+                            "objective mlm needs a template such as [CLS] $A [SEP]")
+        doc_prefix, doc_suffix = (), suffix[-1:]
+        pad_id = info.pad_token_id
+        if pad_id is None and cfg.tail == "pad":
+            raise UserError(f"{cfg.tokenizer}: tail=pad needs a pad token, and this tokenizer defines none")
+    framing = Framing(cfg.seq_len, prefix, suffix, pad_id)
+    if framing.row_tokens < 2:
+        raise UserError(f"prep config: seq_len={cfg.seq_len} leaves {framing.row_tokens} tokens per sequence after "
+                        f"{len(prefix) + len(suffix)} framing tokens; need >= 2")
+    sources = resolve_sources(cfg.inputs)
+    setup = _Setup(tok, token_dtype(info.vocab_size), framing, doc_prefix, doc_suffix, sources)
+    plan = {"config": {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS}, "tokenizer": info.fingerprint,
+            "sources": [(s.path, s.size_bytes) for s in sources]}
+    setup.plan = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+    return setup
+
+
+def _clean_task_outputs(out: Path, cfg: PrepConfig) -> None:
+    """Remove what an earlier (crashed or overwritten) run of this task left; the whole folder for one task."""
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on the folder is not complete
+    if cfg.num_tasks == 1:
+        for name in (*SPLITS, merge_mod.PARTS_DIR):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in (merge_mod.REJECTS_NAME, merge_mod.DATASET_DICT):
+            (out / name).unlink(missing_ok=True)
+        return
+    for path in merge_mod.task_files(out, cfg.task_id):
+        path.unlink(missing_ok=True)
+
+
+def _check_existing(out: Path, cfg: PrepConfig, plan: str) -> str:
+    """``done`` (whole folder complete for this plan), ``task-done`` (this task's part exists) or ``run``.
+
+    Raises:
+        UserError: without ``overwrite``, the folder holds a dataset or parts of another plan.
+    """
+    manifest = out / MANIFEST_NAME
+    if manifest.exists() and not cfg.overwrite:
+        if json.loads(manifest.read_text(encoding="utf-8")).get("plan") == plan:
+            return "done"
+        raise UserError(f"{out}: already holds a prepared dataset ({MANIFEST_NAME}) from another config or corpus; "
+                        "pass --overwrite to replace it")
+    if not cfg.overwrite:
+        for path in sorted((out / merge_mod.PARTS_DIR).glob("part-*.json")):
+            if json.loads(path.read_text(encoding="utf-8")).get("plan") != plan:
+                raise UserError(f"{path}: a part prepared from another config or corpus; pass --overwrite to replace it")
+    marker = merge_mod.marker_path(out, cfg.task_id)
+    return "task-done" if marker.exists() and not cfg.overwrite else "run"
+
+
+def prepare(cfg: PrepConfig) -> dict | None:
+    """Run task ``cfg.task_id``; merge when every task has finished.
+
+    Returns the manifest written to ``cfg.output/manifest.json``, or ``None`` while other tasks
+    are unfinished (or ``cfg.merge`` is off).
+
+    Raises:
+        UserError: invalid config or tokenizer, or an output prepared from another config
+            without ``overwrite``.
+        InputError: missing / unreadable inputs, a text column absent from a whole file, or no
+            usable document in the whole corpus (the manifest is not written).
+    """
     cfg.validate()
-    tok_info = load_tokenizer_info(cfg.tokenizer)
-    if tok_info.eos_token_id is None:
-        raise UserError(f"{cfg.tokenizer}: tokenizer defines no eos token; packing needs one to mark document ends")
-    files = resolve_inputs(cfg.inputs)
+    setup = _setup(cfg)
     out = Path(cfg.output)
-    _prepare_output(out, cfg.overwrite)
-    tokenizer = Tokenizer.from_file(str(Path(cfg.tokenizer) / TOKENIZER_FILE))
-    dtype = token_dtype(tok_info.vocab_size)
-    packers = {s: Packer(cfg.seq_len, tok_info.eos_token_id, tok_info.bos_token_id) for s in SPLITS}
-    writers = {s: ShardWriter(out, s, cfg.seq_len, dtype, cfg.sequences_per_shard) for s in SPLITS}
-    rejects = RejectLog(out / REJECTS_NAME)
-    total_bytes = sum(p.stat().st_size for p in files)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prep", disable=not cfg.show_progress)
-    start = time.perf_counter()
+    state = _check_existing(out, cfg, setup.plan)
+    if state == "done":
+        log.info("prep: %s is already complete for this config and corpus; nothing to do", out)
+        return json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+    if state == "task-done":
+        log.info("prep: task %d of %d already finished (%s); skipping it", cfg.task_id, cfg.num_tasks,
+                 merge_mod.marker_path(out, cfg.task_id))
+    else:
+        _clean_task_outputs(out, cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        _run_task(cfg, setup, out)
+    return merge_mod.merge_if_complete(out, setup.plan) if cfg.merge else None
+
+
+class _Progress:
+    """tqdm over input bytes with docs/s, tokens/s and MB/s."""
+
+    def __init__(self, total_bytes: int | None, enabled: bool, desc: str):
+        self.bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, desc=desc, disable=not enabled,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+        self.start = time.perf_counter()
+        self.docs = self.tokens = self.bytes = 0
+
+    def update(self, docs: int, tokens: int, nbytes: int) -> None:
+        self.docs, self.tokens, self.bytes = self.docs + docs, self.tokens + tokens, self.bytes + nbytes
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.docs / dt:,.0f} docs/s, {self.tokens / dt / 1e6:.2f}M tokens/s, "
+                                 f"{self.bytes / dt / 1e6:.1f} MB/s", refresh=False)
+        self.bar.update(nbytes)
+
+    def close(self) -> float:
+        self.bar.close()
+        return time.perf_counter() - self.start
+
+
+def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
+    segments = plan_segments(setup.sources, cfg.task_id, cfg.num_tasks, cfg.text_mode)
+    spec = EncodeSpec(str(Path(cfg.tokenizer) / TOKENIZER_FILE), cfg.text_column, cfg.val_fraction, setup.doc_prefix,
+                      setup.doc_suffix, setup.dtype.name, cfg.max_piece_chars, max(cfg.max_piece_chars, 1 << 20))
+    name = merge_mod.part_name(cfg.task_id)
+    fr = setup.framing
+    packers = {s: StreamPacker(fr.row_tokens, setup.dtype) for s in SPLITS}
+    writers = {s: ShardWriter(out, s, cfg.seq_len, setup.dtype, name, cfg.sequences_per_shard) for s in SPLITS}
+    hist = {s: np.zeros(0, dtype=np.int64) for s in SPLITS}
+    rejects = RejectLog(merge_mod.task_rejects_path(out, cfg.task_id))
+    hub = any(seg.source.kind == "hub" for seg in segments)
+    progress = _Progress(None if hub else sum(seg.nbytes for seg in segments), cfg.show_progress,
+                         f"prep task {cfg.task_id}/{cfg.num_tasks}" if cfg.num_tasks > 1 else "prep")
+    blocks = (b for seg in segments for b in read_blocks(seg, cfg.text_column, cfg.text_mode, cfg.block_bytes))
+    workers = cfg.workers if cfg.workers is not None else default_workers()
     try:
-        batch, batch_bytes = [], 0
-        for doc in iter_documents([str(p) for p in files], cfg.text_column, rejects):
-            batch.append(doc.text)
-            batch_bytes += len(doc.text)
-            if batch_bytes >= cfg.batch_bytes:
-                _encode_and_pack(tokenizer, batch, cfg.val_fraction, packers, writers)
-                bar.update(batch_bytes)
-                batch, batch_bytes = [], 0
-        if batch:
-            _encode_and_pack(tokenizer, batch, cfg.val_fraction, packers, writers)
-            bar.update(batch_bytes)
-        for packer in packers.values():
-            packer.finish()
+        for enc in encode_blocks(blocks, spec, workers):
+            rejects.add_many(enc.source, enc.rejects)
+            for s in SPLITS:
+                rows, offsets, starts = packers[s].add(enc.streams[s], enc.doc_lengths[s])
+                writers[s].add(fr.frame(rows, offsets, starts, setup.dtype))
+                hist[s] = doc_length_counts(enc.doc_lengths[s], hist[s])
+            progress.update(sum(len(v) for v in enc.doc_lengths.values()), sum(len(v) for v in enc.streams.values()),
+                            enc.input_bytes)
         shards = {s: writers[s].close() for s in SPLITS}
+    except BaseException:
+        rejects.abort()
+        raise
     finally:
-        bar.close()
-        rejects.close()
-    documents = sum(p.documents for p in packers.values())
-    if documents == 0:
-        raise InputError(f"{', '.join(cfg.inputs)}: empty corpus, no usable document ({rejects.total} rejected, see {rejects.path})")
-    elapsed_s = time.perf_counter() - start
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "lmforge_version": _lmforge_version(),
-        "created_unix_s": round(time.time(), 3),
-        "objective": "clm",
-        "seq_len": cfg.seq_len,
-        "token_dtype": dtype.name,
-        "tokenizer": {
-            "fingerprint": tok_info.fingerprint,
-            "vocab_size": tok_info.vocab_size,
-            "eos_token_id": tok_info.eos_token_id,
-            "bos_token_id": tok_info.bos_token_id,
-            "pad_token_id": tok_info.pad_token_id,
-        },
-        "sources": [str(p) for p in files] if len(files) <= 64 else {"files": len(files), "first": str(files[0]), "last": str(files[-1])},
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("show_progress", "overwrite")},
-        "counts": {
-            "documents": documents,
-            "tokens": sum(p.tokens for p in packers.values()),
-            "sequences": sum(p.sequences for p in packers.values()),
-            "rejects": rejects.total,
-            "tokens_dropped": sum(p.tokens_dropped for p in packers.values()),
-            "tokens_padded": 0,
-        },
-        "rejects_by_reason": dict(rejects.counts),
-        "splits": {
-            s: {"documents": packers[s].documents, "tokens": packers[s].tokens, "sequences": packers[s].sequences,
-                "tokens_dropped": packers[s].tokens_dropped, "shards": shards[s]}
-            for s in SPLITS
-        },
-        "elapsed_s": round(elapsed_s, 3),
+        elapsed_s = progress.close()
+    rejects.close()
+    splits = {}
+    for s in SPLITS:
+        tail_tokens, tail_starts = packers[s].take_tail()
+        p = packers[s]
+        splits[s] = {"documents": p.documents, "tokens": p.tokens, "rows": p.rows, "shards": shards[s],
+                     "tail_tokens": tail_tokens.tolist(), "tail_starts": tail_starts.tolist(),
+                     "doc_length_counts": hist[s].tolist()}
+    marker = {
+        "format": merge_mod.PART_FORMAT, "plan": setup.plan, "task_id": cfg.task_id, "num_tasks": cfg.num_tasks,
+        "config": {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS},
+        "tokenizer": setup.tokenizer, "token_dtype": setup.dtype.name,
+        "framing": {"document_prefix_ids": list(setup.doc_prefix), "document_suffix_ids": list(setup.doc_suffix),
+                    "sequence_prefix_ids": list(fr.prefix), "sequence_suffix_ids": list(fr.suffix), "pad_token_id": fr.pad_id},
+        "sources": [s.path for s in setup.sources],
+        "input_bytes": progress.bytes, "elapsed_s": round(elapsed_s, 3), "workers": workers,
+        "rejects": rejects.total, "rejects_by_reason": dict(rejects.kinds), "splits": splits,
     }
-    write_json_atomic(out / MANIFEST_NAME, manifest)
-    c = manifest["counts"]
-    log.info("prep: %d documents, %d tokens, %d sequences of %d tokens, %d rejects in %.1f s (%.0f tokens/s) -> %s",
-             c["documents"], c["tokens"], c["sequences"], cfg.seq_len, c["rejects"], elapsed_s, c["tokens"] / max(elapsed_s, 1e-9), out)
-    return manifest
-
-
-def _encode_and_pack(tokenizer, texts: list[str], val_fraction: float, packers: dict, writers: dict) -> None:
-    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    for text, enc in zip(texts, encodings):
-        split = "val" if is_validation(text, val_fraction) else "train"
-        for seq, starts in packers[split].add(enc.ids):
-            writers[split].add(seq, starts)
+    write_json_atomic(merge_mod.marker_path(out, cfg.task_id), marker)
+    log.info("prep task %d/%d: %d documents, %d tokens, %d rejects in %.1f s (%.0f tokens/s, %.1f MB/s)",
+             cfg.task_id, cfg.num_tasks, progress.docs, progress.tokens, rejects.total, elapsed_s,
+             progress.tokens / max(elapsed_s, 1e-9), progress.bytes / max(elapsed_s, 1e-9) / 1e6)

@@ -2,21 +2,34 @@
 
 Layout of a prepared folder ``DIR``::
 
-    DIR/manifest.json              written last (temp + rename): no manifest, not complete
-    DIR/rejects.jsonl              records that were rejected, one JSON object per line
-    DIR/<split>/shard-00000.arrow  Arrow IPC *stream* files (the format ``datasets`` caches use)
+    DIR/manifest.json                    written last (temp + rename): no manifest, not complete
+    DIR/rejects.jsonl                    rejected records, one JSON object per line (source, record, reason)
+    DIR/<split>/part-TTTTT-SSSSS.arrow   shard SSSSS of task TTTTT: Arrow IPC *stream* files
+    DIR/<split>/tails-SSSSS.arrow        the tasks' partial last rows, packed together by the merge
+    DIR/<split>/state.json, dataset_info.json, DIR/dataset_dict.json
+                                         so that ``datasets.load_from_disk(DIR)`` opens it
+    DIR/parts/part-TTTTT.json            task TTTTT's completion marker (counts, shards, tail)
 
 Each shard row is one packed sequence:
 
 - ``input_ids``: ``fixed_size_list<uint16|uint32>[seq_len]``; uint16 when the vocabulary fits
   in 65536 ids, else uint32.
-- ``document_starts``: ``list<int32>``, the positions in the sequence where a document begins
-  (its first token). Position 0 is listed only when a document starts exactly there; otherwise
-  the sequence opens with the tail of a document begun in the previous sequence.
+- ``document_starts``: ``list<int32>``, the positions in the sequence where a document (or a
+  document fragment that does not continue the preceding token) begins. Position 0 is listed only
+  when a document starts exactly there; otherwise the sequence opens with the continuation of a
+  document begun in the previous sequence.
+- ``num_tokens``: ``int32``, how many leading positions are real tokens; the rest is padding
+  (``manifest["pad_token_id"]``), present only in the last sequence of a split prepared with
+  ``tail='pad'``. Mask positions ``t >= num_tokens`` out of the loss (and of attention).
 
-Inspect a split with ``datasets``::
+The manifest's ``objective`` is ``clm`` (documents end with EOS, BOS first where the tokenizer has
+a distinct one) or ``mlm`` (each sequence framed by the tokenizer's post-processor template,
+``sequence_prefix_ids`` / ``sequence_suffix_ids``, e.g. ``[CLS] ... [SEP]``).
+Format version 1 (no ``num_tokens`` column) is still read.
 
-    datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in sorted(glob.glob("DIR/train/*.arrow"))])
+Open with ``datasets``::
+
+    datasets.load_from_disk("DIR")          # a DatasetDict with the splits
 """
 from __future__ import annotations
 
@@ -29,9 +42,11 @@ import numpy as np
 import pyarrow as pa
 
 from data_prep.errors import InputError
+from data_prep.pack import Rows
 
 FORMAT_NAME = "lmforge-packed-sequences"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
 UINT16_MAX_VOCAB = 2**16
@@ -48,6 +63,7 @@ def shard_schema(seq_len: int, dtype: np.dtype) -> pa.Schema:
         [
             pa.field("input_ids", pa.list_(pa.from_numpy_dtype(dtype), seq_len)),
             pa.field("document_starts", pa.list_(pa.int32())),
+            pa.field("num_tokens", pa.int32()),
         ]
     )
 
@@ -70,49 +86,58 @@ def write_json_atomic(path: str | Path, obj: dict) -> None:
 
 
 class ShardWriter:
-    """Writes packed sequences of one split into shards of at most ``sequences_per_shard`` rows.
+    """Writes framed sequences of one split into shards of at most ``sequences_per_shard`` rows.
 
-    Each shard is written to ``*.arrow.tmp`` and renamed when full, with its sha256 and size in
-    bytes recorded for the manifest. Rows are buffered and written ``batch_rows`` at a time.
+    Shards are named ``<split>/<name_prefix>-SSSSS.arrow``, written to ``*.arrow.tmp`` and renamed
+    when full, with their sha256 and size in bytes recorded for the manifest. Rows are re-batched
+    into record batches of exactly ``batch_rows`` (the last of a shard may be shorter), so the
+    bytes written depend only on the rows, never on how callers grouped them.
     """
 
-    def __init__(self, out_dir: str | Path, split: str, seq_len: int, dtype: np.dtype,
+    def __init__(self, out_dir: str | Path, split: str, seq_len: int, dtype: np.dtype, name_prefix: str,
                  sequences_per_shard: int = 65536, batch_rows: int = 1024):
-        self.dir = Path(out_dir) / split
+        self.out_dir = Path(out_dir)
+        self.dir = self.out_dir / split
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.split, self.seq_len, self.dtype = split, seq_len, np.dtype(dtype)
-        self.sequences_per_shard, self.batch_rows = sequences_per_shard, batch_rows
+        self.split, self.seq_len, self.dtype, self.name_prefix = split, seq_len, np.dtype(dtype), name_prefix
+        self.sequences_per_shard, self.batch_rows = sequences_per_shard, min(batch_rows, sequences_per_shard)
         self.schema = shard_schema(seq_len, self.dtype)
         self.shards: list[dict] = []
-        self._ids: list[np.ndarray] = []
-        self._starts: list[list[int]] = []
+        self._pending: list[Rows] = []
+        self._pending_rows = 0
         self._writer = None
         self._rows_in_shard = 0
 
-    def add(self, ids: np.ndarray, document_starts: list[int]) -> None:
-        """Append one ``(seq_len,)`` sequence and the positions where its documents start."""
-        if ids.shape != (self.seq_len,):
-            raise ValueError(f"sequence has shape {ids.shape}, expected ({self.seq_len},)")
-        self._ids.append(ids)
-        self._starts.append(document_starts)
-        if len(self._ids) >= self.batch_rows or self._rows_in_shard + len(self._ids) >= self.sequences_per_shard:
-            self._flush()
+    def add(self, rows: Rows) -> None:
+        """Append framed rows (``rows.ids`` is ``(n, seq_len)``)."""
+        if rows.ids.ndim != 2 or rows.ids.shape[1] != self.seq_len:
+            raise ValueError(f"rows have shape {rows.ids.shape}, expected (n, {self.seq_len})")
+        if not len(rows):
+            return
+        self._pending.append(rows)
+        self._pending_rows += len(rows)
+        while self._pending_rows >= self._next_batch_rows():
+            self._write(self._next_batch_rows())
+
+    def _next_batch_rows(self) -> int:
+        return min(self.batch_rows, self.sequences_per_shard - self._rows_in_shard)
 
     def _shard_path(self, index: int) -> Path:
-        return self.dir / f"shard-{index:05d}.arrow"
+        return self.dir / f"{self.name_prefix}-{index:05d}.arrow"
 
-    def _flush(self) -> None:
-        if not self._ids:
-            return
+    def _write(self, n: int) -> None:
+        rows = Rows.concat(self._pending)
+        batch, rest = rows.slice(0, n), rows.slice(n, len(rows))
+        self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
         if self._writer is None:
             tmp = self._shard_path(len(self.shards)).with_suffix(".arrow.tmp")
             self._writer = pa.ipc.new_stream(str(tmp), self.schema)
-        flat = np.stack(self._ids).astype(self.dtype, copy=False).reshape(-1)
+        flat = np.ascontiguousarray(batch.ids, dtype=self.dtype).reshape(-1)
         ids = pa.FixedSizeListArray.from_arrays(pa.array(flat), self.seq_len)
-        starts = pa.array(self._starts, type=pa.list_(pa.int32()))
-        self._writer.write_batch(pa.record_batch([ids, starts], schema=self.schema))
-        self._rows_in_shard += len(self._ids)
-        self._ids, self._starts = [], []
+        starts = pa.ListArray.from_arrays(pa.array(batch.offsets, pa.int32()), pa.array(batch.starts, pa.int32()))
+        num = pa.array(batch.num_tokens, pa.int32())
+        self._writer.write_batch(pa.record_batch([ids, starts, num], schema=self.schema))
+        self._rows_in_shard += n
         if self._rows_in_shard >= self.sequences_per_shard:
             self._close_shard()
 
@@ -122,10 +147,9 @@ class ShardWriter:
         self._writer.close()
         self._writer = None
         final = self._shard_path(len(self.shards))
-        tmp = final.with_suffix(".arrow.tmp")
-        os.replace(tmp, final)
+        os.replace(final.with_suffix(".arrow.tmp"), final)
         self.shards.append({
-            "path": f"{self.split}/{final.name}",
+            "path": final.relative_to(self.out_dir).as_posix(),
             "sequences": self._rows_in_shard,
             "bytes": final.stat().st_size,
             "sha256": sha256_file(final),
@@ -134,9 +158,31 @@ class ShardWriter:
 
     def close(self) -> list[dict]:
         """Flush and close; returns the shard records (path, sequences, bytes, sha256)."""
-        self._flush()
+        while self._pending_rows:
+            self._write(min(self._pending_rows, self._next_batch_rows()))
         self._close_shard()
         return self.shards
+
+
+def write_datasets_metadata(out_dir: str | Path, shards_by_split: dict[str, list[dict]]) -> None:
+    """Write the ``state.json`` / ``dataset_info.json`` / ``dataset_dict.json`` files of ``datasets.save_to_disk``.
+
+    Only splits holding at least one shard are listed. ``datasets`` infers the features from the
+    Arrow schema.
+    """
+    out = Path(out_dir)
+    listed = []
+    for split, shards in shards_by_split.items():
+        if not shards:
+            continue
+        listed.append(split)
+        digest = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
+        state = {"_data_files": [{"filename": Path(s["path"]).name} for s in shards], "_fingerprint": digest,
+                 "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+                 "_split": split}
+        write_json_atomic(out / split / "state.json", state)
+        write_json_atomic(out / split / "dataset_info.json", {"description": "lmforge packed sequences; see manifest.json"})
+    write_json_atomic(out / "dataset_dict.json", {"splits": listed})
 
 
 def read_manifest(data_dir: str | Path) -> dict:
@@ -149,10 +195,9 @@ def read_manifest(data_dir: str | Path) -> dict:
     if not path.is_file():
         raise InputError(f"{data_dir}: no {MANIFEST_NAME}; not a prepared dataset, or its prep did not finish")
     manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
-        raise InputError(
-            f"{path}: format {manifest.get('format')} v{manifest.get('format_version')}, expected {FORMAT_NAME} v{FORMAT_VERSION}"
-        )
+    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
+        raise InputError(f"{path}: format {manifest.get('format')} v{manifest.get('format_version')}, expected "
+                         f"{FORMAT_NAME} v{' or v'.join(map(str, READABLE_FORMAT_VERSIONS))}")
     return manifest
 
 
@@ -176,6 +221,7 @@ class ShardReader:
         self.seq_len: int = self.manifest["seq_len"]
         self._blocks: list[np.ndarray] = []
         self._starts: list[pa.ListArray] = []
+        self._num_tokens: list[np.ndarray | None] = []
         for shard in splits[split]["shards"]:
             path = self.dir / shard["path"]
             size = path.stat().st_size if path.is_file() else -1
@@ -187,6 +233,8 @@ class ShardReader:
                 values = col.values.to_numpy(zero_copy_only=True)
                 self._blocks.append(values[col.offset * self.seq_len:][: len(col) * self.seq_len].reshape(len(col), self.seq_len))
                 self._starts.append(batch.column("document_starts"))
+                has_num = "num_tokens" in batch.schema.names
+                self._num_tokens.append(batch.column("num_tokens").to_numpy(zero_copy_only=True) if has_num else None)
         sizes = [len(b) for b in self._blocks]
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
@@ -209,6 +257,16 @@ class ShardReader:
         block, row = self._locate(index)
         return self._starts[block][row].as_py()
 
+    def num_tokens(self, index: int) -> int:
+        """Real (non-padding) tokens at the start of sequence ``index``; ``seq_len`` unless padded."""
+        block, row = self._locate(index)
+        nums = self._num_tokens[block]
+        return self.seq_len if nums is None else int(nums[row])
+
     def batch(self, indices: list[int] | np.ndarray) -> np.ndarray:
         """``(B, seq_len)`` int64 token ids for ``indices`` (a copy, ready for ``torch.from_numpy``)."""
         return np.stack([self[int(i)] for i in indices]).astype(np.int64)
+
+    def batch_num_tokens(self, indices: list[int] | np.ndarray) -> np.ndarray:
+        """``(B,)`` int64 real-token counts for ``indices``; ``arange(seq_len) < n[:, None]`` is the loss mask."""
+        return np.array([self.num_tokens(int(i)) for i in indices], dtype=np.int64)

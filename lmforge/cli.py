@@ -8,11 +8,11 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lmforge import cli_export, cli_launch, cli_tokenizer, commands
+    from lmforge import cli_export, cli_launch, cli_prep, cli_tokenizer, commands
 
     parser = argparse.ArgumentParser(prog="lmforge", description="Pretrain language models: tokenizer, prep, train, export.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (commands.add_demo, cli_tokenizer.add_tokenizer, commands.add_prep, commands.add_train,
+    for add in (commands.add_demo, cli_tokenizer.add_tokenizer, cli_prep.add_prep, commands.add_train,
                 cli_export.add_export, cli_export.add_verify, cli_launch.add_launch):
         add(sub)
     return parser

@@ -28,26 +28,6 @@ def _demo(args) -> int:
     return 0
 
 
-def add_prep(sub) -> None:
-    p = sub.add_parser("prep", help="tokenize and pack a corpus into Arrow shards")
-    p.add_argument("--input", nargs="+", required=True, help="corpus paths, globs, directories or 'stdlib'")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder")
-    p.add_argument("--output", required=True, help="prepared dataset folder")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per packed sequence")
-    p.add_argument("--val-fraction", type=float, default=0.005, help="fraction of documents held out")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared folder")
-    p.set_defaults(handler=_prep)
-
-
-def _prep(args) -> int:
-    from data_prep.prep import PrepConfig, prepare
-
-    prepare(PrepConfig(inputs=args.input, tokenizer=args.tokenizer, output=args.output, seq_len=args.seq_len,
-                       val_fraction=args.val_fraction, text_column=args.text_column, overwrite=args.overwrite))
-    return 0
-
-
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train on this rank (started once per rank by a launcher, or alone)")
     p.add_argument("config", help="YAML training config")

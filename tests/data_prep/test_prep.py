@@ -1,4 +1,3 @@
-import glob
 import json
 
 import numpy as np
@@ -54,14 +53,17 @@ def test_validation_split_is_by_document_with_no_leakage(prepared_dir, corpus_di
     assert all(is_validation(d.text, 0.1) for d in val)  # a pure function of the text
 
 
-def test_split_opens_with_datasets(prepared_dir):
+def test_folder_opens_with_datasets(prepared_dir):
     import datasets
 
-    ds = datasets.concatenate_datasets(
-        [datasets.Dataset.from_file(p) for p in sorted(glob.glob(str(prepared_dir / "train" / "*.arrow")))])
-    reader = ShardReader(prepared_dir, "train")
-    assert len(ds) == len(reader)
-    assert ds[5]["input_ids"] == reader[5].tolist()
+    dd = datasets.load_from_disk(str(prepared_dir))
+    for split in ("train", "val"):
+        reader = ShardReader(prepared_dir, split)
+        assert len(dd[split]) == len(reader) > 0
+        last = len(reader) - 1
+        assert dd[split][last]["input_ids"] == reader[last].tolist()
+        assert dd[split][last]["document_starts"] == reader.document_starts(last)
+        assert dd[split][last]["num_tokens"] == reader.num_tokens(last) == 64
 
 
 def test_empty_corpus_and_existing_output(tmp_path, tokenizer_dir, prepared_dir, corpus_dirs):
@@ -88,3 +90,78 @@ def test_shard_size_mismatch_is_refused(tmp_path, prepared_dir):
         fh.write(b"junk")
     with pytest.raises(InputError, match="manifest says"):
         ShardReader(copy, "train")
+
+
+def _corpus(tmp_path, corpus_dirs):
+    """A mixed corpus: the stdlib packages plus jsonl with bad records, parquet and a text file read per line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.conftest import ASSETS
+
+    texts = [d.text for d in iter_documents(corpus_dirs[:1])]
+    pq.write_table(pa.table({"text": texts[:20]}), tmp_path / "p.parquet", row_group_size=7)
+    (tmp_path / "lines.txt").write_text("\n".join(t.replace("\n", " ") for t in texts[20:40]) + "\n")
+    return [*corpus_dirs, str(ASSETS / "mixed.jsonl"), str(tmp_path / "p.parquet"), str(tmp_path / "lines.txt")]
+
+
+def _shard_digests(manifest):
+    return {s: [(sh["path"], sh["sha256"]) for sh in sp["shards"]] for s, sp in manifest["splits"].items()}
+
+
+def test_output_bytes_do_not_depend_on_the_worker_count(tmp_path, tokenizer_dir, corpus_dirs):
+    inputs = _corpus(tmp_path, corpus_dirs)
+    runs = {}
+    for workers, block_bytes in ((1, 1 << 20), (2, 20_000)):
+        runs[workers] = prepare(PrepConfig(inputs=inputs, tokenizer=str(tokenizer_dir), output=str(tmp_path / f"w{workers}"),
+                                           seq_len=64, val_fraction=0.1, text_mode="line", sequences_per_shard=700,
+                                           workers=workers, block_bytes=block_bytes, show_progress=False))
+    assert _shard_digests(runs[1]) == _shard_digests(runs[2])
+    assert len(runs[1]["splits"]["train"]["shards"]) >= 3
+    assert runs[1]["counts"] == runs[2]["counts"]
+    assert runs[1]["counts"]["rejects"] == 6  # mixed.jsonl's six (in line mode an empty file holds no record)
+    assert (tmp_path / "w1" / "rejects.jsonl").read_bytes() == (tmp_path / "w2" / "rejects.jsonl").read_bytes()
+
+
+def test_array_tasks_plus_merge_match_one_task_and_reruns_skip(tmp_path, tokenizer_dir, corpus_dirs):
+    inputs = _corpus(tmp_path, corpus_dirs)
+    common = dict(inputs=inputs, tokenizer=str(tokenizer_dir), seq_len=64, val_fraction=0.1, text_mode="line",
+                  sequences_per_shard=700, workers=1, show_progress=False)
+    one = prepare(PrepConfig(output=str(tmp_path / "one"), **common))
+    out = tmp_path / "many"
+    results = [prepare(PrepConfig(output=str(out), num_tasks=3, task_id=t, **common)) for t in (2, 0, 1)]
+    assert results[0] is None and results[1] is None  # the last task to finish merges
+    many = results[2]
+    assert many["counts"] == one["counts"]
+    for split in ("train", "val"):
+        a, b = one["splits"][split], many["splits"][split]
+        assert {k: a[k] for k in a if k != "shards"} == {k: b[k] for k in b if k != "shards"}
+        assert len(ShardReader(out, split)) == b["sequences"]
+    assert many["tasks"]["num_tasks"] == 3
+    assert sorted((out / "rejects.jsonl").read_text().splitlines()) == sorted((tmp_path / "one" / "rejects.jsonl").read_text().splitlines())
+    marker = out / "parts" / "part-00001.json"
+    before = marker.stat().st_mtime_ns
+    assert prepare(PrepConfig(output=str(out), num_tasks=3, task_id=1, **common))["plan"] == many["plan"]
+    assert marker.stat().st_mtime_ns == before  # finished task skipped, nothing rewritten
+    with pytest.raises(UserError, match="another config or corpus; pass --overwrite"):
+        prepare(PrepConfig(output=str(out), num_tasks=3, task_id=1, **{**common, "seq_len": 32}))
+
+
+def test_merge_refuses_while_tasks_are_missing(tmp_path, tokenizer_dir, corpus_dirs):
+    from data_prep.merge import merge
+
+    out = tmp_path / "partial"
+    cfg = PrepConfig(inputs=corpus_dirs[:1], tokenizer=str(tokenizer_dir), output=str(out), seq_len=64, num_tasks=4,
+                     task_id=2, workers=1, show_progress=False)
+    assert prepare(cfg) is None
+    with pytest.raises(UserError, match=r"3 of 4 tasks not finished \(task ids 0, 1, 3\)"):
+        merge(out)
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(UserError, match=r"part-00002.json: a part prepared from another config .* pass --overwrite"):
+        prepare(PrepConfig(**{**cfg.__dict__, "num_tasks": 2, "task_id": 0}))
+    for task in (0, 1):  # the same corpus as 2 tasks: the stale 4-task parts are replaced, then removed at the merge
+        m = prepare(PrepConfig(**{**cfg.__dict__, "num_tasks": 2, "task_id": task, "overwrite": True}))
+    assert m["tasks"]["num_tasks"] == 2
+    assert sorted(p.name for p in (out / "parts").iterdir()) == [
+        "part-00000.json", "part-00000.rejects.jsonl", "part-00001.json", "part-00001.rejects.jsonl"]
+    assert all(sh.name.startswith(("part-00000", "part-00001", "tails")) for sh in (out / "train").glob("*.arrow"))

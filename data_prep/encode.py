@@ -1,0 +1,236 @@
+"""Parse and tokenize blocks, in worker processes, returning each split's token stream in block order.
+
+Worker processes are forked (``spawn`` where there is no ``fork``) before this process has used
+the ``tokenizers`` thread pool, and each runs the encoder on ``threads`` threads (1 when there
+are as many workers as cores), so JSON parsing and tokenization both scale with the worker count. Results come back in submission
+order with at most ``2 * workers + 2`` blocks in flight, so memory stays flat however large the
+corpus. The output does not depend on the worker count: every document is encoded on its own,
+and the main process packs the streams in corpus order.
+
+Documents longer than ``max_piece_chars`` are encoded in pieces cut at whitespace that follows a
+non-space character (:func:`split_points`). No pre-token of the usual pre-tokenizers (GPT-2 /
+ByteLevel regex, Metaspace, BERT whitespace) crosses such a cut, so the ids equal those of the
+whole document; only a window with no whitespace at all (say 32k characters of base64) is cut hard. Pieces are encoded at most
+``encode_batch_chars`` characters at a time, which bounds the memory of a 50 MB one-line document
+to a few times its size (a whole-document ``Encoding`` costs about 100 bytes per token).
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import re
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from data_prep.errors import UserError
+from data_prep.reader import Block, parse_block
+
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    """What a worker needs to turn a block into token streams."""
+
+    tokenizer_file: str
+    text_column: str
+    val_fraction: float
+    """Fraction of documents, by content hash, that go to ``val``."""
+    doc_prefix: tuple[int, ...]
+    """Token ids put before every document (BOS)."""
+    doc_suffix: tuple[int, ...]
+    """Token ids put after every document (EOS, or SEP for MLM)."""
+    dtype: str
+    """``uint16`` or ``uint32``: the token dtype of the streams and shards."""
+    max_piece_chars: int = 1 << 16
+    """Documents longer than this many characters are encoded in pieces."""
+    encode_batch_chars: int = 1 << 20
+    """At most this many characters per ``encode_batch_fast`` call."""
+
+
+@dataclass
+class Encoded:
+    """One block's result: per split, the token stream and the tokens of each document in it."""
+
+    source: str
+    input_bytes: int
+    streams: dict[str, np.ndarray]
+    doc_lengths: dict[str, np.ndarray]
+    rejects: list[tuple[int, str]]
+
+
+def is_validation(text: str, val_fraction: float) -> bool:
+    """True when the document's content hash (blake2b, 64 bit) falls below ``val_fraction``."""
+    if val_fraction <= 0.0:
+        return False
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_fraction
+
+
+_WS_AFTER_NON_WS = re.compile(r"(?<=\S)\s")
+
+
+def _last_cut(text: str, lo: int, hi: int) -> int | None:
+    """The last safe cut in ``text[lo:hi]``: before a space after a non-space, else before any whitespace after a non-space."""
+    cut = text.rfind(" ", lo, hi)
+    while cut > lo and text[cut - 1].isspace():
+        cut = text.rfind(" ", lo, cut)
+    if cut > lo:
+        return cut
+    last = None
+    for m in _WS_AFTER_NON_WS.finditer(text, lo, hi):
+        last = m.start()
+    return last
+
+
+def split_points(text: str, max_piece_chars: int) -> list[int]:
+    """Character offsets ``0 = c0 < c1 < ... < len(text)`` cutting ``text`` into pieces of at most ``max_piece_chars``.
+
+    Each cut, searched in the second half of the window, is just before a space that follows a
+    non-space character (a pre-token boundary for GPT-2 / ByteLevel, Metaspace and BERT
+    pre-tokenizers), else before any whitespace that follows a non-space (a boundary for GPT-2 /
+    ByteLevel and BERT), else hard at ``max_piece_chars``.
+    """
+    cuts, start, n = [0], 0, len(text)
+    while n - start > max_piece_chars:
+        limit = start + max_piece_chars
+        cut = _last_cut(text, start + max_piece_chars // 2, limit)
+        cut = cut if cut is not None and cut > start else limit
+        cuts.append(cut)
+        start = cut
+    cuts.append(n)
+    return cuts
+
+
+class Encoder:
+    """Tokenizes blocks into per-split token streams (see module docstring)."""
+
+    def __init__(self, spec: EncodeSpec):
+        from tokenizers import Tokenizer
+
+        self.spec = spec
+        self.tokenizer = Tokenizer.from_file(spec.tokenizer_file)
+        self.tokenizer.no_padding()  # a tokenizer.json may carry padding / truncation settings
+        self.tokenizer.no_truncation()
+        self.dtype = np.dtype(spec.dtype)
+        self._id_limit = np.iinfo(self.dtype).max
+
+    def _pieces(self, texts: list[str]) -> Iterator[tuple[int, str]]:
+        """``(document index, piece)`` pairs, produced lazily so only one batch of slices exists."""
+        limit = self.spec.max_piece_chars
+        for i, text in enumerate(texts):
+            if len(text) <= limit:
+                yield i, text
+                continue
+            cuts = split_points(text, limit)
+            for a, b in zip(cuts, cuts[1:]):
+                yield i, text[a:b]
+
+    def _encode_batch(self, batch: list[str], owners: list[int], parts: list[list[np.ndarray]]) -> None:
+        for enc, owner in zip(self.tokenizer.encode_batch_fast(batch, add_special_tokens=False), owners):
+            ids = np.array(enc.ids, dtype=np.uint32)
+            if len(ids) and int(ids.max()) > self._id_limit:
+                raise UserError(f"{self.spec.tokenizer_file}: produced token id {int(ids.max())}, which does not fit the "
+                                f"{self.dtype.name} chosen from its vocabulary size; the tokenizer's ids are not contiguous")
+            parts[owner].append(ids.astype(self.dtype, copy=False))
+
+    def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:
+        """Ids (``self.dtype``, no special tokens) of each text; long texts in pieces, batches bounded in characters."""
+        parts: list[list[np.ndarray]] = [[] for _ in texts]
+        batch: list[str] = []
+        owners: list[int] = []
+        chars = 0
+        for owner, piece in self._pieces(texts):
+            if batch and chars + len(piece) > self.spec.encode_batch_chars:
+                self._encode_batch(batch, owners, parts)
+                batch, owners, chars = [], [], 0
+            batch.append(piece)
+            owners.append(owner)
+            chars += len(piece)
+        if batch:
+            self._encode_batch(batch, owners, parts)
+        return [p[0] if len(p) == 1 else np.concatenate(p) if p else np.empty(0, self.dtype) for p in parts]
+
+    def _stream(self, ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        pre, suf = self.spec.doc_prefix, self.spec.doc_suffix
+        lengths = np.array([len(x) + len(pre) + len(suf) for x in ids], dtype=np.int64)
+        out = np.empty(int(lengths.sum()), dtype=self.dtype)
+        pos = 0
+        for x, n in zip(ids, lengths):
+            out[pos:pos + len(pre)] = pre
+            out[pos + len(pre):pos + n - len(suf)] = x
+            out[pos + n - len(suf):pos + n] = suf
+            pos += n
+        return out, lengths
+
+    def encode(self, block: Block) -> Encoded:
+        parsed = parse_block(block, self.spec.text_column)
+        ids = self._encode_texts(parsed.texts)
+        to_val = [is_validation(t, self.spec.val_fraction) for t in parsed.texts]
+        del parsed.texts
+        streams, lengths = {}, {}
+        for split, want in (("train", False), ("val", True)):
+            streams[split], lengths[split] = self._stream([x for x, v in zip(ids, to_val) if v == want])
+        return Encoded(block.source, block.input_bytes, streams, lengths, parsed.rejects)
+
+
+_WORKER_ENCODERS: dict[EncodeSpec, Encoder] = {}
+
+
+def _init_worker(threads: int) -> None:
+    if threads == 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    else:
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+
+
+def _encode_in_worker(spec: EncodeSpec, block: Block) -> Encoded:
+    encoder = _WORKER_ENCODERS.get(spec)
+    if encoder is None:
+        encoder = _WORKER_ENCODERS[spec] = Encoder(spec)
+    return encoder.encode(block)
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _start_method() -> str:
+    """``fork`` where the platform has it (starts in milliseconds, never re-imports ``__main__``), else ``spawn``."""
+    import multiprocessing
+
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def encode_blocks(blocks: Iterable[Block], spec: EncodeSpec, workers: int) -> Iterator[Encoded]:
+    """``Encoded`` results of ``blocks`` in order; ``workers <= 1`` encodes in this process.
+
+    Worker exceptions are re-raised here; the pool is shut down however the iteration ends.
+    """
+    if workers <= 1:
+        encoder = Encoder(spec)
+        for block in blocks:
+            yield encoder.encode(block)
+        return
+    import multiprocessing
+
+    threads = max(1, default_workers() // workers)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(_start_method()),
+                               initializer=_init_worker, initargs=(threads,))
+    window: collections.deque[Future] = collections.deque()
+    try:
+        for block in blocks:
+            window.append(pool.submit(_encode_in_worker, spec, block))
+            if len(window) >= 2 * workers + 2:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+    finally:
+        for fut in window:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)

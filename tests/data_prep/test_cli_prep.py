@@ -1,0 +1,75 @@
+"""``lmforge prep``, ``prep merge`` and ``prep stats`` through the command line."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lmforge.cli import main
+from lmforge.cli_prep import slurm_array_task
+
+
+def _errors(text):
+    return [line for line in text.splitlines() if line.startswith("lmforge")]
+
+
+def test_missing_input_exits_2_with_one_line_and_no_manifest(tmp_path, tokenizer_dir):
+    proc = subprocess.run([sys.executable, "-m", "lmforge", "prep", "--input", "no/such.jsonl", "--tokenizer", str(tokenizer_dir),
+                           "--output", "out"], capture_output=True, text=True, cwd=tmp_path, env={**os.environ})
+    assert proc.returncode == 2
+    assert _errors(proc.stderr) == ["lmforge: error: no/such.jsonl: corpus input does not exist"]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_fatal_files_exit_2_naming_file_and_problem(tmp_path, tokenizer_dir, capsys):
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "f.parquet")
+    (tmp_path / "g.jsonl").write_text('{"text": "fine"}\n')
+    (tmp_path / "t.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 1000)[:60])
+    cases = [([str(tmp_path / "g.jsonl"), str(tmp_path / "f.parquet")], r"f.parquet: text column 'text' not found \(columns: body\)"),
+             ([str(tmp_path / "t.jsonl.gz")], r"t.jsonl.gz: unreadable jsonl input \(EOFError")]
+    for inputs, message in cases:
+        out = tmp_path / "out"
+        code = main(["prep", "--input", *inputs, "--tokenizer", str(tokenizer_dir), "--output", str(out), "--workers", "1", "--no-progress"])
+        (line,) = _errors(capsys.readouterr().err)
+        assert code == 2 and line.startswith("lmforge: error: ")
+        assert __import__("re").search(message, line), line
+        assert not (out / "manifest.json").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["prep", "--input", "x.jsonl"])
+    assert exc.value.code == 2
+    assert "the following arguments are required: --tokenizer, --output" in capsys.readouterr().err
+
+
+def test_slurm_array_tasks_then_merge_then_stats(tmp_path, tokenizer_dir, corpus_dirs, monkeypatch, capsys):
+    assert slurm_array_task({"SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_STEP": "2",
+                             "SLURM_ARRAY_TASK_COUNT": "3"}) == (2, 3)
+    assert slurm_array_task({}) is None
+    out = tmp_path / "data"
+    args = ["prep", "--input", *corpus_dirs[:2], "--tokenizer", str(tokenizer_dir), "--output", str(out), "--seq-len", "64",
+            "--val-fraction", "0.2", "--workers", "1", "--no-progress", "--no-merge"]
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
+    for array_index in ("5", "4"):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", array_index)
+        assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "task 1 of 2 done" in printed and "task 0 of 2 done" in printed
+    assert not (out / "manifest.json").exists()
+    assert main(["prep", "merge", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tasks"]["num_tasks"] == 2 and manifest["counts"]["documents"] > 0
+    assert main(["prep", "merge", str(out)]) == 0  # again, as launch slurm-prep's merge job does after an auto-merge
+    again = json.loads((out / "manifest.json").read_text())
+    assert (again["counts"], again["splits"]) == (manifest["counts"], manifest["splits"])
+    assert main(["prep", "stats", str(out), "--json", str(tmp_path / "stats.json")]) == 0
+    table = capsys.readouterr().out
+    assert "p50" in table and f"{manifest['splits']['train']['documents']:>12,}" in table
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert sum(s["documents"] for s in stats["splits"].values()) == manifest["counts"]["documents"]
+    assert 0 < stats["splits"]["train"]["doc_tokens_p50"] <= stats["splits"]["train"]["doc_tokens_p99"]
+    png = (out / "doc_lengths.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
