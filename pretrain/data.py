@@ -1,7 +1,7 @@
 """Deterministic, resumable, disjoint streaming of packed sequences to data-parallel ranks.
 
 One global sample order: epoch ``e`` visits the train split in a permutation keyed by
-``(seed, e)`` (:class:`GlobalOrder`, computed per index, nothing stored). Global stream position ``k`` is sample
+``(seed, e)`` (:class:`GlobalOrder`, computed per index, nothing stored). Global position ``k`` is sample
 ``perm_{k // N}[k % N]``. Each micro step consumes ``world_size * micro_batch_size`` consecutive
 positions; rank ``r`` takes the ``r``-th block of ``micro_batch_size``. Ranks therefore read
 disjoint samples, and ``consumed_samples`` alone says where to resume (as Megatron's
