@@ -31,9 +31,20 @@ class ModelConfig:
 
 
 @dataclass
+class BlendEntry:
+    path: str = ""
+    """A prepared dataset folder."""
+    weight: float = 1.0
+    """Relative sampling weight (normalised over the blend)."""
+
+
+@dataclass
 class DataConfig:
     path: str = ""
     """Prepared dataset folder (holds ``manifest.json``); the fast path."""
+    blend: List[BlendEntry] = field(default_factory=list)
+    """Instead of ``path``: several prepared datasets sampled by weight (Megatron-style blend, seeded by
+    ``seed``; data_prep.blend). Same tokenizer, seq_len and objective required."""
     raw_inputs: List[str] = field(default_factory=list)
     """Instead of ``path``: raw corpus paths / globs streamed and tokenized on the fly (slower; see
     pretrain.sources). Needs ``seq_len``."""
@@ -259,9 +270,10 @@ class TrainConfig:
                 p.append(f"wandb_project={self.wandb_project!r} but wandb is not installed (pip install wandb)")
         if not self.data.tokenizer:
             p.append("data.tokenizer is required")
-        if bool(self.data.path) == bool(self.data.raw_inputs):
-            p.append("data.path is required (or data.raw_inputs, not both)" if not self.data.path
-                     else "give data.path or data.raw_inputs, not both")
+        sources = [k for k in ("path", "blend", "raw_inputs") if getattr(self.data, k)]
+        if len(sources) != 1:
+            p.append("data.path is required (or data.blend or data.raw_inputs)" if not sources
+                     else f"give one of data.path, data.blend, data.raw_inputs, not {' and '.join(sources)}")
         if self.data.raw_inputs and self.seq_len == 0:
             p.append("seq_len is required with data.raw_inputs (there is no manifest to take it from)")
         if p:

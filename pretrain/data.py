@@ -25,6 +25,8 @@ class MicroBatch:
     """``(B,)`` indices of the sequences in their split."""
     document_starts: list[list[int]]
     """Per sequence, the positions where a document begins."""
+    num_tokens: np.ndarray | None = None
+    """``(B,)`` real tokens at the start of each sequence (the rest is padding); None: no padding."""
 
 
 ORDER_NAME = "feistel-v1"
@@ -92,7 +94,7 @@ def micro_batches(reader: ShardReader, rank: int, world_size: int, micro_batch_s
     position = consumed_samples
     while True:
         idx = order.indices(position + rank * micro_batch_size, micro_batch_size)
-        yield MicroBatch(reader.batch(idx), idx, [reader.document_starts(int(i)) for i in idx])
+        yield MicroBatch(reader.batch(idx), idx, [reader.document_starts(int(i)) for i in idx], reader.batch_num_tokens(idx))
         position += world_size * micro_batch_size
 
 
@@ -107,4 +109,4 @@ def eval_batches(reader: ShardReader, rank: int, world_size: int, micro_batch_si
     n = min(max_batches, len(reader) // per_step)
     for b in range(n):
         idx = np.arange(b * per_step + rank * micro_batch_size, b * per_step + (rank + 1) * micro_batch_size)
-        yield MicroBatch(reader.batch(idx), idx, [reader.document_starts(int(i)) for i in idx])
+        yield MicroBatch(reader.batch(idx), idx, [reader.document_starts(int(i)) for i in idx], reader.batch_num_tokens(idx))

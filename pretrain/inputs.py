@@ -22,6 +22,8 @@ def causal_lm_inputs(mb: MicroBatch, document_masking: bool) -> dict[str, np.nda
     one document's EOS to the next document. Labels are the inputs; the model shifts them.
     """
     labels = mb.input_ids.copy()
+    if mb.num_tokens is not None:  # tail padding (prep --tail pad): never a label
+        labels[np.arange(labels.shape[1])[None, :] >= mb.num_tokens[:, None]] = IGNORE_INDEX
     out = {"input_ids": mb.input_ids, "labels": labels}
     if document_masking:
         batch, seq_len = mb.input_ids.shape
@@ -81,7 +83,7 @@ class MaskedLMInputs:
     def __call__(self, mb: MicroBatch) -> dict[str, np.ndarray]:
         ids = mb.input_ids
         special = np.isin(ids, self.tokenizer.all_special_ids)
-        num_tokens = mb.num_tokens if getattr(mb, "num_tokens", None) is not None else np.full(len(ids), ids.shape[1])
+        num_tokens = mb.num_tokens if mb.num_tokens is not None else np.full(len(ids), ids.shape[1])
         real = np.arange(ids.shape[1])[None, :] < num_tokens[:, None]
         batch = {"input_ids": ids.copy(), "special_tokens_mask": (special | ~real).astype(np.int64)}
         if self.word_starts is not None:

@@ -94,7 +94,7 @@ def _architecture(info: RunInfo, n_params: int) -> list[str]:
 
 def _data(info: RunInfo) -> list[str]:
     m = info.manifest
-    c, splits = m["counts"], m.get("splits", {})
+    c, splits = m.get("counts"), m.get("splits", {})
     sources = m.get("sources", [])
     if isinstance(sources, dict):
         src = f"{sources.get('files')} files ({sources.get('first')} ... {sources.get('last')})"
@@ -104,10 +104,10 @@ def _data(info: RunInfo) -> list[str]:
     blend = m.get("blend")
     mixing = ("; ".join(f"`{b['path']}` weight {b['weight']:.3f}" for b in blend) if blend
               else "one prepared dataset, weight 1.0 (no blend)")
-    lines = [f"- sources: {src}",
-             f"- {c['documents']:,} documents, {c['tokens']:,} tokens in {c['sequences']:,} packed sequences of "
-             f"{m['seq_len']} tokens ({c.get('rejects', 0):,} records rejected)",
-             f"- mixing weights: {mixing}"]
+    size = (f"- {c['documents']:,} documents, {c['tokens']:,} tokens in {c['sequences']:,} packed sequences of "
+            f"{m['seq_len']} tokens ({c.get('rejects', 0):,} records rejected)" if c
+            else f"- a raw corpus streamed and tokenized during training into {m['seq_len']}-token sequences (no prep counts)")
+    lines = [f"- sources: {src}", size, f"- mixing weights: {mixing}"]
     if splits:
         lines.append("- splits: " + ", ".join(f"{name} {s.get('tokens', 0):,} tokens / {s.get('documents', 0):,} documents"
                                               for name, s in splits.items()))

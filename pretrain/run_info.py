@@ -12,9 +12,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.shards import MANIFEST_NAME, read_manifest, sha256_file
 from data_prep.tokenizer import TOKENIZER_FILE, fingerprint
 from pretrain import checkpoint
+from pretrain.sources import describe_data
 from pretrain.errors import ExportError
 from pretrain.metrics import METRICS_FILE
 from pretrain.model import MASKED_LM_TYPES
@@ -136,11 +136,13 @@ def load_run_info(tag_dir: Path) -> RunInfo:
     if fingerprints.get("tokenizer") not in (None, tok["fingerprint"]):
         raise ExportError(f"{tok_dir / TOKENIZER_FILE}: fingerprint {tok['fingerprint'][:12]} differs from the one the "
                           f"checkpoint was trained with ({fingerprints['tokenizer'][:12]}); the tokenizer changed")
-    data_dir = Path(config["data"]["path"])
-    manifest = read_manifest(data_dir)
-    if fingerprints.get("manifest") not in (None, sha256_file(data_dir / MANIFEST_NAME)):
-        raise ExportError(f"{data_dir / MANIFEST_NAME}: changed since the checkpoint was trained (sha256 differs); "
-                          "the model card would describe other data")
+    manifest, data_fingerprint = describe_data(config["data"])
+    if fingerprints.get("data") not in (None, data_fingerprint):
+        raise ExportError(f"{config['data'].get('path') or 'the blend / raw inputs'}: the training data changed since the "
+                          "checkpoint was trained (fingerprint differs); the model card would describe other data")
+    if manifest is None:  # a raw corpus streamed during training: no prep counts
+        manifest = {"seq_len": config["seq_len"], "counts": None, "sources": list(config["data"]["raw_inputs"]),
+                    "objective": "clm"}
     train, val = _metric_records(run_dir, int(state["step"]))
     summary_path = run_dir / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None

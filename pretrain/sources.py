@@ -22,16 +22,26 @@ from data_prep.errors import InputError
 from data_prep.pack import Packer
 from data_prep.prep import is_validation
 from data_prep.reader import JSONL_SUFFIXES, PARQUET_SUFFIXES, resolve_inputs
+from data_prep.blend import BlendedReader
 from data_prep.shards import ShardReader
 from data_prep.tokenizer import TOKENIZER_FILE, TokenizerInfo
 from pretrain.data import MicroBatch, eval_batches, micro_batches
 
 
 class ShardSource:
-    """Memory-mapped shards of a prepared dataset (see :mod:`pretrain.data` for the sample order)."""
+    """Memory-mapped shards of a prepared dataset, or a weighted blend of several (see
+    :mod:`pretrain.data` for the sample order, :mod:`data_prep.blend` for the blend)."""
 
-    def __init__(self, data_dir: str):
-        self.train, self.val = ShardReader(data_dir, "train"), ShardReader(data_dir, "val")
+    def __init__(self, data_dir: str = "", blend: list[tuple[str, float]] = (), seed: int = 0):
+        if blend:
+            dirs, weights = [d for d, _ in blend], [w for _, w in blend]
+            self.train = BlendedReader.from_dirs(dirs, weights, "train", seed=seed)
+            vals = [(ShardReader(d, "val"), w) for d, w in blend]
+            vals = [(r, w) for r, w in vals if len(r)]
+            self.val = BlendedReader([r for r, _ in vals], [w for _, w in vals], seed=seed) if vals else ShardReader(dirs[0], "val")
+        else:
+            self.train, self.val = ShardReader(data_dir, "train"), ShardReader(data_dir, "val")
+        self.manifest = self.train.manifest
         self.num_train_sequences: int | None = len(self.train)
         self.num_val_sequences = len(self.val)
 
@@ -41,6 +51,33 @@ class ShardSource:
 
     def val_batches(self, rank: int, world_size: int, micro_batch_size: int, max_batches: int) -> list[MicroBatch]:
         return list(eval_batches(self.val, rank, world_size, micro_batch_size, max_batches))
+
+
+def describe_data(data: dict) -> tuple[dict | None, str]:
+    """``(manifest, fingerprint)`` of a run's data config (``TrainConfig.data`` as a dict).
+
+    The manifest is the prepared dataset's, a blend's (counts summed over its datasets, weights in
+    ``blend``), or None for a raw corpus. The fingerprint is a sha256 over the manifest files' sha256
+    and blend weights, or over the raw corpus file list: the trainer records it in checkpoints, and
+    resume and export refuse data that changed.
+    """
+    import hashlib
+    import json
+
+    from data_prep.shards import MANIFEST_NAME, read_manifest, sha256_file
+
+    parts = ([(data["path"], 1.0)] if data.get("path") else []) + [(b["path"], b["weight"]) for b in data.get("blend") or []]
+    if not parts:
+        files = [str(p) for p in resolve_inputs(list(data["raw_inputs"]))]
+        return None, hashlib.sha256("\n".join(files).encode()).hexdigest()
+    fingerprint = hashlib.sha256(json.dumps([(sha256_file(Path(p) / MANIFEST_NAME), w) for p, w in parts]).encode()).hexdigest()
+    if len(parts) == 1 and data.get("path"):
+        return read_manifest(data["path"]), fingerprint
+    manifests = [read_manifest(p) for p, _ in parts]
+    blend = BlendedReader.from_dirs([p for p, _ in parts], [w for _, w in parts]).manifest
+    counts = {k: sum(m["counts"].get(k, 0) for m in manifests) for k in manifests[0]["counts"]}
+    sources = [s for m in manifests for s in (m.get("sources") if isinstance(m.get("sources"), list) else [])]
+    return {**blend, "counts": counts, "sources": sources}, fingerprint
 
 
 def _builder(files: list[Path]) -> tuple[str, dict]:

@@ -9,7 +9,6 @@ Run dir layout (rank 0 writes all but the checkpoint shards)::
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import UserError
-from data_prep.shards import MANIFEST_NAME, read_manifest, sha256_file, write_json_atomic
+from data_prep.shards import write_json_atomic
 from data_prep.tokenizer import TokenizerInfo, load_tokenizer_info
 from pretrain import checkpoint
 from pretrain.checkpoint import TrainState
@@ -38,7 +37,7 @@ from pretrain.guard import DivergenceGuard
 from pretrain.metrics import MetricsWriter
 from pretrain.model import (build_model, build_model_config, count_parameters, load_model_config, objective_of,
                             padded_vocab_size)
-from pretrain.sources import ShardSource, StreamingSource
+from pretrain.sources import ShardSource, StreamingSource, describe_data
 from pretrain.preemption import EXIT_PREEMPTED, StopPolicy, requeue_slurm_job
 
 log = logging.getLogger(__name__)
@@ -104,7 +103,7 @@ def preflight(cfg: TrainConfig) -> tuple[TokenizerInfo, object, int]:
         ConsistencyError, ConfigError, InputError: see :func:`pretrain.checks.check_consistency`.
     """
     tok = load_tokenizer_info(cfg.data.tokenizer)
-    manifest = read_manifest(cfg.data.path) if cfg.data.path else None
+    manifest = describe_data(_data_dict(cfg))[0]
     seq_len = cfg.seq_len or manifest["seq_len"]
     overrides = dict(cfg.model.overrides)
     if cfg.model.init_from:
@@ -115,6 +114,12 @@ def preflight(cfg: TrainConfig) -> tuple[TokenizerInfo, object, int]:
         model_config = build_model_config(cfg.model.preset, rows, seq_len, special, overrides)
     check_consistency(tok, manifest, model_config, seq_len, objective_of(model_config))
     return tok, model_config, seq_len
+
+
+def _data_dict(cfg: TrainConfig) -> dict:
+    from dataclasses import asdict
+
+    return asdict(cfg.data)
 
 
 def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
@@ -131,12 +136,11 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     fpt, n_params = flops_per_token(model, model_config, seq_len), count_parameters(model)  # before ZeRO-3 partitions them
     engine = initialize_engine(model, cfg, dist.world_size, load_universal=universal)
     ds = cfg.deepspeed
-    if cfg.data.path:
-        source = ShardSource(cfg.data.path)
-        data_fingerprint = sha256_file(Path(cfg.data.path) / MANIFEST_NAME)
+    if cfg.data.path or cfg.data.blend:
+        source = ShardSource(cfg.data.path, [(b.path, b.weight) for b in cfg.data.blend], cfg.seed)
     else:
         source = StreamingSource(list(cfg.data.raw_inputs), tok, seq_len, cfg.data.raw_text_column, cfg.data.raw_val_fraction)
-        data_fingerprint = hashlib.sha256("\n".join(source.files).encode()).hexdigest()
+    data_fingerprint = describe_data(_data_dict(cfg))[1]
     run = Run(cfg=cfg, dist=dist, engine=engine, objective=objective_of(model_config), resume_from=resume_from, resume_universal=universal, source=source,
               val_batches=source.val_batches(dist.rank, dist.world_size, ds.micro_batch_size, cfg.data.eval_batches),
               seq_len=seq_len,

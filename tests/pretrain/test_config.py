@@ -43,7 +43,7 @@ def test_unknown_key_wrong_type_and_missing_data_are_named(tmp_path):
         load_config(None, ["deepspeed.zero_stag=2"])
     with pytest.raises(ConfigError, match="max_steps"):
         load_config(None, ["max_steps=many"])
-    with pytest.raises(ConfigError, match=r"data.tokenizer is required; data.path is required \(or data.raw_inputs, not both\)"):
+    with pytest.raises(ConfigError, match=r"data.tokenizer is required; data.path is required \(or data.blend or data.raw_inputs\)"):
         load_config(None, [])
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

@@ -52,8 +52,7 @@ def test_masking_statistics_and_special_tokens(wordpiece_dir):
 def test_padding_is_never_a_label_and_not_attended(wordpiece_dir):
     mlm = MaskedLMInputs(wordpiece_dir, probability=0.5)
     mb = _batch(mlm.tokenizer, rows=8, seq_len=32)
-    mb = MicroBatch(mb.input_ids, mb.sample_indices, mb.document_starts)
-    object.__setattr__(mb, "num_tokens", np.full(8, 20))
+    mb = MicroBatch(mb.input_ids, mb.sample_indices, mb.document_starts, np.full(8, 20))
     out = mlm(mb)
     assert (out["labels"][:, 20:] == IGNORE_INDEX).all() and (out["attention_mask"][:, 20:] == 0).all()
     assert (out["labels"][:, 1:19] != IGNORE_INDEX).any()
