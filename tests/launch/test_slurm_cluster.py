@@ -109,10 +109,13 @@ def test_usr1_makes_the_real_trainer_save_then_slurm_requeues_and_it_resumes_to_
     slurm_cluster.wait_job(job_id, 120, until=lambda job: job["Restarts"] == "1" and job["JobState"] == "PENDING")
     saved = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")]
     assert saved and "step_00000400" not in saved  # the preemption save, before the end
+    # release the requeued job only once both nodes have finished cleaning up the first run (the
+    # ranks' exit takes seconds); started earlier, its launch can fail on a node still completing
+    slurm_cluster._wait(slurm_cluster._nodes_idle, 120, "idle nodes after the requeue")
     slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     job = slurm_cluster.wait_job(job_id, 240)
     rank0 = (run_dir / "slurm" / f"{job_id}-rank0.log").read_text()
-    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", (job, rank0[-3000:])
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", (job, rank0[-2000:], slurm_cluster.log_tail(40))
     assert f"stopping at step" in rank0 and f"exit code {EXIT_PREEMPTED}" in rank0
     assert re.search(r"resumed from step_\d{8}", rank0)
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 400
