@@ -111,6 +111,76 @@ def run_child(cmd: Sequence[str], env: dict[str, str] | None = None, cwd: str | 
     return ChildResult(proc.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024, output)
 
 
+def cpu_seconds(include_children: bool = False) -> float:
+    """User + system CPU seconds of this process, all its threads (a Rust or torch thread pool included);
+    with ``include_children``, plus those of its finished and waited-for child processes (worker pools)."""
+    import resource
+
+    who = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) if include_children else (resource.RUSAGE_SELF,)
+    return sum(getattr(resource.getrusage(w), f) for w in who for f in ("ru_utime", "ru_stime"))
+
+
+RESULT_PREFIX = "BENCH-RESULT "
+"""Marks the line carrying a bench child's measurements in its combined output."""
+
+
+def result_line(payload: dict) -> str:
+    """The line a bench child prints for its parent: :data:`RESULT_PREFIX` and ``payload`` as JSON."""
+    return RESULT_PREFIX + json.dumps(payload)
+
+
+def parse_result(result: ChildResult, what: str) -> dict:
+    """The payload of the last :func:`result_line` in a child's output.
+
+    Raises:
+        RuntimeError: the child failed or printed no result line (its output included).
+    """
+    check_child(result, what)
+    for line in reversed(result.output.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    raise RuntimeError(f"{what} printed no result line:\n{result.output[-4000:]}")
+
+
+def cached_build(folder: Path, build: Callable[[Path], None]) -> Path:
+    """``folder``, built once: ``build(tmp)`` fills a fresh temp sibling, which is then renamed to ``folder``,
+    so an interrupted build leaves nothing that looks complete and the next run redoes it."""
+    import shutil
+
+    if folder.is_dir():
+        return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    os.replace(tmp, folder)
+    return folder
+
+
+def stdlib_texts() -> list[str]:
+    """The documents of the demo corpus (the Python standard library, one per file; ~31.5 MB of text)
+    that encode as UTF-8 (a few hold lone surrogates), in reader order."""
+    use_this_checkout()
+    from data_prep.reader import iter_documents
+
+    texts = []
+    for doc in iter_documents(["stdlib"]):
+        try:
+            doc.text.encode("utf-8")
+        except UnicodeEncodeError:
+            continue
+        texts.append(doc.text)
+    return texts
+
+
+def write_jsonl(path: Path, texts: Sequence[str]) -> int:
+    """``texts`` as ``{"text": ...}`` lines in ``path``; returns the text bytes (UTF-8)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for text in texts:
+            fh.write(json.dumps({"text": text}) + "\n")
+    return sum(len(t.encode("utf-8")) for t in texts)
+
+
 def python_env(**extra: str) -> dict[str, str]:
     """Environment for child Pythons: this checkout first on ``PYTHONPATH``, plus ``extra``."""
     path = os.environ.get("PYTHONPATH", "")
@@ -304,8 +374,10 @@ def print_rows(rows: list[dict]) -> None:
         print(f"{r['metric']} [{r['unit']}]: lmforge {r['lmforge']:,.4g}{peer}{ratio}{target}", flush=True)
 
 
-def write_result(name: str, title: str, rows: list[dict], details: dict | None = None) -> Path:
-    """Write ``bench/results/<name>.json`` (temp + rename) with machine, versions and date; returns its path."""
+def write_result(name: str, title: str, rows: list[dict], details: dict | None = None,
+                 copy_to: str | Path | None = None) -> Path:
+    """Write ``bench/results/<name>.json`` (temp + rename) with machine, versions and date, and a copy to
+    ``copy_to`` when given (a script's own ``--json`` / ``--out`` option); returns the results path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     payload = {"name": name, "title": title, "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                "machine": machine_info(), "versions": library_versions(), "rows": rows, "details": details or {}}
@@ -314,4 +386,8 @@ def write_result(name: str, title: str, rows: list[dict], details: dict | None =
     tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     print(f"wrote {path}", flush=True)
+    if copy_to:
+        Path(copy_to).parent.mkdir(parents=True, exist_ok=True)
+        Path(copy_to).write_bytes(path.read_bytes())
+        print(f"wrote {copy_to}", flush=True)
     return path

@@ -49,14 +49,40 @@ def fmt_runs(median, runs) -> str:
 
 
 def target_met(row: dict) -> str:
-    """``yes`` / ``no`` for targets of the form ``>= N x`` (the ratio, or the value of an ``x`` row) or ``>= N %``."""
-    m = re.match(r"\s*>=\s*([0-9.]+)\s*(x|%)", row.get("target") or "")
+    """``yes`` / ``no`` for targets ``>= N`` or ``<= N`` followed by ``x``, ``%`` or a unit.
+
+    An ``x`` target of a row with a peer applies to the ratio; any other target to lmforge's value
+    (``<= 0.6x`` of a row whose unit is ``x``, ``<= 1536 MiB`` of a row in MiB).
+    """
+    m = re.match(r"\s*(>=|<=)\s*([0-9.]+)\s*(\S*)", row.get("target") or "")
     if not m:
         return ""
-    value = row["ratio"] if m.group(2) == "x" and row.get("peer") is not None else row.get("lmforge")
+    value = row["ratio"] if m.group(3) == "x" and row.get("peer") is not None else row.get("lmforge")
     if value is None:
         return ""
-    return "yes" if value >= float(m.group(1)) else "**no**"
+    bound = float(m.group(2))
+    return "yes" if (value >= bound if m.group(1) == ">=" else value <= bound) else "**no**"
+
+
+BUSY_LOAD_PER_CORE = 1.5
+"""A result whose 1- or 5-minute load average at the end exceeds this many times its core count ran beside other work."""
+
+
+def busy_note(results: dict[str, dict]) -> list[str]:
+    """A paragraph saying which results ran on a busy machine (from the recorded load averages), or nothing."""
+    busy = []
+    for name, result in results.items():
+        mach = result.get("machine", {})
+        load, cores = max((mach.get("load_average_1_5_15_min") or [0.0])[:2]), mach.get("cpu_count")
+        if cores and load > BUSY_LOAD_PER_CORE * cores:
+            busy.append((name, load, cores))
+    if not busy:
+        return []
+    names = ", ".join(f"{n} ({load:.1f} on {cores} cores)" for n, load, cores in busy)
+    return [f"**Busy machine.** These results come from a shared machine that was running other work at the "
+            f"same time (1- or 5-minute load average above {BUSY_LOAD_PER_CORE}x the core count at the end of {names}): "
+            "wall times are inflated and the ratios noisier than on a quiet machine; the CPU-time rows, where "
+            "a script has them, are steadier.", ""]
 
 
 def provenance(result: dict) -> str:
@@ -102,14 +128,15 @@ def render(results_dir: Path) -> str:
     results = {}
     for path in sorted(results_dir.glob("*.json")):
         results[path.stem] = json.loads(path.read_text(encoding="utf-8"))
-    lines = [HEADER]
+    lines = [HEADER, *busy_note(results)]
     summary = [(name, r) for name, res in results.items() for r in res.get("rows", []) if isinstance(res.get("rows"), list)
                and r.get("target")]
     if summary:
-        lines += ["## Targets", "", "| benchmark | metric | value | target | met |", "|---|---|---|---|---|"]
+        lines += ["## Targets", "", "| benchmark | metric | against | value | target | met |", "|---|---|---|---|---|---|"]
         for name, r in summary:
             value = f"{r['ratio']:.2f}x" if r.get("peer") is not None and r.get("ratio") is not None else f"{fmt(r['lmforge'])} {r.get('unit', '')}"
-            lines.append(f"| {name} | {r['metric']} | {value} | {r['target']} | {target_met(r)} |")
+            against = (r.get("peer_name") or "-") if r.get("peer") is not None else "-"
+            lines.append(f"| {name} | {r['metric']} | {against} | {value} | {r['target']} | {target_met(r)} |")
         lines.append("")
     for name, result in results.items():
         lines += section(result, f"results/{name}.json")
