@@ -18,7 +18,7 @@ from pretrain.sources import describe_data
 from pretrain.errors import ExportError
 from pretrain.metrics import METRICS_FILE
 from pretrain.model import MASKED_LM_TYPES
-from pretrain.trainer import CHECKPOINT_DIR, MODEL_CONFIG_DIR, SUMMARY_FILE
+from pretrain.layout import CHECKPOINT_DIR, MODEL_CONFIG_DIR, SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 

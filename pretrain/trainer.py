@@ -34,6 +34,7 @@ from pretrain.engine import build_ds_config, initialize_engine
 from pretrain.errors import ConsistencyError
 from pretrain.flops import device_description, flops_per_token, peak_flops_per_device, peak_memory_gib
 from pretrain.guard import DivergenceGuard
+from pretrain.layout import CHECKPOINT_DIR, MODEL_CONFIG_DIR, SUMMARY_FILE
 from pretrain.metrics import MetricsWriter
 from pretrain.model import (build_model, build_model_config, count_parameters, load_model_config, objective_of,
                             padded_vocab_size)
@@ -41,9 +42,6 @@ from pretrain.sources import ShardSource, StreamingSource, describe_data
 from pretrain.preemption import EXIT_PREEMPTED, StopPolicy, requeue_slurm_job
 
 log = logging.getLogger(__name__)
-CHECKPOINT_DIR = "checkpoints"
-MODEL_CONFIG_DIR = "model"
-SUMMARY_FILE = "summary.json"
 PROBE_TOKENS = 64
 
 
