@@ -48,12 +48,13 @@ def _tag(dtype) -> str:
 
 
 def shard_layout(specs: list[TensorSpec], max_shard_bytes: int | str) -> dict[str, list[TensorSpec]]:
-    """File name -> tensors, per ``huggingface_hub.split_torch_state_dict_into_shards`` (meta tensors, no memory)."""
-    import torch
-    from huggingface_hub import split_torch_state_dict_into_shards
+    """File name -> tensors, by ``huggingface_hub``'s sharding rule (``split_state_dict_into_shards_factory``,
+    what ``split_torch_state_dict_into_shards`` calls) on the specs' byte sizes. The torch front end is
+    not used: its storage lookup imports torch's DTensor stack, about a second per export."""
+    from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
 
-    metas = {s.name: torch.empty(s.shape, dtype=s.dtype, device="meta") for s in specs}
-    split = split_torch_state_dict_into_shards(metas, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_bytes)
+    split = split_state_dict_into_shards_factory({s.name: s for s in specs}, get_storage_size=lambda s: s.nbytes,
+                                                 filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_bytes)
     by_name = {s.name: s for s in specs}
     return {fname: [by_name[n] for n in names] for fname, names in split.filename_to_tensors.items()}
 
