@@ -22,6 +22,10 @@ from pathlib import Path
 
 import pytest
 
+CRED_EXPIRE_S = 20
+"""Job credential lifetime; also how long Slurm holds a requeued job before it may start again
+(default 120 s). Forcing an earlier start with ``scontrol update StartTime=now`` can launch the job
+while its previous credential is still revoked on the nodes, and the launch then fails."""
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo")
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
                    "PREEMPTED"}
@@ -84,7 +88,7 @@ SlurmUser={user}
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.socket}
+AuthInfo=socket={self.socket},cred_expire={CRED_EXPIRE_S}
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool/%n
 SlurmctldPidFile={r}/slurmctld.pid

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 
+from tests.launch.conftest import CRED_EXPIRE_S
 from launch.contract import EXIT_PREEMPTED, rendezvous_port
 from launch.sbatch_scripts import render_train_script
 from launch.slurm import SlurmOptions, submit, write_script
@@ -81,8 +82,7 @@ def test_preempted_ranks_get_the_job_requeued(slurm_cluster, tmp_path):
         time.sleep(0.2)
     slurm_cluster.run("scancel", "--signal=USR1", job_id)
     slurm_cluster.wait_job(job_id, 30, until=lambda job: job["Restarts"] == "1" and job["JobState"] == "PENDING")
-    slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")  # Slurm delays a requeued job's start
-    job = slurm_cluster.wait_job(job_id)
+    job = slurm_cluster.wait_job(job_id, 90 + CRED_EXPIRE_S)  # the requeued job starts after cred_expire
     texts = [p.read_text() for p in rank_logs]
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", (job, texts)
     for text in texts:  # both ranks: first run signalled and "saved", then the requeued run
@@ -109,11 +109,7 @@ def test_usr1_makes_the_real_trainer_save_then_slurm_requeues_and_it_resumes_to_
     slurm_cluster.wait_job(job_id, 120, until=lambda job: job["Restarts"] == "1" and job["JobState"] == "PENDING")
     saved = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")]
     assert saved and "step_00000400" not in saved  # the preemption save, before the end
-    # release the requeued job only once both nodes have finished cleaning up the first run (the
-    # ranks' exit takes seconds); started earlier, its launch can fail on a node still completing
-    slurm_cluster._wait(slurm_cluster._nodes_idle, 120, "idle nodes after the requeue")
-    slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-    job = slurm_cluster.wait_job(job_id, 240)
+    job = slurm_cluster.wait_job(job_id, 240 + CRED_EXPIRE_S)  # the requeued job starts by itself after cred_expire
     rank0 = (run_dir / "slurm" / f"{job_id}-rank0.log").read_text()
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", (job, rank0[-2000:], slurm_cluster.log_tail(40))
     assert f"stopping at step" in rank0 and f"exit code {EXIT_PREEMPTED}" in rank0
