@@ -54,17 +54,21 @@ def test_two_rank_training_under_mpirun(tiny_config, tmp_path):
     assert len(rank_rows[0]) == len(rank_rows[1]) == 5 and rank_rows[0] != rank_rows[1]
 
 
-def test_plain_mpirun_ranks_rendezvous_through_mpi4py():
-    """No MASTER_ADDR from the launcher: DeepSpeed's MPI discovery (mpi4py) supplies it, then gloo all-reduces."""
+def test_plain_mpirun_ranks_rendezvous_through_mpi4py(tmp_path):
+    """No MASTER_ADDR from the launcher: DeepSpeed's MPI discovery (mpi4py) supplies it, then gloo all-reduces.
+
+    Each rank writes its line to a file: mpirun's stdout forwarding of a process that exits right
+    after printing was seen to drop the output once under heavy load."""
     _require_mpirun()
     require(None if importlib.util.find_spec("mpi4py") else "mpi4py is not installed (pip install -e '.[test]')")
-    code = ("import os; from pretrain.distributed import init_distributed, all_reduce_sum, destroy_distributed; "
-            "d = init_distributed(); print('rank', d.rank, d.world_size, all_reduce_sum([d.rank + 1.0])[0], "
-            "os.environ['MASTER_ADDR'] != '', flush=True); destroy_distributed()")
+    code = ("import os, pathlib; from pretrain.distributed import init_distributed, all_reduce_sum, destroy_distributed; "
+            "d = init_distributed(); row = f\"rank {d.rank} {d.world_size} {all_reduce_sum([d.rank + 1.0])[0]} "
+            "{os.environ['MASTER_ADDR'] != ''}\"; "
+            f"pathlib.Path(r'{tmp_path}', f'rank{{d.rank}}.txt').write_text(row); destroy_distributed()")
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     proc = subprocess.run(["mpirun", "-np", "2", "--bind-to", "none", *root, sys.executable, "-c", code],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
-    assert rows == ["rank 0 2 3.0 True", "rank 1 2 3.0 True"]
+    rows = sorted(p.read_text() for p in tmp_path.glob("rank*.txt"))
+    assert rows == ["rank 0 2 3.0 True", "rank 1 2 3.0 True"], proc.stdout + proc.stderr
