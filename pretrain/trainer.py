@@ -91,17 +91,18 @@ def train(cfg: TrainConfig) -> dict:
         destroy_distributed()
 
 
-def preflight(cfg: TrainConfig) -> tuple[TokenizerInfo, object, int]:
+def preflight(cfg: TrainConfig, data: tuple[dict | None, str] | None = None) -> tuple[TokenizerInfo, object, int]:
     """Load tokenizer and manifest, build the model config and run every consistency check.
 
     Returns ``(tokenizer_info, model_config, seq_len)``; cheap (no weights), so launchers call it
-    once before starting ranks.
+    once before starting ranks. ``data``: :func:`~pretrain.sources.describe_data` of ``cfg.data`` when
+    the caller already has it.
 
     Raises:
         ConsistencyError, ConfigError, InputError: see :func:`pretrain.checks.check_consistency`.
     """
     tok = load_tokenizer_info(cfg.data.tokenizer)
-    manifest = describe_data(_data_dict(cfg))[0]
+    manifest = (data or describe_data(_data_dict(cfg)))[0]
     seq_len = cfg.seq_len or manifest["seq_len"]
     overrides = dict(cfg.model.overrides)
     if cfg.model.init_from:
@@ -121,7 +122,8 @@ def _data_dict(cfg: TrainConfig) -> dict:
 
 
 def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
-    tok, model_config, seq_len = preflight(cfg)
+    data = describe_data(_data_dict(cfg))  # read once: the manifest for the checks, the fingerprint for checkpoints
+    tok, model_config, seq_len = preflight(cfg, data)
     run_dir = Path(cfg.run_dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -138,12 +140,11 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
         source = ShardSource(cfg.data.path, [(b.path, b.weight) for b in cfg.data.blend], cfg.seed)
     else:
         source = StreamingSource(list(cfg.data.raw_inputs), tok, seq_len, cfg.data.raw_text_column, cfg.data.raw_val_fraction)
-    data_fingerprint = describe_data(_data_dict(cfg))[1]
     run = Run(cfg=cfg, dist=dist, engine=engine, objective=objective_of(model_config), resume_from=resume_from, resume_universal=universal, source=source,
               val_batches=source.val_batches(dist.rank, dist.world_size, ds.micro_batch_size, cfg.data.eval_batches),
               seq_len=seq_len,
               global_batch=ds.micro_batch_size * ds.gradient_accumulation_steps * dist.world_size,
-              fingerprints={"tokenizer": tok.fingerprint, "data": data_fingerprint},
+              fingerprints={"tokenizer": tok.fingerprint, "data": data[1]},
               flops_per_token=fpt, peak_flops=peak_flops_per_device(cfg.peak_tflops))
     log_rank0("model %s: %.2fM parameters, vocab %d rows (tokenizer %d), seq_len %d", cfg.model.preset,
               n_params / 1e6, model_config.vocab_size, tok.vocab_size, seq_len)
