@@ -36,12 +36,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from data_prep.errors import InputError
+from data_prep.errors import InputError, UserError
 from data_prep.pack import Rows
 
 FORMAT_NAME = "lmforge-packed-sequences"
@@ -201,66 +202,111 @@ def read_manifest(data_dir: str | Path) -> dict:
     return manifest
 
 
-class ShardReader:
-    """Memory-mapped random access to the packed sequences of one split.
+class _OpenShard:
+    """One memory-mapped shard: its record batches as ``(rows, seq_len)`` views, starts and real-token counts."""
 
-    Nothing is loaded into RAM: each shard is ``mmap``-ed and its ``input_ids`` column viewed as a
-    ``(rows, seq_len)`` numpy array without copying.
+    def __init__(self, path: Path, expected_bytes: int, expected_rows: int, seq_len: int):
+        size = path.stat().st_size if path.is_file() else -1
+        if size != expected_bytes:
+            raise InputError(f"{path}: shard is {size} bytes, manifest says {expected_bytes}")
+        table = pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
+        if table.num_rows != expected_rows:
+            raise InputError(f"{path}: shard has {table.num_rows} sequences, manifest says {expected_rows}")
+        self.blocks: list[np.ndarray] = []
+        self.starts: list[pa.ListArray] = []
+        self.num_tokens: list[np.ndarray | None] = []
+        for batch in table.to_batches():
+            col = batch.column("input_ids")
+            values = col.values.to_numpy(zero_copy_only=True)
+            self.blocks.append(values[col.offset * seq_len:][: len(col) * seq_len].reshape(len(col), seq_len))
+            self.starts.append(batch.column("document_starts"))
+            has_num = "num_tokens" in batch.schema.names
+            self.num_tokens.append(batch.column("num_tokens").to_numpy(zero_copy_only=True) if has_num else None)
+        self.offsets = np.concatenate([[0], np.cumsum([len(b) for b in self.blocks])]).astype(np.int64)
+
+    def locate(self, row: int) -> tuple[int, int]:
+        block = int(np.searchsorted(self.offsets, row, side="right") - 1)
+        return block, row - int(self.offsets[block])
+
+
+class ShardReader:
+    """Memory-mapped random access to the packed sequences of one split, opening shards lazily.
+
+    Nothing is loaded into RAM, and nothing is opened up front: the row offsets come from the
+    manifest's per-shard ``sequences`` counts. A shard is ``mmap``-ed on first access (its size and
+    row count checked against the manifest then), its ``input_ids`` column viewed as a
+    ``(rows, seq_len)`` numpy array without copying, and at most ``max_open_shards`` stay open (least
+    recently used closed first). At 10T tokens a split has ~300,000 shards: opening them all would pass
+    Linux's default ``vm.max_map_count`` of 65,530 (see docs/scaling.md).
+
+    Args:
+        data_dir: a prepared folder (with ``manifest.json``).
+        split: ``train`` or ``val``.
+        max_open_shards: open memory maps kept (count); a random order touches up to a micro batch of
+            shards per step, so a few hundred keep re-opens rare.
 
     Raises:
-        InputError: missing manifest, unknown split, or a shard whose size differs from the manifest.
+        InputError: missing manifest or unknown split; on first access to a shard, a shard whose size
+            in bytes or sequence count differs from the manifest.
     """
 
-    def __init__(self, data_dir: str | Path, split: str = "train"):
+    def __init__(self, data_dir: str | Path, split: str = "train", max_open_shards: int = 256):
         self.dir = Path(data_dir)
         self.manifest = read_manifest(self.dir)
         splits = self.manifest["splits"]
         if split not in splits:
             raise InputError(f"{self.dir}: no split '{split}' (splits: {', '.join(splits)})")
+        if max_open_shards < 1:
+            raise UserError(f"max_open_shards must be >= 1, got {max_open_shards}")
         self.split = split
         self.seq_len: int = self.manifest["seq_len"]
-        self._blocks: list[np.ndarray] = []
-        self._starts: list[pa.ListArray] = []
-        self._num_tokens: list[np.ndarray | None] = []
-        for shard in splits[split]["shards"]:
-            path = self.dir / shard["path"]
-            size = path.stat().st_size if path.is_file() else -1
-            if size != shard["bytes"]:
-                raise InputError(f"{path}: shard is {size} bytes, manifest says {shard['bytes']}")
-            table = pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
-            for batch in table.to_batches():
-                col = batch.column("input_ids")
-                values = col.values.to_numpy(zero_copy_only=True)
-                self._blocks.append(values[col.offset * self.seq_len:][: len(col) * self.seq_len].reshape(len(col), self.seq_len))
-                self._starts.append(batch.column("document_starts"))
-                has_num = "num_tokens" in batch.schema.names
-                self._num_tokens.append(batch.column("num_tokens").to_numpy(zero_copy_only=True) if has_num else None)
-        sizes = [len(b) for b in self._blocks]
-        self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.max_open_shards = max_open_shards
+        self._shards: list[dict] = splits[split]["shards"]
+        self._offsets = np.concatenate([[0], np.cumsum([s["sequences"] for s in self._shards])]).astype(np.int64)
+        self._open: OrderedDict[int, _OpenShard] = OrderedDict()
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
-    def _locate(self, index: int) -> tuple[int, int]:
+    @property
+    def open_shards(self) -> int:
+        """Shards memory-mapped right now (count)."""
+        return len(self._open)
+
+    def _shard(self, index: int) -> _OpenShard:
+        shard = self._open.get(index)
+        if shard is None:
+            record = self._shards[index]
+            shard = _OpenShard(self.dir / record["path"], record["bytes"], record["sequences"], self.seq_len)
+            if len(self._open) >= self.max_open_shards:
+                self._open.popitem(last=False)  # views handed out keep their mapping alive until dropped
+            self._open[index] = shard
+        else:
+            self._open.move_to_end(index)
+        return shard
+
+    def _locate(self, index: int) -> tuple[_OpenShard, int, int]:
         if not 0 <= index < len(self):
             raise IndexError(f"sequence {index} out of range [0, {len(self)})")
-        block = int(np.searchsorted(self._offsets, index, side="right") - 1)
-        return block, index - int(self._offsets[block])
+        shard_index = int(np.searchsorted(self._offsets, index, side="right") - 1)
+        shard = self._shard(shard_index)
+        block, row = shard.locate(index - int(self._offsets[shard_index]))
+        return shard, block, row
 
     def __getitem__(self, index: int) -> np.ndarray:
         """The ``(seq_len,)`` token ids of sequence ``index`` (a read-only view into the mmap)."""
-        block, row = self._locate(index)
-        return self._blocks[block][row]
+        shard, block, row = self._locate(index)
+        return shard.blocks[block][row]
 
     def document_starts(self, index: int) -> list[int]:
         """Positions in sequence ``index`` where a document begins."""
-        block, row = self._locate(index)
-        return self._starts[block][row].as_py()
+        shard, block, row = self._locate(index)
+        return shard.starts[block][row].as_py()
 
     def num_tokens(self, index: int) -> int:
         """Real (non-padding) tokens at the start of sequence ``index``; ``seq_len`` unless padded."""
-        block, row = self._locate(index)
-        nums = self._num_tokens[block]
+        shard, block, row = self._locate(index)
+        nums = shard.num_tokens[block]
         return self.seq_len if nums is None else int(nums[row])
 
     def batch(self, indices: list[int] | np.ndarray) -> np.ndarray:

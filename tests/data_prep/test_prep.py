@@ -88,8 +88,28 @@ def test_shard_size_mismatch_is_refused(tmp_path, prepared_dir):
     shard = copy / json.loads((copy / "manifest.json").read_text())["splits"]["train"]["shards"][0]["path"]
     with open(shard, "ab") as fh:
         fh.write(b"junk")
-    with pytest.raises(InputError, match="manifest says"):
-        ShardReader(copy, "train")
+    reader = ShardReader(copy, "train")  # shards open lazily: the check runs on first access
+    with pytest.raises(InputError, match=rf"{shard}: shard is \d+ bytes, manifest says \d+"):
+        reader[0]
+
+
+def test_reader_opens_shards_lazily_and_keeps_at_most_max_open(prepared_dir):
+    manifest = json.loads((prepared_dir / "manifest.json").read_text())
+    counts = [s["sequences"] for s in manifest["splits"]["train"]["shards"]]
+    assert len(counts) >= 3, "the fixture needs several train shards"
+    eager = ShardReader(prepared_dir, "train", max_open_shards=len(counts))
+    lazy = ShardReader(prepared_dir, "train", max_open_shards=2)
+    assert lazy.open_shards == 0 and len(lazy) == sum(counts)
+    firsts = [sum(counts[:i]) for i in range(len(counts))]  # first row of each shard
+    for i in firsts + firsts[::-1] + [len(lazy) - 1]:
+        assert (lazy[i] == eager[i]).all() and lazy.document_starts(i) == eager.document_starts(i)
+        assert lazy.num_tokens(i) == eager.num_tokens(i)
+        assert lazy.open_shards <= 2
+    view = lazy[firsts[0]]
+    for i in firsts[1:]:
+        lazy[i]  # evicts shard 0's map; the view handed out keeps its mapping alive
+    assert (view == eager[firsts[0]]).all()
+    assert eager.open_shards == len(counts)
 
 
 def _corpus(tmp_path, corpus_dirs):
