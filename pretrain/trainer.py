@@ -72,6 +72,8 @@ class Run:
     """The resume checkpoint was saved at another world size (load through the universal format)."""
     exports: list = field(default_factory=list)
     """Rank 0: ``(checkpoint path, Popen)`` of background Hugging Face exports."""
+    inputs: object = None
+    """MicroBatch -> model inputs, built once by :func:`input_builder` (the MLM collator loads the tokenizer)."""
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -194,13 +196,16 @@ def to_device(arrays: dict[str, np.ndarray], device) -> dict:
 
 
 def input_builder(run: Run):
-    """MicroBatch -> model inputs for the run's objective (see pretrain.inputs)."""
-    cfg = run.cfg
-    if run.objective == "mlm":
-        m = cfg.mlm
-        return MaskedLMInputs(cfg.data.tokenizer, m.probability, m.mask_replace_prob, m.random_replace_prob, m.whole_word_mask)
-    # no KV cache: transformers derives the per-document mask from position_ids only without one
-    return lambda mb: {**causal_lm_inputs(mb, cfg.data.document_masking), "use_cache": False}
+    """MicroBatch -> model inputs for the run's objective (see pretrain.inputs); built once per run."""
+    if run.inputs is None:
+        cfg = run.cfg
+        if run.objective == "mlm":
+            m = cfg.mlm
+            run.inputs = MaskedLMInputs(cfg.data.tokenizer, m.probability, m.mask_replace_prob, m.random_replace_prob,
+                                        m.whole_word_mask)
+        else:  # no KV cache: transformers derives the per-document mask from position_ids only without one
+            run.inputs = lambda mb: {**causal_lm_inputs(mb, cfg.data.document_masking), "use_cache": False}
+    return run.inputs
 
 
 def train_step(engine, batches, build_inputs, accumulation_steps: int, index_log=None, step: int = 0,
