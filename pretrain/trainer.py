@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import UserError
-from data_prep.shards import write_json_atomic
+from data_prep.shards import check_shard_files, write_json_atomic
 from data_prep.tokenizer import TokenizerInfo, load_tokenizer_info
 from pretrain import checkpoint
 from pretrain.checkpoint import TrainState
@@ -126,6 +126,9 @@ def _data_dict(cfg: TrainConfig) -> dict:
 def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     data = describe_data(_data_dict(cfg))  # read once: the manifest for the checks, the fingerprint for checkpoints
     tok, model_config, seq_len = preflight(cfg, data)
+    if dist.is_main:  # shards open lazily: find a missing or truncated one before step 1 (one stat each)
+        for path in [cfg.data.path] * bool(cfg.data.path) + [b.path for b in cfg.data.blend]:
+            check_shard_files(path)
     run_dir = Path(cfg.run_dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -44,3 +44,24 @@ def test_trainer_and_launchers_agree_on_the_preempted_exit_code():
     from pretrain.preemption import EXIT_PREEMPTED as trainer_code
 
     assert launcher_code == trainer_code == 75
+
+
+def test_missing_shard_stops_training_before_step_1(tmp_path, tokenizer_dir, prepared_dir):
+    """Shards open lazily, so rank 0 checks every shard's size at start (one stat each)."""
+    import json
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dir, data)
+    shards = json.loads((data / "manifest.json").read_text())["splits"]["train"]["shards"]
+    (data / shards[-1]["path"]).unlink()
+    with open(data / shards[0]["path"], "ab") as fh:
+        fh.write(b"junk")
+    proc = _lmforge("train", str(os.path.dirname(__file__) + "/../pretrain/configs/demo.yaml"), f"data.path={data}",
+                    f"data.tokenizer={tokenizer_dir}", "model.preset=llama-test", "run_dir=run", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = _error_lines(proc)
+    assert line == (f"lmforge: error: {data}: 2 of {len(shards) + len(json.loads((data / 'manifest.json').read_text())['splits']['val']['shards'])} "
+                    f"shards differ from the manifest: {data / shards[0]['path']} is {shards[0]['bytes'] + 4} bytes, manifest says "
+                    f"{shards[0]['bytes']}; {data / shards[-1]['path']} is missing, manifest says {shards[-1]['bytes']}")
+    assert not (tmp_path / "run" / "checkpoints").exists()
