@@ -110,9 +110,7 @@ def rescore_unigram(tok, batches: Iterable[list[str]]) -> None:
         return
     model = json.loads(tok.to_str())["model"]
     counts = viterbi_counts(tok, batches)
-    special = _special_contents(tok)
-    unk = None if model["unk_id"] is None else model["vocab"][model["unk_id"]][0]
-    keep = {t for t in special} | ({unk} if unk is not None else set())
+    keep = _special_contents(tok) | ({model["vocab"][model["unk_id"]][0]} if model["unk_id"] is not None else set())
     pieces = [i for i, (piece, _) in enumerate(model["vocab"]) if piece not in keep]
     total = int(sum(int(counts[i]) for i in pieces))
     if total == 0:
@@ -123,6 +121,8 @@ def rescore_unigram(tok, batches: Iterable[list[str]]) -> None:
         vocab[i][1] = math.log(int(counts[i]) or UNUSED_PIECE_COUNT) - log_total
     tok.model = models.Unigram([tuple(v) for v in vocab], unk_id=model["unk_id"],
                                byte_fallback=model.get("byte_fallback", False))
+    log.info("unigram scores recounted: %d piece uses, %d of %d pieces unused", total,
+             sum(1 for i in pieces if not counts[i]), len(pieces))
 
 
 def make_reproducible(tok, batches: Iterable[list[str]]) -> None:
