@@ -171,7 +171,7 @@ def build(spec: FamilySpec, specials: SpecialTokens, vocab_size: int, min_freque
         lowercase, strip_accents: WordPiece only (BertNormalizer; ``strip_accents=None`` follows
             ``lowercase``, as in BERT).
         seed_symbols: symbols placed right after the special tokens, in this order, before training
-            (see :func:`continuation_seed`); remove them from the added tokens with :func:`release_seeds`.
+            (see :func:`decorated_symbols`); remove them from the added tokens with :func:`release_seeds`.
 
     Returns:
         ``(tokenizer, trainer)``; after training call :func:`finish`.
@@ -209,14 +209,19 @@ def build(spec: FamilySpec, specials: SpecialTokens, vocab_size: int, min_freque
     return tok, trainer
 
 
-def continuation_seed(probe_vocab: Mapping[str, int], prefix: str = WORDPIECE_PREFIX) -> list[str]:
-    """The ``##c`` symbols of a probe vocabulary (a BPE trainer with the prefix and vocab_size 0), sorted.
+def decorated_symbols(probe_vocab: Mapping[str, int]) -> list[str]:
+    """The decorated one-character symbols (``##c``, ``c</w>``) of a probe vocabulary, sorted.
 
-    tokenizers' BPE trainer (WordPiece trains through it) gives ``##c`` symbols ids in hash-map
-    order, and merges of equal count are ranked by id, so the same corpus can give another
-    vocabulary (tokenizers#1794). Handing the trainer these symbols first, sorted, fixes their ids.
+    ``probe_vocab`` comes from a BPE trainer with the same prefix / suffix and vocab_size 0 (no
+    merges), so it holds the alphabet (one character each) and the decorated symbols (longer).
+    tokenizers' BPE trainer (WordPiece trains through it) gives decorated symbols ids in the
+    hash-map order of the training words, and merges of equal count are ranked by id, so the same
+    corpus can give another vocabulary (tokenizers#1794). Handing the trainer these symbols first,
+    sorted, as special tokens fixes their ids; :func:`release_seeds` turns them back into plain
+    vocabulary. (As special tokens they are cut out of the training text where it spells them
+    literally, e.g. ``##a`` in a Markdown heading: a few occurrences, the same in every run.)
     """
-    return sorted(t for t in probe_vocab if t.startswith(prefix) and len(t) == len(prefix) + 1)
+    return sorted(t for t in probe_vocab if len(t) > 1)
 
 
 def release_seeds(tok, seeds: Sequence[str]):
@@ -260,37 +265,11 @@ def _template(items: Sequence[str], roles: Mapping[str, str]) -> tuple[str, list
     return " ".join(out), used
 
 
-def canonical_unigram_order(tok) -> None:
-    """Reorder a trained Unigram vocabulary in place: special tokens keep their ids, the other pieces follow by text.
-
-    tokenizers' Unigram trainer is not bit-reproducible: its EM sums run in hash-map order (scores
-    differ around the 11th digit, near-equal pieces swap places) and characters that fell out of
-    the model get score steps of 1e-4 in hash-set order. Ordering by text makes the ids depend only
-    on the learned piece set; the scores may still differ, so tokenizer.json (and its fingerprint)
-    can differ between two runs. Other models are left alone.
-    """
-    import json
-
-    from tokenizers import models
-
-    if not isinstance(tok.model, models.Unigram):
-        return
-    model = json.loads(tok.to_str())["model"]
-    vocab = [tuple(v) for v in model["vocab"]]
-    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
-    head = [v for v in vocab if v[0] in special]
-    if [v[0] for v in vocab[:len(head)]] != [v[0] for v in head]:
-        return  # special tokens not at the front: reordering would move their ids
-    vocab = head + sorted(vocab[len(head):], key=lambda v: v[0])
-    unk_id = None if model["unk_id"] is None else [v[0] for v in vocab].index(model["vocab"][model["unk_id"]][0])
-    tok.model = models.Unigram(vocab, unk_id=unk_id, byte_fallback=model.get("byte_fallback", False))
-
-
 def finish(tok, spec: FamilySpec, specials: SpecialTokens) -> None:
-    """Complete a trained tokenizer in place: unigram ids in canonical order, then the post-processor."""
+    """Complete a trained tokenizer in place: the post-processor (Unigram: call
+    :func:`data_prep.tokenizer_unigram.make_reproducible` first, it changes the ids)."""
     from tokenizers import processors
 
-    canonical_unigram_order(tok)
     if spec.name == "byte-bpe":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
         return

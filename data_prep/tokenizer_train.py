@@ -19,8 +19,9 @@ from data_prep.tokenizer import (TOKENIZER_FILE, TokenizerInfo, is_replaceable_o
                                  save_tokenizer_folder)
 from data_prep.tokenizer_corpus import DEFAULT_BATCH_BYTES, CorpusStats, CorpusText, prefetched
 from data_prep.tokenizer_families import (FAMILIES, UNIGRAM_ALPHABET_ERROR, WORDPIECE_PREFIX, FamilySpec, SpecialTokens,
-                                          alphabet_problem, build, canonical_unigram_order, continuation_seed, finish,
-                                          minimum_vocab_size, release_seeds, special_token_problems)
+                                          alphabet_problem, build, decorated_symbols, finish, minimum_vocab_size,
+                                          release_seeds, special_token_problems)
+from data_prep.tokenizer_unigram import make_reproducible
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +130,18 @@ def _train_stream(text: CorpusText, train: Callable):
     return stats, result
 
 
-def _probe_vocab(pipeline, text: CorpusText, prefix: str | None = None) -> dict:
+def _probe_vocab(pipeline, text: CorpusText, prefix: str | None = None, suffix: str | None = None) -> dict:
     """The symbols ``pipeline``'s normalizer and pre-tokenizer produce on the text (an extra read, no merges).
 
-    ``pipeline`` is a ``tokenizers.Tokenizer`` (not modified). With ``prefix``, non-initial
-    characters appear as ``prefix + c`` too, as WordPiece training sees them.
+    ``pipeline`` is a ``tokenizers.Tokenizer`` (not modified). With ``prefix`` (``suffix``),
+    non-initial (final) characters appear as ``prefix + c`` (``c + suffix``) too, as WordPiece
+    (BPE with those options) training sees them.
     """
     from tokenizers import Tokenizer, models, trainers
 
     probe = Tokenizer.from_str(pipeline.to_str())
     probe.model = models.BPE()
-    options = {"continuing_subword_prefix": prefix} if prefix else {}
+    options = {k: v for k, v in (("continuing_subword_prefix", prefix), ("end_of_word_suffix", suffix)) if v}
     probe.train_from_iterator(text.batches(), trainers.BpeTrainer(vocab_size=0, show_progress=False, **options))
     return probe.get_vocab(with_added_tokens=False)
 
@@ -155,7 +157,7 @@ def _train_family(cfg: TokenizerTrainConfig, spec: FamilySpec, specials: Special
     from transformers import PreTrainedTokenizerFast
 
     tok, trainer = build(spec, specials, cfg.vocab_size, cfg.min_frequency, cfg.lowercase, cfg.strip_accents)
-    seeds = continuation_seed(_probe_vocab(tok, text, WORDPIECE_PREFIX)) if spec.name == "wordpiece" else []
+    seeds = decorated_symbols(_probe_vocab(tok, text, WORDPIECE_PREFIX)) if spec.name == "wordpiece" else []
     if seeds:
         tok, trainer = build(spec, specials, cfg.vocab_size, cfg.min_frequency, cfg.lowercase, cfg.strip_accents,
                              seed_symbols=seeds)
@@ -169,6 +171,7 @@ def _train_family(cfg: TokenizerTrainConfig, spec: FamilySpec, specials: Special
     if problem:
         raise UserError(problem)
     tok = release_seeds(tok, seeds)
+    make_reproducible(tok, text.batches())
     finish(tok, spec, specials)
     role_kwargs = {f"{role}_token": token for role, token in specials.roles.items()}
     if specials.extra:
@@ -186,22 +189,61 @@ def _train_family(cfg: TokenizerTrainConfig, spec: FamilySpec, specials: Special
                          "extra_special_tokens": list(specials.extra), **options}
 
 
+def _decorations(model: dict) -> tuple[str | None, str | None]:
+    """``(continuing_subword_prefix, end_of_word_suffix)`` a source model's trainer decorates symbols with."""
+    if model["type"] == "WordPiece":
+        return model.get("continuing_subword_prefix") or WORDPIECE_PREFIX, None
+    if model["type"] == "BPE":
+        return model.get("continuing_subword_prefix"), model.get("end_of_word_suffix")
+    return None, None
+
+
+def _without_seeds(fast, seeds: list[str]):
+    """``fast`` (from ``train_new_from_iterator``) rebuilt with the seed symbols as plain vocabulary.
+
+    transformers registered the seeds (passed as ``new_special_tokens``) as extra special tokens of
+    the wrapper and of the backend; the rebuilt wrapper is the same class with the same arguments,
+    minus the seeds.
+    """
+    if not seeds:
+        return fast
+    drop = set(seeds)
+    kwargs = dict(fast.init_kwargs)
+    extra = [t for t in kwargs.pop("extra_special_tokens", None) or [] if str(t) not in drop]
+    if extra:
+        kwargs["extra_special_tokens"] = extra
+    kwargs["tokenizer_object"] = release_seeds(fast.backend_tokenizer, seeds)
+    return type(fast)(**kwargs)
+
+
 def _train_from_pretrained(cfg: TokenizerTrainConfig, text: CorpusText):
+    """Retrain a local tokenizer's algorithm and pipeline with transformers' ``train_new_from_iterator``.
+
+    Made reproducible as the families are: decorated symbols (WordPiece ``##c``, BPE prefix /
+    suffix forms) are seeded sorted (see :func:`decorated_symbols`), Unigram ids and scores are
+    made canonical (see :mod:`data_prep.tokenizer_unigram`).
+    """
     import json
 
     source = load_tokenizer(cfg.from_pretrained)
-    model_type = json.loads(source.backend_tokenizer.to_str())["model"]["type"]
+    model = json.loads(source.backend_tokenizer.to_str())["model"]
+    model_type = model["type"]
     kwargs = {"min_frequency": cfg.min_frequency} if model_type in ("BPE", "WordPiece") else {}
     kwargs["show_progress"] = False  # the corpus bar shows progress
+    prefix, suffix = _decorations(model)
+    if model_type == "WordPiece":
+        kwargs["continuing_subword_prefix"] = prefix  # transformers passes it for BPE only
+    seeds = decorated_symbols(_probe_vocab(source.backend_tokenizer, text, prefix, suffix)) if prefix or suffix else []
     try:
         stats, fast = _train_stream(text, lambda batches: source.train_new_from_iterator(
-            batches, vocab_size=cfg.vocab_size, **kwargs))
+            batches, vocab_size=cfg.vocab_size, new_special_tokens=seeds or None, **kwargs))
     except Exception as exc:
         if UNIGRAM_ALPHABET_ERROR not in str(exc):
             raise
         raise _alphabet_error(source.backend_tokenizer, text, cfg.vocab_size, len(source.all_special_tokens),
                               f"{cfg.from_pretrained}'s") from None
-    canonical_unigram_order(fast.backend_tokenizer)
+    fast = _without_seeds(fast, seeds)
+    make_reproducible(fast.backend_tokenizer, text.batches())
     if len(fast) > cfg.vocab_size and model_type in ("BPE", "WordPiece"):
         raise UserError(f"vocab_size {cfg.vocab_size} is smaller than the corpus alphabet plus the special tokens of "
                         f"{cfg.from_pretrained} = {len(fast)}")

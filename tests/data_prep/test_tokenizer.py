@@ -16,6 +16,8 @@ def test_tokenizer_loads_with_autotokenizer_and_round_trips_any_text(tokenizer_d
 
 
 def test_same_corpus_gives_identical_tokenizer(tmp_path, corpus_dirs, tokenizer_dir):
+    # in-process; every family and from_pretrained in another process:
+    # test_tokenizer_families.py::test_same_corpus_gives_a_byte_identical_tokenizer_json_in_another_process
     again = train_byte_bpe(corpus_dirs, tmp_path / "again", vocab_size=512, model_max_length=64)
     assert again.fingerprint == fingerprint(tokenizer_dir)
     info = load_tokenizer_info(tokenizer_dir)

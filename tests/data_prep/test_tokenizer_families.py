@@ -1,6 +1,10 @@
 """The four families: loading, special-token ids and templates, round trips, padding, collators, reproducibility, errors."""
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +15,9 @@ from data_prep.errors import UserError
 from data_prep.reader import iter_documents
 from data_prep.tokenizer import fingerprint, load_tokenizer_info
 from data_prep.tokenizer_train import TokenizerTrainConfig, train_tokenizer
-from tests.data_prep.conftest import FAMILY_VOCAB, PROSE
+from tests.data_prep.conftest import FAMILY_VOCAB, PROSE, RETRAIN_VOCAB, family_configs, retrain_configs
+
+REPO = Path(__file__).resolve().parents[2]
 
 EXPECTED_SPECIALS = {  # role -> (token, id): the family's defaults take the first ids in the family's order
     "byte-bpe": {"eos": ("<|endoftext|>", 0), "bos": ("<|endoftext|>", 0), "pad": ("<|pad|>", 1)},
@@ -113,23 +119,50 @@ def test_padding_side_and_both_language_modeling_collators(family_dirs):
         assert (mlm["input_ids"] == tok.mask_token_id).any() and (mlm["labels"] != -100).any(), family
 
 
-def test_same_corpus_gives_the_same_tokenizer(tmp_path, family_corpus, family_dirs):
-    for family in ("bpe", "wordpiece"):
-        cfg = TokenizerTrainConfig(inputs=family_corpus, output=str(tmp_path / family), family=family, vocab_size=FAMILY_VOCAB,
-                                   **({"padding_side": "left", "extra_special_tokens": ["<|tool|>"]} if family == "bpe" else {}))
-        assert train_tokenizer(cfg).fingerprint == fingerprint(family_dirs[family]), family
-    # Unigram: tokenizers' trainer is not bit-reproducible (EM sums in hash-map order; characters that
-    # fell out of the model get small score steps in hash-set order). The pieces, their ids (ordered
-    # by text), the scores of multi-character pieces and the tokenization must not vary.
-    train_tokenizer(TokenizerTrainConfig(inputs=family_corpus, output=str(tmp_path / "uni"), family="unigram",
-                                         vocab_size=FAMILY_VOCAB))
-    a = json.loads((family_dirs["unigram"] / "tokenizer.json").read_text())["model"]["vocab"]
-    b = json.loads((tmp_path / "uni" / "tokenizer.json").read_text())["model"]["vocab"]
-    assert [p for p, _ in a] == [p for p, _ in b]
-    assert max(abs(x - y) for (p, x), (_, y) in zip(a, b) if len(p) > 1) < 1e-6
-    ta, tb = (Tokenizer.from_file(str(d / "tokenizer.json")) for d in (family_dirs["unigram"], tmp_path / "uni"))
-    texts = [d.text for d in iter_documents([PROSE])]
-    assert [e.ids for e in ta.encode_batch(texts)] == [e.ids for e in tb.encode_batch(texts)]
+_TRAIN_CONFIGS = """
+import json, sys
+from data_prep.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+for config in json.load(open(sys.argv[1])):
+    train_tokenizer(TokenizerTrainConfig(**config))
+"""
+
+
+def test_same_corpus_gives_a_byte_identical_tokenizer_json_in_another_process(
+        tmp_path, family_corpus, family_dirs, pretrained_sources, retrained_dirs):
+    # tokenizers' trainers iterate hash maps whose keys are random per map and per process (Rust's
+    # ahash, Python's string hashes), so the second run is another process with other hash seeds.
+    again = {**family_configs(family_corpus, tmp_path / "families"),
+             **{f"from {k}": v for k, v in retrain_configs(pretrained_sources, tmp_path / "retrained").items()}}
+    here = {**family_dirs, **{f"from {k}": v for k, v in retrained_dirs.items()}}
+    assert len(again) == len(here) == 10
+    (tmp_path / "configs.json").write_text(json.dumps(list(again.values())))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _TRAIN_CONFIGS, str(tmp_path / "configs.json")], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    differ = [name for name, config in again.items() if fingerprint(config["output"]) != fingerprint(here[name])]
+    assert differ == [], f"tokenizer.json differs between two runs for {differ}"
+
+
+def test_unigram_scores_are_log_frequencies_of_the_viterbi_counts(family_dirs, family_corpus):
+    import math
+
+    from data_prep.tokenizer_corpus import CorpusText
+    from data_prep.tokenizer_unigram import UNUSED_PIECE_COUNT, rescore_unigram, viterbi_counts
+
+    tok = Tokenizer.from_file(str(family_dirs["unigram"] / "tokenizer.json"))
+    vocab = json.loads(tok.to_str())["model"]["vocab"]
+    assert vocab[:3] == [["<pad>", 0.0], ["</s>", 0.0], ["<unk>", 0.0]]
+    assert [p for p, _ in vocab[3:]] == sorted(p for p, _ in vocab[3:])  # ids by text
+    text = CorpusText(family_corpus)
+    counts = viterbi_counts(tok, text.batches())
+    assert counts[:3].sum() == 0 and (counts == 0).sum() > 3  # special tokens never counted; some pieces unused
+    rescore_unigram(tok, text.batches())
+    rescored = json.loads(tok.to_str())["model"]["vocab"]
+    total = int(counts[3:].sum())
+    assert rescored[:3] == vocab[:3] and [p for p, _ in rescored] == [p for p, _ in vocab]
+    assert [s for _, s in rescored[3:]] == [math.log(int(c) or UNUSED_PIECE_COUNT) - math.log(total) for c in counts[3:]]
 
 
 def test_bad_requests_fail_with_one_clear_line(tmp_path, family_corpus):
@@ -160,17 +193,27 @@ def test_bad_requests_fail_with_one_clear_line(tmp_path, family_corpus):
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
-def test_from_pretrained_retrains_the_source_pipeline(tmp_path, family_dirs):
-    out = tmp_path / "retrained"
-    info = train_tokenizer(TokenizerTrainConfig(inputs=[PROSE], output=str(out), from_pretrained=str(family_dirs["wordpiece"]),
-                                                vocab_size=400, padding_side="left"))
+def test_from_pretrained_retrains_the_source_pipeline(retrained_dirs, pretrained_sources):
+    out = retrained_dirs["wordpiece"]
     tok = AutoTokenizer.from_pretrained(str(out))
-    assert info.vocab_size == len(tok) == 400 and tok.padding_side == "left"
-    assert info.fingerprint != fingerprint(family_dirs["wordpiece"])
+    assert load_tokenizer_info(out).vocab_size == len(tok) == RETRAIN_VOCAB and tok.padding_side == "left"
+    assert fingerprint(out) != fingerprint(pretrained_sources["wordpiece"])
     enc = tok("a", "b")
     assert tok.convert_ids_to_tokens(enc["input_ids"]) == ["[CLS]", "a", "[SEP]", "b", "[SEP]"]
     assert enc["token_type_ids"] == [0, 0, 0, 1, 1]
     assert (tok.pad_token_id, tok.cls_token_id, tok.mask_token_id) == (0, 2, 4)
     meta = json.loads((out / "lmforge_tokenizer.json").read_text())
-    assert (meta["family"], meta["from_pretrained"], meta["source_model_type"]) == ("wordpiece", str(family_dirs["wordpiece"]), "WordPiece")
+    assert (meta["family"], meta["from_pretrained"], meta["source_model_type"]) == ("wordpiece", str(pretrained_sources["wordpiece"]), "WordPiece")
     assert (out / "special_tokens_map.json").is_file()
+    # the sorted seed symbols (##c, c</w>) are plain vocabulary again, not special tokens
+    for name, seed in (("wordpiece", "##a"), ("bpe-affixes", "a</w>")):
+        tok = AutoTokenizer.from_pretrained(str(retrained_dirs[name]))
+        assert seed in tok.get_vocab() and seed not in tok.all_special_tokens, name
+        assert json.loads((retrained_dirs[name] / "tokenizer.json").read_text())["added_tokens"] == \
+            json.loads((pretrained_sources[name] / "tokenizer.json").read_text())["added_tokens"], name
+    affixes = AutoTokenizer.from_pretrained(str(retrained_dirs["bpe-affixes"]))
+    pieces = affixes.tokenize("the river")
+    assert "".join(p.removeprefix("##").removesuffix("</w>") for p in pieces) == "theriver" and len(affixes) == RETRAIN_VOCAB
+    assert pieces[-1].endswith("</w>") and any(p.startswith("##") for p in pieces), pieces
+    unigram = json.loads((retrained_dirs["unigram"] / "tokenizer.json").read_text())["model"]["vocab"]
+    assert [p for p, _ in unigram[3:]] == sorted(p for p, _ in unigram[3:])
