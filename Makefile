@@ -26,6 +26,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $@
+
 # Slurm, munge and OpenMPI for the launcher tests; installed with apt when missing and running as root,
 # before the Python test dependencies (mpi4py links against OpenMPI).
 system-deps:
@@ -50,7 +54,7 @@ test: system-deps install-test
 # (git-ignored, about 4 GB: corpora, tokenizers, prepared data, a 1.24 GB fp32 ZeRO-3 checkpoint); reruns reuse them.
 BENCH_SCRIPTS = $(sort $(wildcard bench/bench_*.py)) $(wildcard bench/gpu_*.py)
 
-bench: install
+bench: $(VENV)/.installed-bench
 	@failed=""; for s in $(BENCH_SCRIPTS); do \
 	  echo "== $$s"; PYTHONPATH=$(CURDIR) $(BIN)/python $$s || failed="$$failed $$s"; \
 	done; \
