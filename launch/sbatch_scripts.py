@@ -126,7 +126,7 @@ def render_prep_scripts(opts: SlurmOptions, python: str, prep_args: Sequence[str
                         workdir: str, max_parallel: int | None = None) -> tuple[str, str]:
     """``(array_script, merge_script)`` for data prep split into ``num_tasks`` parts.
 
-    Array task ``i`` runs ``lmforge prep PREP_ARGS --output OUTPUT --num-tasks N --task-id i``; the
+    Array task ``i`` runs ``lmforge prep PREP_ARGS --output OUTPUT --num-tasks N --no-merge --task-id i``; the
     merge script runs ``lmforge prep merge OUTPUT`` and is submitted with ``--dependency=afterok``
     on the array, so it starts only when every part succeeded. Logs go to ``OUTPUT/slurm/``.
     Node, GPU and preemption options do not apply (one single-node task per part).
@@ -142,7 +142,9 @@ def render_prep_scripts(opts: SlurmOptions, python: str, prep_args: Sequence[str
     throttle = f"%{max_parallel}" if max_parallel else ""
     array_header = sbatch_header(opts, name, opts.output or f"{logs}/%A_%a-prep.out", workdir,
                                  (f"--array=0-{num_tasks - 1}{throttle}", "--ntasks=1"))
-    prep_cmd = [python, "-m", "lmforge", "prep", *prep_args, "--output", output, "--num-tasks", str(num_tasks)]
+    # --no-merge: the dependent merge job is the one merge (an auto-merge by the last array task would
+    # only be repeated by it)
+    prep_cmd = [python, "-m", "lmforge", "prep", *prep_args, "--output", output, "--num-tasks", str(num_tasks), "--no-merge"]
     array = ["#!/bin/bash",
              f"# lmforge data prep as a Slurm job array: {num_tasks} parts, array task i prepares part i.",
              "# Rendered by `lmforge launch slurm-prep`; the merge job waits for all of them (afterok).",

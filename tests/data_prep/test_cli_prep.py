@@ -62,7 +62,7 @@ def test_slurm_array_tasks_then_merge_then_stats(tmp_path, tokenizer_dir, corpus
     assert main(["prep", "merge", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tasks"]["num_tasks"] == 2 and manifest["counts"]["documents"] > 0
-    assert main(["prep", "merge", str(out)]) == 0  # again, as launch slurm-prep's merge job does after an auto-merge
+    assert main(["prep", "merge", str(out)]) == 0  # again: merging a merged folder gives the same manifest
     again = json.loads((out / "manifest.json").read_text())
     assert (again["counts"], again["splits"]) == (manifest["counts"], manifest["splits"])
     assert main(["prep", "stats", str(out), "--json", str(tmp_path / "stats.json")]) == 0
