@@ -258,5 +258,5 @@ def load_structure(path: str | Path):
         with open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
             archive = _Archive(path, zf, fh)
             return _Unpickler(zf.read(archive.prefix + "data.pkl"), archive).load()
-    except (OSError, zipfile.BadZipFile, EOFError, ValueError, pickle.UnpicklingError) as exc:
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, TypeError, AttributeError, pickle.UnpicklingError) as exc:
         raise ExportError(f"{path}: cannot read DeepSpeed checkpoint file ({type(exc).__name__}: {exc})") from exc
