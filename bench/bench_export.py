@@ -9,12 +9,15 @@ ratio above 1 means lmforge is faster).
    310M parameters with the bench's 512-token vocabulary, 1.24 GB in fp32), ZeRO-3, fp32, 2 CPU
    ranks, one optimizer step (so the files also hold Adam moments, as a real checkpoint does).
    Reruns reuse it.
-2. Runs, alternating (``common.alternate``), ``--repeats`` times each, every run a fresh process:
+2. Reads the checkpoint files once, so neither side's first round pays for a cold page cache.
+3. Runs, alternating (``common.alternate``), ``--repeats`` times each, every run a fresh process whose
+   interpreter start-up and imports are timed with it (:data:`SIDES` says what each side does):
    ``lmforge export TAG OUT --no-verify`` (consolidation + config, tokenizer, card; verification is a
    separate reload, timed once below) and ``python -m deepspeed.utils.zero_to_fp32 RUN/checkpoints OUT
-   --tag TAG --safe_serialization`` (same fp32 safetensors, 5GB shards). Wall time and the child's own
-   peak RSS (``os.wait4``, ``common.run_child``) are recorded; medians are compared.
-3. Checks both outputs are bit-identical (exit 1 when not), times one full export with verification,
+   --tag TAG --safe_serialization`` (same fp32 safetensors, 5GB shards). Each side's output folder is
+   deleted before its run, outside the timing. Wall time and the child's own peak RSS (``os.wait4``,
+   ``common.run_child``) are recorded; medians are compared.
+4. Checks both outputs are bit-identical (exit 1 when not), times one full export with verification,
    prints the ratios; the outputs are then deleted (the checkpoint stays).
 
 Usage: ``python bench/bench_export.py [--work bench/.cache/export] [--preset llama-350m] [--repeats 3]
@@ -23,7 +26,9 @@ Usage: ``python bench/bench_export.py [--work bench/.cache/export] [--preset lla
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -32,6 +37,42 @@ import common
 
 RSS_TARGET = 0.6
 TIME_TARGET = 1.0
+SIDES = {
+    "lmforge": "python -m lmforge export TAG OUT --overwrite --no-verify: interpreter start-up and imports (the fp32 "
+               "path imports neither torch, DeepSpeed nor transformers), checks of the run (state, tokenizer and data "
+               "fingerprints), the checkpoint structure from the files' pickles, model.safetensors (tensors copied "
+               "as stored, os.copy_file_range), config.json, generation_config.json, tokenizer files, loss curve "
+               "(matplotlib), model card, lmforge_export.json, rename of OUT.tmp to OUT",
+    "peer": "python -m deepspeed.utils.zero_to_fp32 RUN/checkpoints OUT --tag TAG --safe_serialization: interpreter "
+            "start-up, torch + DeepSpeed imports, torch.load of every rank's files (mmap), consolidation in memory, "
+            "model.safetensors via safetensors.torch.save_file (weights only: no config, tokenizer or card)",
+}
+"""What each timed process does, start to exit (recorded in the result JSON)."""
+
+
+HEAVY_MODULES = ("torch", "deepspeed", "transformers", "matplotlib", "numpy", "pyarrow")
+
+
+def heavy_imports(cmd: list[str], env: dict[str, str], out: Path) -> list[str]:
+    """Which of :data:`HEAVY_MODULES` the process ``cmd`` (``python -m ...``) imports, from ``-X importtime``
+    (one untimed run; ``out`` is deleted before and after)."""
+    shutil.rmtree(out, ignore_errors=True)
+    proc = subprocess.run([cmd[0], "-X", "importtime", *cmd[1:]], env={**os.environ, **env}, capture_output=True, text=True)
+    shutil.rmtree(out, ignore_errors=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} -X importtime failed: {proc.stderr[-3000:]}")
+    names = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    return [m for m in HEAVY_MODULES if m in names]
+
+
+def warm_page_cache(tag_dir: Path) -> int:
+    """Read every file of the checkpoint once (1 MiB at a time); returns the bytes read."""
+    total = 0
+    for path in sorted(tag_dir.iterdir()):
+        with open(path, "rb", buffering=0) as fh:
+            while chunk := fh.read(1 << 20):
+                total += len(chunk)
+    return total
 
 
 def build_checkpoint(work: Path, preset: str) -> Path:
@@ -101,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     peer_cmd = [sys.executable, "-m", "deepspeed.utils.zero_to_fp32", str(tag_dir.parent), str(peer), "--tag", tag_dir.name,
                 "--safe_serialization"]
     env = common.python_env(**common.CPU_ONLY_ENV)
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    warm_page_cache(tag_dir)
     rss: dict[str, list[int]] = {"lmforge": [], "peer": []}
 
     def run(side: str, cmd: list[str], out: Path) -> float:
@@ -114,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = common.alternate({"lmforge": lambda: run("lmforge", lmforge_cmd, ours),
                                  "peer": lambda: run("peer", peer_cmd, peer)}, args.repeats)
         same = identical(ours, peer)
+        lmforge_imports = heavy_imports(lmforge_cmd, env, ours)
         shutil.rmtree(ours, ignore_errors=True)
         verified = common.run_child(lmforge_cmd[:-1], env=env)  # full export with the fresh-process verification
         common.check_child(verified, "lmforge export with verification")
@@ -126,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     rss_gib = {side: [r / 2**30 for r in runs] for side, runs in rss.items()}
     rows = [
         common.row(f"export time, {what}", "s", wall["lmforge"], wall["peer"], peer_name, better="lower",
-                   target=f">= {TIME_TARGET}x", note=f"outputs bit-identical: {'yes' if same else 'NO'}; "
-                                                     "both processes pay the torch + DeepSpeed start-up"),
+                   target=f">= {TIME_TARGET}x", note=f"outputs bit-identical: {'yes' if same else 'NO'}; each side a fresh process, "
+                                                     "start-up and imports included; page cache warm"),
         common.row("peak RSS of the export process", "GiB", rss_gib["lmforge"], rss_gib["peer"], peer_name, better="lower",
                    note="ru_maxrss: memory-mapped checkpoint pages count"),
         common.row("peak RSS / fp32 model bytes", "x", [r / model_bytes for r in rss["lmforge"]], target=f"<= {RSS_TARGET}x",
@@ -143,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"outputs bit-identical: {same}; full export with fresh-process verification: {verified.wall_s:.1f} s")
     details = {"checkpoint": str(tag_dir), "preset": args.preset, "zero_stage": plan.zero_stage,
                "world_size": plan.world_size, "n_params": plan.n_params, "fp32_model_bytes": model_bytes,
-               "repeats": args.repeats, "outputs_identical": same,
+               "repeats": args.repeats, "outputs_identical": same, "sides": SIDES,
+               "load_average_1_5_15_min_at_start": load_at_start, "lmforge_heavy_imports": lmforge_imports,
                "peak_rss_bytes": rss, "export_with_verification_peak_rss_bytes": verified.peak_rss_bytes}
     common.write_result("bench_export", "Export of a ZeRO-3 checkpoint vs DeepSpeed zero_to_fp32", rows, details,
                         copy_to=args.json)

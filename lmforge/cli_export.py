@@ -44,13 +44,22 @@ def _export(args) -> int:
                                                                verify=not args.no_verify, overwrite=args.overwrite,
                                                                card=card, push=push))
     v = record["verification"]
-    status = (f"verified: logits within {v['max_abs_logit_diff']:.3g} of the trained model's ({v['precision']})"
-              if v else "NOT verified")
+    status = f"verified: {_logits_summary(v)}" if v else "NOT verified"
     print(f"exported {record['tag']} (step {record['step']}, ZeRO stage {record['zero_stage']}, {record['world_size']} rank(s)) "
           f"to {args.output}: {len(record['weights'])} safetensors file(s), {record['dtype']}; {status}")
     if record.get("pushed"):
         print(f"pushed: {record['pushed']}")
     return 0
+
+
+def _logits_summary(v: dict) -> str:
+    """One line on a verification's logit comparison (``pretrain.verify.verify_export``'s result)."""
+    if v["max_abs_logit_diff"] is None:
+        return "no probe logits compared"
+    if v.get("exact"):
+        return f"bit-identical logits ({v['precision']}, max |diff| {v['max_abs_logit_diff']:.3g})"
+    return (f"logits within {v['max_abs_logit_diff']:.3g} of the trained model's ({v['precision']}; rtol "
+            f"{v['tolerance']['rtol']} + atol {v['tolerance']['atol']}: {v.get('inexact_reason')})")
 
 
 def add_verify(sub) -> None:
@@ -67,8 +76,7 @@ def _verify(args) -> int:
 
     result = verify_export(args.hf_dir, args.probe, args.prompt)
     if result["max_abs_logit_diff"] is not None:
-        print(f"logits match the trained model ({result['precision']}): max |diff| {result['max_abs_logit_diff']:.3g} "
-              f"within rtol {result['tolerance']['rtol']} + atol {result['tolerance']['atol']}")
+        print(f"logits match the trained model's: {_logits_summary(result)}")
     if result["pipeline"] == "fill-mask":
         print(f"--- fill-mask {result['prompt']!r}: " + ", ".join(f"{r['token_str']!r} {r['score']:.3f}" for r in result["fill_mask"]))
     else:

@@ -29,19 +29,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.consolidate import CheckpointPlan, TensorReader, plan_checkpoint
+from pretrain.consolidate import CheckpointPlan, TensorPlan, TensorReader, plan_checkpoint, pwrite_all
 from pretrain.errors import ExportError
+from pretrain.hf_config import GENERATION_CONFIG_FILE, architecture, generation_config, write_json
 from pretrain.hub import PushOptions, push_folder
 from pretrain.model_card import LOSS_CURVE_FILE, CardOptions, plot_loss_curve, render_card
 from pretrain.run_info import RunInfo, load_run_info, resolve_checkpoint
 from pretrain.safetensors_writer import INDEX_FILE, TensorSpec, write_sharded
+from pretrain.torch_archive import FLOAT_DTYPES, ITEMSIZE
 from pretrain.verify import PRECISION_DTYPES
 
 log = logging.getLogger(__name__)
 
 EXPORT_RECORD = "lmforge_export.json"
 TMP_SUFFIX = ".tmp"
-EXPORT_FILES = ("README.md", "config.json", "generation_config.json", LOSS_CURVE_FILE, EXPORT_RECORD, INDEX_FILE)
+EXPORT_FILES = ("README.md", "config.json", GENERATION_CONFIG_FILE, LOSS_CURVE_FILE, EXPORT_RECORD, INDEX_FILE)
 """Names the export writes itself; tokenizer files of the same name are not copied over them."""
 EMBEDDING_RE = re.compile(r"(embed_tokens|word_embeddings|tok_embeddings|wte)\.weight$")
 SIZE_RE = re.compile(r"^\s*(\d+(\.\d+)?)\s*(KB|MB|GB|TB)?\s*$", re.IGNORECASE)
@@ -81,32 +83,20 @@ class ExportOptions:
             raise ExportError("invalid export options: " + "; ".join(problems))
 
 
-def _architecture(model_type: str, objective: str) -> str:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    names = MODEL_FOR_MASKED_LM_MAPPING_NAMES if objective == "mlm" else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    if model_type not in names:
-        raise ExportError(f"model_type {model_type!r} has no transformers {objective.upper()} class")
-    return names[model_type]
-
-
 def _write_configs(tmp: Path, info: RunInfo, plan: CheckpointPlan, dtype: str) -> dict:
     """config.json and generation_config.json; returns the config written."""
-    from transformers import GenerationConfig
-
     config = dict(info.model_config)
     rows = {t.shape[0] for t in plan.tensors if EMBEDDING_RE.search(t.name) and len(t.shape) == 2}
     if rows and rows != {config.get("vocab_size")}:
         raise ExportError(f"{info.run_dir}/model/config.json: vocab_size={config.get('vocab_size')} but the checkpoint's "
                           f"embedding has {sorted(rows)} rows")
-    config["architectures"] = [_architecture(config["model_type"], info.objective)]
+    config["architectures"] = [architecture(config["model_type"], info.objective)]
     config["dtype"] = config["torch_dtype"] = PRECISION_DTYPES[dtype]  # torch_dtype: the name transformers 4 reads
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         config.setdefault(key, None)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(tmp / "config.json", config)
     pad = config["pad_token_id"] if config["pad_token_id"] is not None else config["eos_token_id"]
-    GenerationConfig(bos_token_id=config["bos_token_id"], eos_token_id=config["eos_token_id"],
-                     pad_token_id=pad).save_pretrained(str(tmp))
+    write_json(tmp / GENERATION_CONFIG_FILE, generation_config(config["bos_token_id"], config["eos_token_id"], pad))
     return config
 
 
@@ -130,23 +120,46 @@ def _write_metadata(tmp: Path, info: RunInfo, plan: CheckpointPlan, options: Exp
     return tokenizer_files, card_args
 
 
-def write_weights(tmp: Path, plan: CheckpointPlan, dtype: str, max_shard_bytes: int) -> list[str]:
-    """Stream the planned tensors into safetensors files; floating-point ones cast to ``dtype``. Returns file names."""
+def _cast_writer(plans: list[TensorPlan]):
+    """``write(reader, plan, dtype, fd, offset) -> bytes``: read ``plan``'s tensor (into one buffer reused
+    for all of ``plans``), cast it to the torch dtype named ``dtype`` (round to nearest even, as torch's
+    ``.to``) and write it at ``offset`` of ``fd``."""
     import torch
+
+    buffer = torch.empty(max(t.numel * ITEMSIZE[t.dtype] for t in plans), dtype=torch.uint8)
+
+    def write(reader: TensorReader, plan: TensorPlan, dtype: str, fd: int, offset: int) -> int:
+        t = reader.read(plan, into=buffer).to(getattr(torch, dtype))
+        return pwrite_all(fd, memoryview(t.reshape(-1).view(torch.uint8).numpy()), offset)
+
+    return write
+
+
+def write_weights(tmp: Path, plan: CheckpointPlan, dtype: str, max_shard_bytes: int) -> list[str]:
+    """Stream the planned tensors into safetensors files; floating-point ones cast to ``dtype``. Returns file names.
+
+    Tensors stored in their output dtype (all of them for a float32 export of float32 master weights) are
+    copied as stored, inside the kernel (:meth:`TensorReader.copy`); only casts import torch.
+    """
     from tqdm.auto import tqdm
 
-    out_dtype = getattr(torch, PRECISION_DTYPES[dtype])
+    out_dtype = PRECISION_DTYPES[dtype]
     by_name = {t.name: t for t in plan.tensors}
-    specs = [TensorSpec(t.name, t.shape, out_dtype if t.dtype.is_floating_point else t.dtype) for t in plan.tensors]
+    specs = [TensorSpec(t.name, t.shape, out_dtype if t.dtype in FLOAT_DTYPES else t.dtype) for t in plan.tensors]
+    casts = [t for t, s in zip(plan.tensors, specs) if t.dtype != s.dtype]
+    cast = _cast_writer(casts) if casts else None
     total = sum(s.nbytes for s in specs)
-    buffer = torch.empty(max((t.numel * t.dtype.itemsize for t in plan.tensors), default=0), dtype=torch.uint8)
     start = time.perf_counter()
     with TensorReader() as reader, tqdm(total=total, unit="B", unit_scale=True, desc="export", dynamic_ncols=True,
                                         disable=None) as bar:
-        files = write_sharded(tmp, specs, lambda s: reader.read(by_name[s.name], into=buffer).to(s.dtype),
-                              max_shard_bytes, plan.n_params, on_tensor=bar.update)
-    log.info("consolidated %d tensors (%.3f GB, %s) from ZeRO stage %d over %d rank(s) into %d file(s) in %.1f s",
-             len(specs), total / 1e9, dtype, plan.zero_stage, plan.world_size, len(files), time.perf_counter() - start)
+        def write(spec: TensorSpec, fd: int, offset: int) -> int:
+            t = by_name[spec.name]
+            return reader.copy(t, fd, offset) if t.dtype == spec.dtype else cast(reader, t, spec.dtype, fd, offset)
+
+        files = write_sharded(tmp, specs, write, max_shard_bytes, plan.n_params, on_tensor=bar.update)
+    log.info("consolidated %d tensors (%.3f GB, %s; %d cast) from ZeRO stage %d over %d rank(s) into %d file(s) in %.1f s",
+             len(specs), total / 1e9, dtype, len(casts), plan.zero_stage, plan.world_size, len(files),
+             time.perf_counter() - start)
     return files
 
 
@@ -199,8 +212,10 @@ def export(checkpoint: str | Path, output: str | Path, options: ExportOptions | 
         verification = verify_in_fresh_process(tmp, info.probe, output.with_name(output.name + ".verify.json"))
         output.with_name(output.name + ".verify.json").unlink()
         (tmp / "README.md").write_text(render_card(*card_args, verification), encoding="utf-8")
-        log.info("verified in a fresh process: logits within %.3g of the training engine's (%s), %s works",
-                 verification["max_abs_logit_diff"], verification["precision"], verification["pipeline"])
+        log.info("verified in a fresh process: logits within %.3g of the training engine's (%s, %s), %s works",
+                 verification["max_abs_logit_diff"], verification["precision"],
+                 "bit-identical required" if verification["exact"] else verification["inexact_reason"],
+                 verification["pipeline"])
     else:
         log.warning("%s: exported WITHOUT verification (--no-verify)", output)
     record = {"checkpoint": str(tag_dir.resolve()), "tag": tag_dir.name, "step": info.step, "tokens": int(info.state["tokens"]),

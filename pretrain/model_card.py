@@ -146,8 +146,10 @@ def _evaluation(info: RunInfo, verification: dict | None) -> list[str]:
     if not info.val_records:
         lines = ["No validation record in metrics.jsonl up to this step."]
     if verification and verification.get("max_abs_logit_diff") is not None:
-        lines.append(f"\nExport check: reloaded with transformers, logits on the probe batch within "
-                     f"{verification['max_abs_logit_diff']:.3g} of the training engine's ({verification['precision']}).")
+        same = ("bit-identical to" if verification.get("exact") and verification["max_abs_logit_diff"] == 0
+                else f"within {verification['max_abs_logit_diff']:.3g} of")
+        lines.append(f"\nExport check: reloaded with transformers, logits on the probe batch {same} the training "
+                     f"engine's ({verification['precision']}).")
     return lines
 
 

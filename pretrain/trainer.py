@@ -249,7 +249,10 @@ def _probe(run: Run):
     run.engine.train()
     if not run.dist.is_main:
         return None
-    return {"tensors": {"input_ids": x.cpu(), "logits": logits}, "metadata": {"precision": run.cfg.deepspeed.precision}}
+    from pretrain.verify import probe_metadata
+
+    return {"tensors": {"input_ids": x.cpu(), "logits": logits},
+            "metadata": probe_metadata(run.cfg.deepspeed.precision, run.engine.device)}
 
 
 def save_checkpoint(run: Run, state: TrainState, extras: dict) -> Path:

@@ -41,6 +41,7 @@ def build(out: Path, tokenizer: str, data: str, stage: int, precision: str) -> P
     from pretrain.flops import device_description
     from pretrain.metrics import MetricsWriter
     from pretrain.model import build_model, build_model_config, padded_vocab_size
+    from pretrain.verify import probe_metadata
 
     run_dir = out / f"mlm-zero{stage}-{precision}"
     cfg = load_config(None, [f"run_dir={run_dir}", f"data.path={data}", f"data.tokenizer={tokenizer}",
@@ -86,7 +87,7 @@ def build(out: Path, tokenizer: str, data: str, stage: int, precision: str) -> P
         with torch.no_grad():
             logits = engine(input_ids=ids).logits.float()
         engine.train()
-        return {"tensors": {"input_ids": ids, "logits": logits}, "metadata": {"precision": precision}}
+        return {"tensors": {"input_ids": ids, "logits": logits}, "metadata": probe_metadata(precision, "cpu")}
 
     state = checkpoint.TrainState(step=STEPS, consumed_samples=4 * STEPS, tokens=4 * STEPS * train.seq_len)
     fingerprints = {"tokenizer": tok.fingerprint, "manifest": sha256_file(Path(data) / MANIFEST_NAME)}
