@@ -63,7 +63,7 @@ def lmforge_batches(data_dir: Path, consumed_samples: int = 0):
     """Endless model-ready micro batches of rank 0 of 1 from lmforge's shard loader."""
     import torch
 
-    from pretrain.data import causal_lm_inputs
+    from pretrain.inputs import causal_lm_inputs
     from pretrain.sources import ShardSource
 
     source = ShardSource(str(data_dir))

@@ -214,7 +214,8 @@ def collate_rows(rows: list[dict], document_masking: bool = True) -> dict:
     import numpy as np
     import torch
 
-    from pretrain.data import MicroBatch, causal_lm_inputs
+    from pretrain.data import MicroBatch
+    from pretrain.inputs import causal_lm_inputs
 
     ids = np.asarray([r["input_ids"] for r in rows], dtype=np.int64)
     mb = MicroBatch(ids, np.arange(len(rows)), [[int(s) for s in r["document_starts"]] for r in rows])
