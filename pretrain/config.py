@@ -28,6 +28,10 @@ class ModelConfig:
     init_from: str = ""
     """A local Hugging Face model folder to continue pretraining from (its config and weights replace
     the preset; overrides still apply). Nothing is downloaded."""
+    loss_chunk_tokens: int = 1024
+    """Tokens per chunk of the fused lm_head + cross-entropy of causal-LM training steps
+    (``pretrain.loss``: no full ``(B, T, V)`` float32 logits); 0 = transformers' own loss. Used where
+    the model and ZeRO stage allow it (llama-style and GPT-2 heads, stages 0-2), else off with a log line."""
 
 
 @dataclass
@@ -226,7 +230,8 @@ class TrainConfig:
                                 ("guard.max_consecutive_nonfinite", self.guard.max_consecutive_nonfinite, 1),
                                 ("guard.spike_window", self.guard.spike_window, 1),
                                 ("seq_len", self.seq_len, 0), ("optim.warmup_steps", opt.warmup_steps, 0),
-                                ("data.eval_batches", self.data.eval_batches, 0), ("model.vocab_size", self.model.vocab_size, 0)]:
+                                ("data.eval_batches", self.data.eval_batches, 0), ("model.vocab_size", self.model.vocab_size, 0),
+                                ("model.loss_chunk_tokens", self.model.loss_chunk_tokens, 0)]:
             if value < low:
                 p.append(f"{key}={value} (allowed: >= {low})")
         if not opt.lr > 0:

@@ -123,6 +123,20 @@ def _data_dict(cfg: TrainConfig) -> dict:
     return asdict(cfg.data)
 
 
+def _use_fused_loss(model, cfg: TrainConfig) -> None:
+    """The chunked lm_head + cross-entropy for training steps (pretrain.loss), where it applies."""
+    from pretrain.loss import enable_fused_loss, fused_loss_unsupported
+
+    if not cfg.model.loss_chunk_tokens:
+        return
+    reason = fused_loss_unsupported(model, objective_of(model.config), cfg.deepspeed.zero_stage)
+    if reason:
+        log_rank0("loss: transformers' own (fused chunked loss not used: %s)", reason)
+        return
+    enable_fused_loss(model, cfg.model.loss_chunk_tokens)
+    log_rank0("loss: fused lm_head + cross-entropy in chunks of %d tokens", cfg.model.loss_chunk_tokens)
+
+
 def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     data = describe_data(_data_dict(cfg))  # read once: the manifest for the checks, the fingerprint for checkpoints
     tok, model_config, seq_len = preflight(cfg, data)
@@ -138,6 +152,7 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     resume_from = resume_point(cfg)
     universal = resume_from is not None and checkpoint.read_state(resume_from)["world_size"] != dist.world_size
     model = build_model(model_config, cfg.seed, cfg.model.init_from)
+    _use_fused_loss(model, cfg)
     fpt, n_params = flops_per_token(model, model_config, seq_len), count_parameters(model)  # before ZeRO-3 partitions them
     engine = initialize_engine(model, cfg, dist.world_size, load_universal=universal)
     ds = cfg.deepspeed
