@@ -130,3 +130,7 @@ class BlendedReader:
     def batch_num_tokens(self, indices: list[int] | np.ndarray) -> np.ndarray:
         """``(B,)`` int64 real-token counts."""
         return np.array([self.num_tokens(int(i)) for i in indices], dtype=np.int64)
+
+    def read_batch(self, indices: list[int] | np.ndarray) -> tuple[np.ndarray, list[list[int]], np.ndarray]:
+        """``(token ids (B, seq_len) int64, document starts per sequence, real-token counts (B,) int64)``."""
+        return self.batch(indices), [self.document_starts(int(i)) for i in indices], self.batch_num_tokens(indices)

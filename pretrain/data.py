@@ -31,6 +31,9 @@ class MicroBatch:
 
 ORDER_NAME = "feistel-v1"
 """Recorded in checkpoints: a resume refuses a checkpoint trained with another sample order."""
+ORDER_BLOCK_STEPS = 256
+"""Micro steps whose sample indices :func:`micro_batches` computes in one vectorized call (the
+permutation costs ~1 us per index in small calls, ~0.05 us in large ones)."""
 
 
 class GlobalOrder:
@@ -72,10 +75,14 @@ class GlobalOrder:
 
     def indices(self, start: int, count: int) -> np.ndarray:
         """Sample indices at global positions ``start .. start + count - 1``, ``(count,)`` int64."""
+        return self.at(np.arange(start, start + count, dtype=np.uint64))
+
+    def at(self, positions: np.ndarray) -> np.ndarray:
+        """Sample indices at the global ``positions`` (any shape of non-negative ints), same shape, int64."""
         n = np.uint64(self.num_samples)
-        pos = np.arange(start, start + count, dtype=np.uint64)
+        pos = np.asarray(positions, dtype=np.uint64)
         epochs, offsets = pos // n, pos % n
-        out = np.empty(count, dtype=np.int64)
+        out = np.empty(pos.shape, dtype=np.int64)
         with np.errstate(over="ignore"):  # the round function multiplies modulo 2**64 on purpose
             for epoch in np.unique(epochs):
                 sel = epochs == epoch
@@ -91,11 +98,20 @@ def micro_batches(reader: ShardReader, rank: int, world_size: int, micro_batch_s
                   seed: int, consumed_samples: int = 0) -> Iterator[MicroBatch]:
     """Endless micro batches for ``rank``, starting after ``consumed_samples`` global samples."""
     order = GlobalOrder(len(reader), seed)
-    position = consumed_samples
-    while True:
-        idx = order.indices(position + rank * micro_batch_size, micro_batch_size)
-        yield MicroBatch(reader.batch(idx), idx, [reader.document_starts(int(i)) for i in idx], reader.batch_num_tokens(idx))
-        position += world_size * micro_batch_size
+    stride = world_size * micro_batch_size
+    steps = np.arange(ORDER_BLOCK_STEPS, dtype=np.uint64)[:, None] * np.uint64(stride)
+    first = consumed_samples + rank * micro_batch_size
+    while True:  # this rank's positions for ORDER_BLOCK_STEPS micro steps at once: one vectorized order call
+        block = order.at(np.uint64(first) + steps + np.arange(micro_batch_size, dtype=np.uint64))
+        for idx in block:
+            yield MicroBatch(*_read(reader, idx))
+        first += ORDER_BLOCK_STEPS * stride
+
+
+def _read(reader, idx: np.ndarray) -> tuple:
+    """``MicroBatch`` fields for the sample indices ``idx``."""
+    ids, starts, nums = reader.read_batch(idx)
+    return ids, idx, starts, nums
 
 
 def eval_batches(reader: ShardReader, rank: int, world_size: int, micro_batch_size: int,
@@ -109,4 +125,4 @@ def eval_batches(reader: ShardReader, rank: int, world_size: int, micro_batch_si
     n = min(max_batches, len(reader) // per_step)
     for b in range(n):
         idx = np.arange(b * per_step + rank * micro_batch_size, b * per_step + (rank + 1) * micro_batch_size)
-        yield MicroBatch(reader.batch(idx), idx, [reader.document_starts(int(i)) for i in idx], reader.batch_num_tokens(idx))
+        yield MicroBatch(*_read(reader, idx))

@@ -28,6 +28,25 @@ def test_resume_from_consumed_samples_continues_the_same_stream(prepared_dir):
     assert [m.sample_indices.tolist() for m in full[3:]] == [m.sample_indices.tolist() for m in resumed]
 
 
+def test_blocks_of_precomputed_indices_follow_the_per_step_formula_across_epochs(prepared_dir):
+    """micro_batches computes ORDER_BLOCK_STEPS steps of indices at once; step s must still read
+    positions consumed + s * W * B + r * B ... + B - 1, also past a block and an epoch boundary."""
+    from pretrain.data import ORDER_BLOCK_STEPS
+
+    reader = ShardReader(prepared_dir, "train")
+    world, micro, steps = 2, 3, ORDER_BLOCK_STEPS + 3
+    consumed = len(reader) - 100 * world * micro - 1  # the first epoch ends inside the first block
+    order = GlobalOrder(len(reader), 11)
+    got = _take(micro_batches(reader, 1, world, micro, seed=11, consumed_samples=consumed), steps)
+    for s in (0, ORDER_BLOCK_STEPS - 1, ORDER_BLOCK_STEPS, steps - 1):
+        want = order.indices(consumed + s * world * micro + micro, micro)
+        assert got[s].sample_indices.tolist() == want.tolist()
+        ids, starts, nums = reader.read_batch(want)
+        assert (got[s].input_ids == ids).all() and got[s].document_starts == starts
+        assert [reader.document_starts(int(i)) for i in want] == starts
+        assert nums.tolist() == [reader.num_tokens(int(i)) for i in want]
+
+
 def test_order_is_a_permutation_per_epoch_and_depends_on_seed():
     order = GlobalOrder(10, seed=1)
     first, second = order.indices(0, 10), order.indices(10, 10)
