@@ -24,7 +24,7 @@ Both figures are steady state: the first 4 steps (warm-up) are left out; lmforge
 achieved TFLOP/s per rank, and MFU when ``--peak-tflops`` (of one rank's cores) is given.
 Target (issue 5): lmforge tokens/s >= 1.0x the Trainer's.
 
-Usage: ``python bench/bench_train.py [--repeats 5] [--steps 16] [--peak-tflops X]``; writes
+Usage: ``python bench/bench_train.py [--repeats 5] [--steps 32] [--peak-tflops X]``; writes
 ``bench/results/bench_train.json``. ``--hf-worker`` is the per-rank entry point of the peer side.
 """
 from __future__ import annotations
@@ -135,7 +135,7 @@ def run_hf(tok: Path, data: Path, steps: int, tmp: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="alternating rounds (>= 3; 5 by default: the noisiest of the benches)")
-    parser.add_argument("--steps", type=int, default=16,
+    parser.add_argument("--steps", type=int, default=32,
                         help=f"optimizer steps per run, a multiple of {SKIP_STEPS} (the first {SKIP_STEPS} are warm-up)")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak TFLOP/s of one rank's cores, for MFU")
     parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
