@@ -133,4 +133,8 @@ class BlendedReader:
 
     def read_batch(self, indices: list[int] | np.ndarray) -> tuple[np.ndarray, list[list[int]], np.ndarray]:
         """``(token ids (B, seq_len) int64, document starts per sequence, real-token counts (B,) int64)``."""
-        return self.batch(indices), [self.document_starts(int(i)) for i in indices], self.batch_num_tokens(indices)
+        parts = [self.readers[d].read_batch([i]) for d, i in (self.locate(int(k)) for k in indices)]
+        if not parts:
+            return np.empty((0, self.seq_len), dtype=np.int64), [], np.empty(0, dtype=np.int64)
+        return (np.concatenate([p[0] for p in parts]), [p[1][0] for p in parts],
+                np.concatenate([p[2] for p in parts]))

@@ -202,6 +202,14 @@ def read_manifest(data_dir: str | Path) -> dict:
     return manifest
 
 
+def _size_problem(path: Path, expected_bytes: int) -> str | None:
+    """``"PATH is N bytes, manifest says M"`` (or ``is missing``) when the shard file differs; None when it fits."""
+    size = path.stat().st_size if path.is_file() else -1
+    if size == expected_bytes:
+        return None
+    return f"{path} is {'missing' if size < 0 else f'{size} bytes'}, manifest says {expected_bytes}"
+
+
 def check_shard_files(data_dir: str | Path, show: int = 3) -> int:
     """Check that every shard the manifest lists exists with its recorded size (a ``stat`` each, no open).
 
@@ -216,12 +224,7 @@ def check_shard_files(data_dir: str | Path, show: int = 3) -> int:
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
-    bad = []
-    for shard in shards:
-        path = data_dir / shard["path"]
-        size = path.stat().st_size if path.is_file() else -1
-        if size != shard["bytes"]:
-            bad.append(f"{path} is {'missing' if size < 0 else f'{size} bytes'}, manifest says {shard['bytes']}")
+    bad = [p for p in (_size_problem(data_dir / s["path"], s["bytes"]) for s in shards) if p]
     if bad:
         more = f" (and {len(bad) - show} more)" if len(bad) > show else ""
         raise InputError(f"{data_dir}: {len(bad)} of {len(shards)} shards differ from the manifest: "
@@ -233,9 +236,9 @@ class _OpenShard:
     """One memory-mapped shard: its record batches as ``(rows, seq_len)`` views, starts and real-token counts."""
 
     def __init__(self, path: Path, expected_bytes: int, expected_rows: int, seq_len: int):
-        size = path.stat().st_size if path.is_file() else -1
-        if size != expected_bytes:
-            raise InputError(f"{path}: shard is {size} bytes, manifest says {expected_bytes}")
+        problem = _size_problem(path, expected_bytes)
+        if problem:
+            raise InputError(f"shard {problem}")
         table = pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
         if table.num_rows != expected_rows:
             raise InputError(f"{path}: shard has {table.num_rows} sequences, manifest says {expected_rows}")

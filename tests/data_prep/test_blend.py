@@ -32,6 +32,9 @@ def test_counts_follow_the_weights_in_every_prefix(prepared_dir, small_dirs):
     batch = blend.batch([0, 1, 2])
     assert batch.shape == (3, 64) and batch.dtype == np.int64
     assert blend.batch_num_tokens([0, 1]).tolist() == [64, 64]
+    ids, starts, nums = blend.read_batch([17, 3, 900])  # what micro_batches reads: one locate per sample
+    assert (ids == np.stack([blend[k] for k in (17, 3, 900)])).all() and nums.tolist() == [64, 64, 64]
+    assert starts == [blend.document_starts(k) for k in (17, 3, 900)]
     assert blend.manifest["blend"][1]["samples"] == 300 and blend.seq_len == 64
 
 

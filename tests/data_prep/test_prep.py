@@ -89,7 +89,7 @@ def test_shard_size_mismatch_is_refused(tmp_path, prepared_dir):
     with open(shard, "ab") as fh:
         fh.write(b"junk")
     reader = ShardReader(copy, "train")  # shards open lazily: the check runs on first access
-    with pytest.raises(InputError, match=rf"{shard}: shard is \d+ bytes, manifest says \d+"):
+    with pytest.raises(InputError, match=rf"shard {shard} is \d+ bytes, manifest says \d+"):
         reader[0]
 
 
