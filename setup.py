@@ -12,6 +12,7 @@ setup(
     description="Arrow-backed DeepSpeed ZeRO pretraining for causal and masked LMs, with tokenizer training and Hugging Face export",
     python_requires=">=3.10",
     packages=find_packages(include=["lmforge", "data_prep", "data_prep.*", "pretrain", "pretrain.*", "launch", "launch.*"]),
+    py_modules=["lmforge_common"],
     package_data={"pretrain": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",

@@ -82,7 +82,7 @@ def build_checkpoint(work: Path, preset: str) -> Path:
     state file is written, after every rank's files).
     """
     from data_prep.prep import PrepConfig, prepare
-    from data_prep.tokenizer import train_byte_bpe
+    from data_prep.tokenizer.train import train_byte_bpe
     from launch.local import run_local
     from pretrain.checkpoint import latest_complete
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     tag_dir = build_checkpoint(work, args.preset)
-    from pretrain.consolidate import plan_checkpoint
+    from pretrain.export.consolidate import plan_checkpoint
 
     plan = plan_checkpoint(tag_dir)
     model_bytes = sum(t.numel for t in plan.tensors) * 4

@@ -65,7 +65,7 @@ def build_inputs(work: Path, corpus_mb: float) -> tuple[Path, dict[str, str]]:
         (tmp / "corpus4x.jsonl").write_text(lines * 4, encoding="utf-8")
         big = "".join(texts)
         common.write_jsonl(tmp / "doc50mb.jsonl", [(big * (DOC_BYTES // len(big) + 1))[:DOC_BYTES]])
-        from data_prep.tokenizer import train_byte_bpe
+        from data_prep.tokenizer.train import train_byte_bpe
 
         train_byte_bpe([str(tmp / "corpus.jsonl")], tmp / "tok16k", vocab_size=VOCAB, model_max_length=SEQ_LEN)
 
@@ -90,7 +90,7 @@ def _child_raw(corpus: str, tok_dir: str, out: str) -> dict:
 
 def _child_lmforge(corpus: str, tok_dir: str, out: str) -> dict:
     from data_prep.prep import PrepConfig, prepare
-    from data_prep.tokenizer import load_tokenizer_info
+    from data_prep.tokenizer.folder import load_tokenizer_info
 
     load_tokenizer_info(tok_dir)  # imports transformers and torch: start-up, kept off the clock as for the peers
 

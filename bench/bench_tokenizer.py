@@ -61,7 +61,7 @@ def _status_bytes(field: str) -> int:
 
 
 def _config(corpus_dir: Path, out: Path, family: str, vocab_size: int, max_bytes: int | None):
-    from data_prep.tokenizer_train import TokenizerTrainConfig
+    from data_prep.tokenizer.train import TokenizerTrainConfig
 
     return TokenizerTrainConfig(inputs=[str(corpus_dir)], output=str(out), family=family, vocab_size=vocab_size,
                                 max_bytes=max_bytes)
@@ -69,7 +69,7 @@ def _config(corpus_dir: Path, out: Path, family: str, vocab_size: int, max_bytes
 
 def _raw_train(texts: list[str], family: str, vocab_size: int) -> object:
     """The peer: the family's tokenizers components, trained from an in-memory list."""
-    from data_prep.tokenizer_families import FAMILIES, build, special_token_problems
+    from data_prep.tokenizer.families import FAMILIES, build, special_token_problems
 
     spec = FAMILIES[family]
     specials, _ = special_token_problems(spec, {}, [])
@@ -81,7 +81,7 @@ def _raw_train(texts: list[str], family: str, vocab_size: int) -> object:
 def throughput(corpus_dir: Path, work: Path, args) -> tuple[dict, dict]:
     """``(wall runs, details)``: alternating timed trainings of both sides in this process."""
     from data_prep.reader import iter_documents
-    from data_prep.tokenizer_train import train_tokenizer
+    from data_prep.tokenizer.train import train_tokenizer
 
     from transformers import AutoTokenizer  # noqa: F401  (one-time imports, torch included, before any clock)
 
@@ -112,8 +112,8 @@ def _child(mode: str, corpus_dir: str, out: str, max_bytes: int, family: str, vo
     import tokenizers  # noqa: F401  (fixed costs, in the baseline of every mode: AutoTokenizer imports torch,
     from transformers import AutoTokenizer  # noqa: F401  about 250 MB, whatever the corpus size)
 
-    from data_prep.tokenizer_corpus import CorpusStats, CorpusText
-    from data_prep.tokenizer_train import train_tokenizer
+    from data_prep.tokenizer.corpus import CorpusStats, CorpusText
+    from data_prep.tokenizer.train import train_tokenizer
 
     baseline = _status_bytes("VmRSS")
     result = {"mode": mode, "baseline_rss": baseline}

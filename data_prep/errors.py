@@ -1,8 +1,7 @@
 """Errors a user can fix: the CLI prints them as one line and exits non-zero (no traceback)."""
+from lmforge_common import UserError
 
-
-class UserError(Exception):
-    """Bad input or configuration. The message is one line naming the file, field and numbers."""
+__all__ = ["UserError", "InputError"]
 
 
 class InputError(UserError):

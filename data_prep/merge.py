@@ -22,11 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.encode import SPLITS
 from data_prep.errors import InputError, UserError
 from data_prep.pack import Framing, StreamPacker
 from data_prep.shards import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, ShardWriter,
-                              write_datasets_metadata, write_json_atomic)
+                              write_datasets_metadata)
 from data_prep.stats import length_bin_edges
+from lmforge_common import write_json_atomic
 
 log = logging.getLogger(__name__)
 PARTS_DIR = "parts"
@@ -34,7 +36,6 @@ PART_FORMAT = "lmforge-prep-part"
 LOCK_NAME = "merge.lock"
 DATASET_DICT = "dataset_dict.json"
 TAILS_PREFIX = "tails"
-SPLITS = ("train", "val")
 
 
 def part_name(task_id: int) -> str:

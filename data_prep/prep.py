@@ -34,10 +34,11 @@ from data_prep.encode import SPLITS, EncodeSpec, default_workers, encode_blocks,
 from data_prep.errors import UserError
 from data_prep.pack import TAIL_MODES, Framing, StreamPacker
 from data_prep.reader import DEFAULT_BLOCK_BYTES, RejectLog, read_blocks
-from data_prep.shards import MANIFEST_NAME, ShardWriter, token_dtype, write_json_atomic
+from data_prep.shards import MANIFEST_NAME, ShardWriter, token_dtype
 from data_prep.sources import TEXT_MODES, Source, plan_segments, resolve_sources
 from data_prep.stats import doc_length_counts
-from data_prep.tokenizer import TOKENIZER_FILE, load_tokenizer_info
+from data_prep.tokenizer.folder import TOKENIZER_FILE, load_tokenizer_info
+from lmforge_common import write_json_atomic
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("clm", "mlm")

@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_prep.errors import InputError, UserError
+from lmforge_common import write_json_atomic
 from data_prep.pack import Rows
 
 FORMAT_NAME = "lmforge-packed-sequences"
@@ -76,14 +77,6 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
         while chunk := fh.read(chunk_bytes):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_json_atomic(path: str | Path, obj: dict) -> None:
-    """Write ``obj`` as JSON to ``path.tmp`` and rename it over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class ShardWriter:

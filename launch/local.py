@@ -10,21 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import time
 from typing import Mapping, Sequence
 
 from launch.errors import LaunchError
+from lmforge_common import free_port
 
 log = logging.getLogger(__name__)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def rank_env(rank: int, nproc: int, master_addr: str, master_port: int, threads: int) -> dict[str, str]:

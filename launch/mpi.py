@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from launch.errors import LaunchError
-from launch.local import free_port
+from lmforge_common import free_port
 
 log = logging.getLogger(__name__)
 

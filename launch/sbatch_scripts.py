@@ -21,7 +21,7 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
-from launch.contract import EXIT_PREEMPTED, PREEMPT_SIGNAL, RENDEZVOUS_PORT_BASE, RENDEZVOUS_PORT_SPAN
+from lmforge_common import EXIT_PREEMPTED, PREEMPT_SIGNAL, RENDEZVOUS_PORT_BASE, RENDEZVOUS_PORT_SPAN
 from launch.errors import LaunchError
 from launch.slurm import SlurmOptions, sbatch_header
 

@@ -35,7 +35,6 @@ def setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     from data_prep.errors import UserError
-    from launch.errors import LaunchError
 
     setup_logging()
     parser = build_parser()
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     try:
         return args.handler(args) or 0
-    except (UserError, LaunchError) as exc:
+    except UserError as exc:
         rank = env_rank()
         prefix = f"lmforge (rank {rank}): error: " if rank not in (None, "0") else "lmforge: error: "
         print(prefix + str(exc), file=sys.stderr)

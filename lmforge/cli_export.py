@@ -30,9 +30,9 @@ def add_export(sub) -> None:
 
 
 def _export(args) -> int:
-    from pretrain.export import ExportOptions, export
-    from pretrain.hub import PushOptions
-    from pretrain.model_card import CardOptions
+    from pretrain.export.core import ExportOptions, export
+    from pretrain.export.hub import PushOptions
+    from pretrain.export.model_card import CardOptions
 
     push = None
     if args.push_to_hub:
@@ -53,7 +53,7 @@ def _export(args) -> int:
 
 
 def _logits_summary(v: dict) -> str:
-    """One line on a verification's logit comparison (``pretrain.verify.verify_export``'s result)."""
+    """One line on a verification's logit comparison (``pretrain.export.verify.verify_export``'s result)."""
     if v["max_abs_logit_diff"] is None:
         return "no probe logits compared"
     if v.get("exact"):
@@ -72,7 +72,7 @@ def add_verify(sub) -> None:
 
 
 def _verify(args) -> int:
-    from pretrain.verify import verify_export
+    from pretrain.export.verify import verify_export
 
     result = verify_export(args.hf_dir, args.probe, args.prompt)
     if result["max_abs_logit_diff"] is not None:

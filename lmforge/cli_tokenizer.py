@@ -47,7 +47,7 @@ def add_tokenizer(sub) -> None:
 
 
 def _train(args) -> int:
-    from data_prep.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+    from data_prep.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
     overrides = {role: getattr(args, f"{role}_token") for role in ROLES if getattr(args, f"{role}_token") is not None}
     info = train_tokenizer(TokenizerTrainConfig(
@@ -62,7 +62,7 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from data_prep.tokenizer_eval import evaluate_tokenizers, format_table, write_report
+    from data_prep.tokenizer.evaluation import evaluate_tokenizers, format_table, write_report
 
     report = evaluate_tokenizers(args.tokenizer, args.input, args.text_column, args.max_bytes, args.seed)
     print(format_table(report))

@@ -17,10 +17,10 @@ from importlib import resources
 from pathlib import Path
 
 from data_prep.prep import PrepConfig, prepare
-from data_prep.tokenizer import train_byte_bpe
+from data_prep.tokenizer.train import train_byte_bpe
 from launch.local import run_local
 from pretrain.config import load_config, to_yaml
-from pretrain.export import ExportOptions, export
+from pretrain.export.core import ExportOptions, export
 from pretrain.trainer import CHECKPOINT_DIR, preflight, read_summary
 
 log = logging.getLogger("lmforge.demo")

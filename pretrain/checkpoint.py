@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.shards import write_json_atomic
+from lmforge_common import write_json_atomic
 
 STATE_FILE = "lmforge_state.json"
 PROBE_FILE = "probe.safetensors"

@@ -5,7 +5,7 @@ garbage without any error from torch on CPU (or a device-side assert on GPU, lon
 """
 from __future__ import annotations
 
-from data_prep.tokenizer import TokenizerInfo
+from data_prep.tokenizer.folder import TokenizerInfo
 from pretrain.errors import ConsistencyError
 
 

@@ -22,8 +22,8 @@ import subprocess
 import warnings
 from dataclasses import dataclass
 
-from launch.contract import rendezvous_port
-from launch.errors import LaunchError
+from lmforge_common import free_port, rendezvous_port
+from pretrain.errors import DistributedError
 
 log = logging.getLogger("lmforge")
 
@@ -61,7 +61,7 @@ def discover_ranks() -> tuple[str, int, int, int]:
     ``launcher`` is ``"none"`` (rank 0 of 1) when no scheme is set.
 
     Raises:
-        LaunchError: a world size above 1 is set but its rank variable is not, or a value is not an
+        DistributedError: a world size above 1 is set but its rank variable is not, or a value is not an
             integer, or the rank is outside ``0 .. world_size - 1``.
     """
     env = os.environ
@@ -71,13 +71,13 @@ def discover_ranks() -> tuple[str, int, int, int]:
         world_size = _int_var(world_key)
         if rank_key not in env:
             if world_size > 1:
-                raise LaunchError(f"{world_key}={world_size} asks for {world_size} ranks but {rank_key} is not set: start the "
+                raise DistributedError(f"{world_key}={world_size} asks for {world_size} ranks but {rank_key} is not set: start the "
                                   "ranks with a launcher (lmforge launch local|slurm|mpi, torchrun, srun, mpirun)")
             continue
         rank = _int_var(rank_key)
         local_rank = _int_var(local_key) if local_key in env else rank
         if not 0 <= rank < world_size:
-            raise LaunchError(f"{rank_key}={rank} is outside 0 .. {world_size - 1} ({world_key}={world_size})")
+            raise DistributedError(f"{rank_key}={rank} is outside 0 .. {world_size - 1} ({world_key}={world_size})")
         return launcher, rank, local_rank, world_size
     return "none", 0, 0, 1
 
@@ -86,7 +86,7 @@ def _int_var(key: str) -> int:
     try:
         return int(os.environ[key])
     except ValueError:
-        raise LaunchError(f"environment variable {key}={os.environ[key]!r} is not an integer") from None
+        raise DistributedError(f"environment variable {key}={os.environ[key]!r} is not an integer") from None
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -99,10 +99,10 @@ def slurm_rendezvous(nodelist: str, job_id: int) -> tuple[str, int]:
 
     The address is the ``NodeAddr`` (what Slurm itself uses to reach the node; it defaults to the
     node name) of the first host of ``nodelist`` (``SLURM_JOB_NODELIST``, expanded by ``scontrol
-    show hostnames``); the port is :func:`launch.contract.rendezvous_port` of the job id.
+    show hostnames``); the port is :func:`lmforge_common.rendezvous_port` of the job id.
 
     Raises:
-        LaunchError: ``scontrol`` is not on PATH or fails.
+        DistributedError: ``scontrol`` is not on PATH or fails.
     """
     head = _scontrol("show", "hostnames", nodelist).split()[0]
     match = re.search(r"(?:^|\s)NodeAddr=(\S+)", _scontrol("show", "node", head, "-o"))
@@ -112,11 +112,11 @@ def slurm_rendezvous(nodelist: str, job_id: int) -> tuple[str, int]:
 def _scontrol(*args: str) -> str:
     exe = shutil.which("scontrol")
     if exe is None:
-        raise LaunchError("an srun task without MASTER_ADDR/MASTER_PORT needs scontrol on PATH to find the head node; "
+        raise DistributedError("an srun task without MASTER_ADDR/MASTER_PORT needs scontrol on PATH to find the head node; "
                           "export MASTER_ADDR and MASTER_PORT or start the job with lmforge launch slurm")
     proc = subprocess.run([exe, *args], capture_output=True, text=True)
     if proc.returncode != 0 or not proc.stdout.strip():
-        raise LaunchError(f"scontrol {' '.join(args)} failed (exit {proc.returncode}): {proc.stderr.strip()}")
+        raise DistributedError(f"scontrol {' '.join(args)} failed (exit {proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout
 
 
@@ -126,13 +126,9 @@ def _set_rendezvous(launcher: str, world_size: int) -> bool:
     if "MASTER_ADDR" in env and "MASTER_PORT" in env:
         return True
     if world_size == 1:
-        import socket
-
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in env:
-            with socket.socket() as s:
-                s.bind((env["MASTER_ADDR"], 0))
-                env["MASTER_PORT"] = str(s.getsockname()[1])
+            env["MASTER_PORT"] = str(free_port(env["MASTER_ADDR"]))
         return True
     if launcher == "Slurm":
         addr, port = slurm_rendezvous(env["SLURM_JOB_NODELIST"], int(env["SLURM_JOB_ID"]))
@@ -144,9 +140,9 @@ def _set_rendezvous(launcher: str, world_size: int) -> bool:
 
         if importlib.util.find_spec("mpi4py") is not None:
             return False
-        raise LaunchError(f"{world_size} MPI ranks but MASTER_ADDR/MASTER_PORT are not set and mpi4py is not installed: "
+        raise DistributedError(f"{world_size} MPI ranks but MASTER_ADDR/MASTER_PORT are not set and mpi4py is not installed: "
                           "start with lmforge launch mpi, pass them with mpirun -x, or pip install mpi4py")
-    raise LaunchError(f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set: the launcher must export both")
+    raise DistributedError(f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set: the launcher must export both")
 
 
 def select_accelerator() -> str:
@@ -164,7 +160,7 @@ def init_distributed() -> DistInfo:
     module docstring for where they come from).
 
     Raises:
-        LaunchError: see :func:`discover_ranks`; a world size above 1 with no rendezvous that
+        DistributedError: see :func:`discover_ranks`; a world size above 1 with no rendezvous that
             can be derived.
     """
     import torch

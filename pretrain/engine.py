@@ -79,7 +79,7 @@ def merge_user_ds_config(generated: dict, path: str) -> dict:
 def optimizer_group(ndim: int) -> int:
     """AdamW param group of a parameter with ``ndim`` dimensions: 0 (weight decay) for matrices, 1 (none)
     for norms and biases. The export maps a stage-0 checkpoint's per-group fp32 master weights back to
-    names with this rule (pretrain.consolidate)."""
+    names with this rule (pretrain.export.consolidate)."""
     return 0 if ndim >= 2 else 1
 
 

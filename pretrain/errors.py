@@ -1,5 +1,7 @@
 """Errors of the trainer and the export a user can fix; printed by the CLI as one line with a non-zero exit."""
-from data_prep.errors import UserError
+from lmforge_common import UserError
+
+__all__ = ["UserError", "ConfigError", "ConsistencyError", "DistributedError", "ExportError", "HubError"]
 
 
 class ConfigError(UserError):
@@ -8,6 +10,10 @@ class ConfigError(UserError):
 
 class ConsistencyError(UserError):
     """Tokenizer, model and data disagree (vocabulary, special ids, seq_len, fingerprint, objective)."""
+
+
+class DistributedError(UserError):
+    """The launcher's environment does not describe a usable world (rank, world size, rendezvous)."""
 
 
 class ExportError(UserError):

@@ -26,8 +26,8 @@ import types
 
 import torch
 
-IGNORE_INDEX = -100
-"""Label of positions without a loss (transformers' and PyTorch's ``ignore_index``)."""
+from pretrain.inputs import IGNORE_INDEX
+
 FUSED_LOSS_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2"})
 """transformers model types whose causal-LM head is ``lm_head(base_model(...).last_hidden_state)``, no
 bias, no logit scaling or soft-capping."""

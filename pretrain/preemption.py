@@ -2,7 +2,7 @@
 
 Any rank may receive the signal (Slurm's ``--signal=USR1@grace`` reaches every task); the flag is
 all-reduced at the next step boundary so every rank stops at the same step and saves together. The
-process then exits with :data:`EXIT_PREEMPTED` (75, ``EX_TEMPFAIL``: "try again"), which launchers
+process then exits with :data:`lmforge_common.EXIT_PREEMPTED` (75, ``EX_TEMPFAIL``: "try again"), which launchers
 treat as "checkpoint saved, requeue me". Under Slurm, with ``preemption.requeue``, rank 0 also runs
 ``scontrol requeue $SLURM_JOB_ID`` (the Lightning ``SLURMEnvironment`` auto-requeue pattern).
 """
@@ -14,7 +14,6 @@ import signal
 import subprocess
 import time
 
-EXIT_PREEMPTED = 75
 log = logging.getLogger(__name__)
 
 

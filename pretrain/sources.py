@@ -24,7 +24,7 @@ from data_prep.prep import is_validation
 from data_prep.reader import JSONL_SUFFIXES, PARQUET_SUFFIXES, resolve_inputs
 from data_prep.blend import BlendedReader
 from data_prep.shards import ShardReader
-from data_prep.tokenizer import TOKENIZER_FILE, TokenizerInfo
+from data_prep.tokenizer.folder import TOKENIZER_FILE, TokenizerInfo
 from pretrain.data import MicroBatch, eval_batches, micro_batches
 
 

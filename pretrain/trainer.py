@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import UserError
-from data_prep.shards import check_shard_files, write_json_atomic
-from data_prep.tokenizer import TokenizerInfo, load_tokenizer_info
+from data_prep.shards import check_shard_files
+from lmforge_common import write_json_atomic
+from data_prep.tokenizer.folder import TokenizerInfo, load_tokenizer_info
 from pretrain import checkpoint
 from pretrain.checkpoint import TrainState
 from pretrain.checks import check_consistency
@@ -39,7 +40,7 @@ from pretrain.metrics import MetricsWriter
 from pretrain.model import (build_model, build_model_config, count_parameters, load_model_config, objective_of,
                             padded_vocab_size)
 from pretrain.sources import ShardSource, StreamingSource, describe_data
-from pretrain.preemption import EXIT_PREEMPTED, StopPolicy, requeue_slurm_job
+from pretrain.preemption import StopPolicy, requeue_slurm_job
 
 log = logging.getLogger(__name__)
 PROBE_TOKENS = 64
@@ -84,7 +85,7 @@ def train(cfg: TrainConfig) -> dict:
     """Train per ``cfg`` on this rank; returns the summary (rank 0 also writes it to ``summary.json``).
 
     The summary has ``preempted: True`` when a signal or the time budget stopped the run after a
-    save; the CLI then exits with :data:`~pretrain.preemption.EXIT_PREEMPTED`.
+    save; the CLI then exits with :data:`~lmforge_common.EXIT_PREEMPTED`.
     """
     dist = init_distributed()
     try:
@@ -264,7 +265,7 @@ def _probe(run: Run):
     run.engine.train()
     if not run.dist.is_main:
         return None
-    from pretrain.verify import probe_metadata
+    from pretrain.export.verify import probe_metadata
 
     return {"tensors": {"input_ids": x.cpu(), "logits": logits},
             "metadata": probe_metadata(run.cfg.deepspeed.precision, run.engine.device)}
@@ -281,7 +282,7 @@ def save_checkpoint(run: Run, state: TrainState, extras: dict) -> Path:
     if run.dist.is_main:
         every = cfg.checkpoint.export_every_steps
         if every and state.step % every == 0:
-            from pretrain.export import spawn_export
+            from pretrain.export.core import spawn_export
 
             run.exports.append((path, spawn_export(path, Path(cfg.run_dir) / "hf" / path.name)))
             log_rank0("exporting %s to hf/%s in the background", path.name, path.name)

@@ -25,7 +25,7 @@ def corpus_dirs() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, corpus_dirs) -> Path:
-    from data_prep.tokenizer import train_byte_bpe
+    from data_prep.tokenizer.train import train_byte_bpe
 
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
     train_byte_bpe(corpus_dirs, out, vocab_size=512, model_max_length=64)

@@ -33,7 +33,7 @@ def retrain_configs(sources: dict[str, Path], root: Path) -> dict[str, dict]:
 
 
 def train_all(configs: dict[str, dict]) -> dict[str, Path]:
-    from data_prep.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+    from data_prep.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
     for config in configs.values():
         train_tokenizer(TokenizerTrainConfig(**config))

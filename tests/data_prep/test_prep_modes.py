@@ -87,7 +87,7 @@ def test_long_documents_encode_in_pieces_to_the_same_ids(tokenizer_dir, corpus_d
 _BIG_DOC_SCRIPT = """
 import json, resource, sys
 from data_prep.prep import PrepConfig, prepare
-from data_prep.tokenizer import load_tokenizer_info
+from data_prep.tokenizer.folder import load_tokenizer_info
 load_tokenizer_info(sys.argv[2])  # baseline: transformers' AutoTokenizer alone takes ~250 MB
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 m = prepare(PrepConfig(inputs=[sys.argv[1]], tokenizer=sys.argv[2], output=sys.argv[3], seq_len=256, val_fraction=0.0,

@@ -2,7 +2,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from data_prep.errors import InputError, UserError
-from data_prep.tokenizer import EOS_TOKEN, fingerprint, load_tokenizer_info, train_byte_bpe
+from data_prep.tokenizer.folder import EOS_TOKEN, fingerprint, load_tokenizer_info
+from data_prep.tokenizer.train import train_byte_bpe
 
 
 def test_tokenizer_loads_with_autotokenizer_and_round_trips_any_text(tokenizer_dir):

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from data_prep.tokenizer_corpus import CorpusStats, CorpusText
-from data_prep.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+from data_prep.tokenizer.corpus import CorpusStats, CorpusText
+from data_prep.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
 WORDS = "alpha beta gamma delta river stone bridge library train star letter number table".split()
 
@@ -86,7 +86,7 @@ def test_prefetch_keeps_order_reraises_reader_errors_and_stops_when_closed():
     import threading
 
     from data_prep.errors import InputError
-    from data_prep.tokenizer_corpus import prefetched
+    from data_prep.tokenizer.corpus import prefetched
 
     assert list(prefetched(iter(range(50)), depth=2)) == list(range(50))
 

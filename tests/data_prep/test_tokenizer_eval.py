@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from data_prep.errors import InputError
 from data_prep.reader import iter_documents
-from data_prep.tokenizer_eval import evaluate_tokenizers, format_table
+from data_prep.tokenizer.evaluation import evaluate_tokenizers, format_table
 from tests.data_prep.conftest import PROSE
 
 

@@ -13,8 +13,8 @@ from transformers import AutoTokenizer, DataCollatorForLanguageModeling
 
 from data_prep.errors import UserError
 from data_prep.reader import iter_documents
-from data_prep.tokenizer import fingerprint, load_tokenizer_info
-from data_prep.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+from data_prep.tokenizer.folder import fingerprint, load_tokenizer_info
+from data_prep.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 from tests.data_prep.conftest import FAMILY_VOCAB, PROSE, RETRAIN_VOCAB, family_configs, retrain_configs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,7 +121,7 @@ def test_padding_side_and_both_language_modeling_collators(family_dirs):
 
 _TRAIN_CONFIGS = """
 import json, sys
-from data_prep.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+from data_prep.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 for config in json.load(open(sys.argv[1])):
     train_tokenizer(TokenizerTrainConfig(**config))
 """
@@ -148,8 +148,8 @@ def test_same_corpus_gives_a_byte_identical_tokenizer_json_in_another_process(
 def test_unigram_scores_are_log_frequencies_of_the_viterbi_counts(family_dirs, family_corpus):
     import math
 
-    from data_prep.tokenizer_corpus import CorpusText
-    from data_prep.tokenizer_unigram import UNUSED_PIECE_COUNT, rescore_unigram, viterbi_counts
+    from data_prep.tokenizer.corpus import CorpusText
+    from data_prep.tokenizer.unigram import UNUSED_PIECE_COUNT, rescore_unigram, viterbi_counts
 
     tok = Tokenizer.from_file(str(family_dirs["unigram"] / "tokenizer.json"))
     vocab = json.loads(tok.to_str())["model"]["vocab"]

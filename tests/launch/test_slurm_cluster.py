@@ -5,7 +5,7 @@ import sys
 import time
 
 from tests.launch.conftest import CRED_EXPIRE_S
-from launch.contract import EXIT_PREEMPTED, rendezvous_port
+from lmforge_common import EXIT_PREEMPTED, rendezvous_port
 from launch.sbatch_scripts import render_train_script
 from launch.slurm import SlurmOptions, submit, write_script
 

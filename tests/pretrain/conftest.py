@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.local import free_port, rank_env
+from launch.local import rank_env
+from lmforge_common import free_port
 
 TINY = ["model.preset=llama-test", "deepspeed.micro_batch_size=2", "data.eval_batches=1", "log_every_steps=1",
         "show_progress=false", "optim.warmup_steps=2", "optim.lr=3e-3", "seed=11"]

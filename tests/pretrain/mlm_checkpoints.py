@@ -34,14 +34,14 @@ def build(out: Path, tokenizer: str, data: str, stage: int, precision: str) -> P
     from transformers import AutoTokenizer
 
     from data_prep.shards import MANIFEST_NAME, ShardReader, sha256_file
-    from data_prep.tokenizer import load_tokenizer_info
+    from data_prep.tokenizer.folder import load_tokenizer_info
     from pretrain import checkpoint
     from pretrain.config import load_config, to_yaml
     from pretrain.engine import initialize_engine
     from pretrain.flops import device_description
     from pretrain.metrics import MetricsWriter
     from pretrain.model import build_model, build_model_config, padded_vocab_size
-    from pretrain.verify import probe_metadata
+    from pretrain.export.verify import probe_metadata
 
     run_dir = out / f"mlm-zero{stage}-{precision}"
     cfg = load_config(None, [f"run_dir={run_dir}", f"data.path={data}", f"data.tokenizer={tokenizer}",

@@ -3,7 +3,7 @@ import copy
 import pytest
 
 from data_prep.shards import read_manifest
-from data_prep.tokenizer import load_tokenizer_info
+from data_prep.tokenizer.folder import load_tokenizer_info
 from pretrain.checks import check_consistency
 from pretrain.config import load_config
 from pretrain.errors import ConsistencyError

@@ -1,7 +1,7 @@
 """Rank discovery from each launcher's environment, its precedence, and the errors when it is incomplete."""
 import pytest
 
-from launch.errors import LaunchError
+from pretrain.errors import DistributedError
 from pretrain.distributed import ENV_SCHEMES, discover_ranks
 
 ALL_VARS = sorted({v for scheme in ENV_SCHEMES for v in scheme[1:]} | {"SLURM_NTASKS"})
@@ -45,7 +45,7 @@ def test_each_launcher_scheme(env, values, expected):
 ])
 def test_incomplete_or_bad_environment_is_one_clear_line(env, values, message):
     env(**values)
-    with pytest.raises(LaunchError, match=message) as exc:
+    with pytest.raises(DistributedError, match=message) as exc:
         discover_ranks()
     assert "\n" not in str(exc.value)
 
@@ -56,5 +56,5 @@ def test_many_ranks_without_a_rendezvous_is_refused(env, monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)
     env(RANK=0, LOCAL_RANK=0, WORLD_SIZE=2)
-    with pytest.raises(LaunchError, match="WORLD_SIZE=2 but MASTER_ADDR/MASTER_PORT are not set"):
+    with pytest.raises(DistributedError, match="WORLD_SIZE=2 but MASTER_ADDR/MASTER_PORT are not set"):
         init_distributed()

@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pretrain.verify import LOGIT_TOLERANCE
+from pretrain.export.verify import LOGIT_TOLERANCE
 from tests.pretrain.conftest import TINY, Ranks
 
 CLM_RUNS = {  # name: (ranks, overrides)
@@ -54,7 +54,7 @@ def mlm_data(tmp_path_factory, tokenizer_dir, corpus_dirs):
 
 def _corrupt(tag_dir: Path, name: str) -> None:
     """Add 0.5 to every element of tensor ``name`` where the checkpoint stores its fp32 master copy."""
-    from pretrain.consolidate import plan_checkpoint
+    from pretrain.export.consolidate import plan_checkpoint
 
     (plan,) = [t for t in plan_checkpoint(tag_dir).tensors if t.name == name]
     for ext in plan.extents:
@@ -93,7 +93,7 @@ def runs(tmp_path_factory, tokenizer_dir, prepared_dir, mlm_data) -> dict[str, P
 @pytest.fixture(scope="module")
 def exports(runs, tmp_path_factory) -> dict[str, dict]:
     """name -> {"out", "rc", "stderr", "log"} of each ``lmforge export`` (run concurrently)."""
-    from pretrain.export import spawn_export
+    from pretrain.export.core import spawn_export
 
     out = tmp_path_factory.mktemp("exports")
     bad_run = out / "corrupted-run"
@@ -198,7 +198,7 @@ def test_round_trip_reproduces_the_trained_model(exports, runs, name):
 def test_checkpoint_structure_is_read_without_torch_as_torch_reads_it(runs):
     """Every tensor of every DeepSpeed file of every run: same shape, stride, dtype and data offset as torch.load
     gives on the meta device; DeepSpeed's own objects (enums, loss scalers) are stand-ins, ints where needed."""
-    from pretrain.torch_archive import TensorRef, load_structure
+    from pretrain.export.torch_archive import TensorRef, load_structure
 
     def walk(ours, theirs, where: str) -> int:
         if isinstance(theirs, torch.Tensor):
@@ -300,10 +300,10 @@ def test_push_to_an_unreachable_endpoint_fails_cleanly(exports):
 
 
 def test_bad_input_is_one_line_naming_the_problem(runs, tmp_path):
-    from pretrain.consolidate import plan_checkpoint
+    from pretrain.export.consolidate import plan_checkpoint
     from pretrain.errors import ExportError
-    from pretrain.export import ExportOptions, export
-    from pretrain.hub import PushOptions
+    from pretrain.export.core import ExportOptions, export
+    from pretrain.export.hub import PushOptions
 
     with pytest.raises(ExportError, match="--dtype 'int8'.*--max-shard-size 'lots'.*--push-to-hub 'noslash'"):
         export(runs["clm-zero3-bf16"], tmp_path / "x", ExportOptions(dtype="int8", max_shard_size="lots",

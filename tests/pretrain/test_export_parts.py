@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretrain.consolidate import Extent, TensorPlan, TensorReader
+from pretrain.export.consolidate import Extent, TensorPlan, TensorReader
 from pretrain.errors import ExportError
-from pretrain.safetensors_writer import TensorSpec, write_sharded
-from pretrain.torch_archive import Opaque, TensorRef, load_structure
-from pretrain.verify import EXACT_KEYS, inexact_reason, probe_metadata
+from pretrain.export.safetensors_writer import TensorSpec, write_sharded
+from pretrain.export.torch_archive import Opaque, TensorRef, load_structure
+from pretrain.export.verify import EXACT_KEYS, inexact_reason, probe_metadata
 
 
 class Stage(int, enum.Enum):  # pickled by reference, as DeepSpeed's ZeroStageEnum
@@ -121,7 +121,7 @@ def test_config_files_match_what_transformers_writes(tmp_path):
     from transformers import GenerationConfig
     from transformers.models.auto import modeling_auto
 
-    from pretrain.hf_config import MAPPINGS, _mapping_from_source, architecture, generation_config, write_json
+    from pretrain.export.hf_config import MAPPINGS, _mapping_from_source, architecture, generation_config, write_json
 
     for objective, name in MAPPINGS.items():
         assert _mapping_from_source(name) == dict(getattr(modeling_auto, name)), objective

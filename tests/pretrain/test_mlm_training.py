@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from data_prep.prep import PrepConfig, prepare
-from data_prep.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+from data_prep.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 from tests.pretrain.conftest import TINY, Ranks, losses_by_step
 
 

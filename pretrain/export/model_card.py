@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pretrain.errors import ExportError
-from pretrain.run_info import RunInfo, training_wall_s
+from pretrain.export.run_info import RunInfo, training_wall_s
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def _usage(info: RunInfo, options: CardOptions, export_name: str) -> list[str]:
 
 
 def _dtype(info: RunInfo) -> str:
-    from pretrain.verify import PRECISION_DTYPES
+    from pretrain.export.verify import PRECISION_DTYPES
 
     return PRECISION_DTYPES[info.config["deepspeed"]["precision"]]
 

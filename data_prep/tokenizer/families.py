@@ -267,7 +267,7 @@ def _template(items: Sequence[str], roles: Mapping[str, str]) -> tuple[str, list
 
 def finish(tok, spec: FamilySpec, specials: SpecialTokens) -> None:
     """Complete a trained tokenizer in place: the post-processor (Unigram: call
-    :func:`data_prep.tokenizer_unigram.make_reproducible` first, it changes the ids)."""
+    :func:`data_prep.tokenizer.unigram.make_reproducible` first, it changes the ids)."""
     from tokenizers import processors
 
     if spec.name == "byte-bpe":

@@ -1,7 +1,7 @@
 """Train a tokenizer from a corpus: one of the four families, or an existing tokenizer's algorithm retrained.
 
 The text streams from the corpus reader in batches into ``Tokenizer.train_from_iterator`` and is
-never held whole in memory; ``max_bytes`` samples it (see :mod:`data_prep.tokenizer_corpus`).
+never held whole in memory; ``max_bytes`` samples it (see :mod:`data_prep.tokenizer.corpus`).
 What the trainer itself holds grows with the distinct pre-tokenized words, not with the corpus;
 every family splits words before training, which avoids the blow-up of tokenizers#1345 (a 2 GB
 corpus using 150 GB of RAM with a pre-tokenizer that does not split).
@@ -12,16 +12,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from data_prep.errors import InputError, UserError
-from data_prep.tokenizer import (TOKENIZER_FILE, TokenizerInfo, is_replaceable_output, load_tokenizer, read_metadata,
+from data_prep.tokenizer.folder import (TOKENIZER_FILE, TokenizerInfo, is_replaceable_output, load_tokenizer, read_metadata,
                                  save_tokenizer_folder)
-from data_prep.tokenizer_corpus import DEFAULT_BATCH_BYTES, CorpusStats, CorpusText, prefetched
-from data_prep.tokenizer_families import (FAMILIES, UNIGRAM_ALPHABET_ERROR, WORDPIECE_PREFIX, FamilySpec, SpecialTokens,
+from data_prep.tokenizer.corpus import DEFAULT_BATCH_BYTES, CorpusStats, CorpusText, prefetched
+from data_prep.tokenizer.families import (FAMILIES, UNIGRAM_ALPHABET_ERROR, WORDPIECE_PREFIX, FamilySpec, SpecialTokens,
                                           alphabet_problem, build, decorated_symbols, finish, minimum_vocab_size,
                                           release_seeds, special_token_problems)
-from data_prep.tokenizer_unigram import make_reproducible
+from data_prep.tokenizer.unigram import make_reproducible
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def _train_from_pretrained(cfg: TokenizerTrainConfig, text: CorpusText):
 
     Made reproducible as the families are: decorated symbols (WordPiece ``##c``, BPE prefix /
     suffix forms) are seeded sorted (see :func:`decorated_symbols`), Unigram ids and scores are
-    made canonical (see :mod:`data_prep.tokenizer_unigram`).
+    made canonical (see :mod:`data_prep.tokenizer.unigram`).
     """
     import json
 
@@ -284,3 +284,32 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> TokenizerInfo:
     log.info("tokenizer %s: %d tokens from %d documents (%.1f MB) in %.1f s -> %s (fingerprint %s)", meta["family"],
              info.vocab_size, stats.documents, stats.text_bytes / 1e6, seconds, cfg.output, info.fingerprint[:12])
     return info
+
+
+def train_byte_bpe(
+    inputs: Sequence[str],
+    output_dir: str | Path,
+    vocab_size: int = 8192,
+    min_frequency: int = 2,
+    max_bytes: int | None = None,
+    text_column: str = "text",
+    model_max_length: int = 2048,
+) -> TokenizerInfo:
+    """Train a GPT-2 style byte-level BPE on ``inputs`` and save it to ``output_dir``.
+
+    A shortcut for :func:`data_prep.tokenizer.train.train_tokenizer` with family ``byte-bpe``:
+    ``<|endoftext|>`` is bos and eos, ``<|pad|>`` pads.
+
+    Args:
+        vocab_size: target vocabulary size in tokens, special tokens included (GPT-2: 50257).
+        min_frequency: a merge needs at least this many occurrences.
+        max_bytes: budget of training text in UTF-8 bytes (deterministic uniform sample); ``None`` reads all.
+        model_max_length: longest sequence in tokens the saved tokenizer advertises.
+
+    Raises:
+        UserError: ``vocab_size`` is smaller than the 256-byte alphabet plus the special tokens.
+        InputError: missing inputs, or no usable document in them.
+    """
+    return train_tokenizer(TokenizerTrainConfig(
+        inputs=list(inputs), output=str(output_dir), family="byte-bpe", vocab_size=vocab_size,
+        min_frequency=min_frequency, max_bytes=max_bytes, text_column=text_column, model_max_length=model_max_length))

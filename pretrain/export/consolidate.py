@@ -1,6 +1,6 @@
 """Streaming consolidation of DeepSpeed ZeRO checkpoints (stages 0-3, any world size) into full tensors.
 
-Every checkpoint file is read with :func:`pretrain.torch_archive.load_structure`: the pickle (names,
+Every checkpoint file is read with :func:`pretrain.export.torch_archive.load_structure`: the pickle (names,
 shapes, dtypes) and the byte offset of each storage in the file, but no tensor data, and without
 importing torch or DeepSpeed. A :class:`TensorPlan` lists the byte ranges in the partition files that
 make up one full tensor; :meth:`TensorReader.copy` copies them as stored into the output file inside
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pretrain.errors import ExportError
-from pretrain.torch_archive import ITEMSIZE, TensorRef, load_structure
+from pretrain.export.torch_archive import ITEMSIZE, TensorRef, load_structure
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 A tokenizer folder holds ``tokenizer.json`` (the ``tokenizers`` pipeline), ``tokenizer_config.json``
 and ``special_tokens_map.json`` (so ``AutoTokenizer.from_pretrained(DIR)`` loads it with the right
 special tokens, padding side and ``model_max_length``) and ``lmforge_tokenizer.json`` (how it was
-trained: family, corpus sample, counts). Training lives in :mod:`data_prep.tokenizer_train`, the
-families in :mod:`data_prep.tokenizer_families`.
+trained: family, corpus sample, counts). Training lives in :mod:`data_prep.tokenizer.train`, the
+families in :mod:`data_prep.tokenizer.families`.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from data_prep.errors import InputError
 
@@ -136,33 +135,3 @@ def save_tokenizer_folder(tokenizer, output_dir: str | Path, metadata: dict) -> 
     tmp.rename(out)
     return load_tokenizer_info(out)
 
-
-def train_byte_bpe(
-    inputs: Sequence[str],
-    output_dir: str | Path,
-    vocab_size: int = 8192,
-    min_frequency: int = 2,
-    max_bytes: int | None = None,
-    text_column: str = "text",
-    model_max_length: int = 2048,
-) -> TokenizerInfo:
-    """Train a GPT-2 style byte-level BPE on ``inputs`` and save it to ``output_dir``.
-
-    A shortcut for :func:`data_prep.tokenizer_train.train_tokenizer` with family ``byte-bpe``:
-    ``<|endoftext|>`` is bos and eos, ``<|pad|>`` pads.
-
-    Args:
-        vocab_size: target vocabulary size in tokens, special tokens included (GPT-2: 50257).
-        min_frequency: a merge needs at least this many occurrences.
-        max_bytes: budget of training text in UTF-8 bytes (deterministic uniform sample); ``None`` reads all.
-        model_max_length: longest sequence in tokens the saved tokenizer advertises.
-
-    Raises:
-        UserError: ``vocab_size`` is smaller than the 256-byte alphabet plus the special tokens.
-        InputError: missing inputs, or no usable document in them.
-    """
-    from data_prep.tokenizer_train import TokenizerTrainConfig, train_tokenizer
-
-    return train_tokenizer(TokenizerTrainConfig(
-        inputs=list(inputs), output=str(output_dir), family="byte-bpe", vocab_size=vocab_size,
-        min_frequency=min_frequency, max_bytes=max_bytes, text_column=text_column, model_max_length=model_max_length))

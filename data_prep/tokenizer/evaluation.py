@@ -23,9 +23,9 @@ from typing import Sequence
 
 import numpy as np
 
-from data_prep.tokenizer import fingerprint, load_tokenizer, read_metadata
-from data_prep.tokenizer_corpus import DEFAULT_BATCH_BYTES, CorpusStats, CorpusText
-from data_prep.tokenizer_families import ROUND_TRIP_NONE, ROUND_TRIP_NORMALIZED
+from data_prep.tokenizer.folder import fingerprint, load_tokenizer, read_metadata
+from data_prep.tokenizer.corpus import DEFAULT_BATCH_BYTES, CorpusStats, CorpusText
+from data_prep.tokenizer.families import ROUND_TRIP_NONE, ROUND_TRIP_NORMALIZED
 
 
 @dataclass

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.tokenizer import TOKENIZER_FILE, fingerprint
+from data_prep.tokenizer.folder import TOKENIZER_FILE, fingerprint
 from pretrain import checkpoint
 from pretrain.sources import describe_data
 from pretrain.errors import ExportError

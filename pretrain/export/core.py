@@ -6,14 +6,14 @@
     model.safetensors          weights; above --max-shard-size model-0000i-of-0000n.safetensors + model.safetensors.index.json
     generation_config.json     bos / eos / pad ids (pad falls back to eos)
     tokenizer.json, ...        the run's tokenizer files, byte for byte (same fingerprint)
-    README.md, loss_curve.png  model card (pretrain.model_card)
+    README.md, loss_curve.png  model card (pretrain.export.model_card)
     lmforge_export.json        provenance and the verification result; written last
 
-Steps: read and cross-check the run (:mod:`pretrain.run_info`); plan the consolidation
-(:mod:`pretrain.consolidate`, no tensor data); stream tensor by tensor into safetensors
-(:mod:`pretrain.safetensors_writer`), casting the float32 master weights to ``dtype``; write the rest;
-verify in a fresh process (``lmforge verify``, :mod:`pretrain.verify`); rename ``OUT.tmp`` to ``OUT``;
-optionally push (:mod:`pretrain.hub`). A failed verification leaves ``OUT.tmp``, never ``OUT``.
+Steps: read and cross-check the run (:mod:`pretrain.export.run_info`); plan the consolidation
+(:mod:`pretrain.export.consolidate`, no tensor data); stream tensor by tensor into safetensors
+(:mod:`pretrain.export.safetensors_writer`), casting the float32 master weights to ``dtype``; write the rest;
+verify in a fresh process (``lmforge verify``, :mod:`pretrain.export.verify`); rename ``OUT.tmp`` to ``OUT``;
+optionally push (:mod:`pretrain.export.hub`). A failed verification leaves ``OUT.tmp``, never ``OUT``.
 """
 from __future__ import annotations
 
@@ -29,15 +29,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.consolidate import CheckpointPlan, TensorPlan, TensorReader, plan_checkpoint, pwrite_all
+from pretrain.export.consolidate import CheckpointPlan, TensorPlan, TensorReader, plan_checkpoint, pwrite_all
 from pretrain.errors import ExportError
-from pretrain.hf_config import GENERATION_CONFIG_FILE, architecture, generation_config, write_json
-from pretrain.hub import PushOptions, push_folder
-from pretrain.model_card import LOSS_CURVE_FILE, CardOptions, plot_loss_curve, render_card
-from pretrain.run_info import RunInfo, load_run_info, resolve_checkpoint
-from pretrain.safetensors_writer import INDEX_FILE, TensorSpec, write_sharded
-from pretrain.torch_archive import FLOAT_DTYPES, ITEMSIZE
-from pretrain.verify import PRECISION_DTYPES
+from pretrain.export.hf_config import GENERATION_CONFIG_FILE, architecture, generation_config, write_json
+from pretrain.export.hub import PushOptions, push_folder
+from pretrain.export.model_card import LOSS_CURVE_FILE, CardOptions, plot_loss_curve, render_card
+from pretrain.export.run_info import RunInfo, load_run_info, resolve_checkpoint
+from pretrain.export.safetensors_writer import INDEX_FILE, TensorSpec, write_sharded
+from pretrain.export.torch_archive import FLOAT_DTYPES, ITEMSIZE
+from pretrain.export.verify import PRECISION_DTYPES
 
 log = logging.getLogger(__name__)
 
