@@ -1,20 +1,32 @@
 """Typed training config: a YAML file plus dotted CLI overrides (``optim.lr=1e-3``), via OmegaConf.
 
 Every field states its unit. :func:`load_config` merges defaults < YAML < overrides, type-checks
-through OmegaConf, then :meth:`TrainConfig.validate` reports every bad value at once. The
-DeepSpeed config is generated from this (``pretrain.engine.build_ds_config``): one source of truth.
+(parsed by OmegaConf), type-checks the result with pydantic against these dataclasses (``Literal``
+fields list their allowed values; unknown keys are refused), then :meth:`TrainConfig.validate`
+checks the values that depend on each other. Every problem of all three steps is reported in one
+:class:`~pretrain.errors.ConfigError`. The DeepSpeed config is generated from this
+(``pretrain.engine.build_ds_config``): one source of truth.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Literal, Sequence, get_args
 
 from pretrain.errors import ConfigError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-ZERO_STAGES = (0, 1, 2, 3)
-SCHEDULES = ("cosine", "linear", "constant", "wsd")
+Precision = Literal["fp32", "bf16", "fp16"]
+"""Training dtype names."""
+ZeroStage = Literal[0, 1, 2, 3]
+"""ZeRO stages (Rajbhandari et al. 2020): 0 = plain data parallel, 1 optimizer states, 2 + gradients, 3 + parameters."""
+Schedule = Literal["cosine", "linear", "constant", "wsd"]
+"""Learning-rate schedules after warmup."""
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+ZERO_STAGES: tuple[int, ...] = get_args(ZeroStage)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+STRICT = {"extra": "forbid", "coerce_numbers_to_str": True}
+"""pydantic settings of every config dataclass: unknown keys are errors; ``run_dir=123`` is the string "123"."""
 
 
 @dataclass
@@ -74,7 +86,7 @@ class OptimConfig:
     """Peak learning rate reached after warmup."""
     min_lr_ratio: float = 0.1
     """Final learning rate of the cosine schedule, as a fraction of ``lr``."""
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     """Learning-rate schedule after linear warmup: cosine (to ``min_lr_ratio``), linear (to 0), constant,
     or wsd: warmup-stable-decay (Hu et al. 2024, MiniCPM), constant then a cosine decay to ``min_lr_ratio``
     over the last ``decay_fraction`` of the steps."""
@@ -94,9 +106,9 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 2
+    zero_stage: ZeroStage = 2
     """ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
-    precision: str = "bf16"
+    precision: Precision = "bf16"
     """Training dtype: fp32, bf16 or fp16 (dynamic loss scaling)."""
     micro_batch_size: int = 8
     """Sequences per data-parallel rank per forward/backward (micro batch)."""
@@ -211,14 +223,18 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise one :class:`ConfigError` listing every bad key, its value and what is allowed."""
+        p = self.problems()
+        if p:
+            raise ConfigError("invalid config: " + "; ".join(p))
+
+    def problems(self) -> list[str]:
+        """Every value this config's types cannot express, as ``key=value (allowed: ...)`` strings."""
+        from pretrain.model import PRESETS
+
         p: list[str] = []
         ds, opt = self.deepspeed, self.optim
-        if ds.zero_stage not in ZERO_STAGES:
-            p.append(f"deepspeed.zero_stage={ds.zero_stage} (allowed: {', '.join(map(str, ZERO_STAGES))})")
-        if ds.precision not in PRECISIONS:
-            p.append(f"deepspeed.precision={ds.precision!r} (allowed: {', '.join(PRECISIONS)})")
-        if opt.schedule not in SCHEDULES:
-            p.append(f"optim.schedule={opt.schedule!r} (allowed: {', '.join(SCHEDULES)})")
+        if self.model.preset not in PRESETS and not self.model.init_from:
+            p.append(f"model.preset={self.model.preset!r} (allowed: {', '.join(sorted(PRESETS))})")
         for key, value, low in [("deepspeed.micro_batch_size", ds.micro_batch_size, 1),
                                 ("deepspeed.gradient_accumulation_steps", ds.gradient_accumulation_steps, 1),
                                 ("max_steps", self.max_steps, 1), ("log_every_steps", self.log_every_steps, 1),
@@ -281,40 +297,133 @@ class TrainConfig:
                      else f"give one of data.path, data.blend, data.raw_inputs, not {' and '.join(sources)}")
         if self.data.raw_inputs and self.seq_len == 0:
             p.append("seq_len is required with data.raw_inputs (there is no manifest to take it from)")
-        if p:
-            raise ConfigError("invalid config: " + "; ".join(p))
+        return p
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Defaults < YAML file < dotted overrides, type-checked and validated.
+    """Defaults < YAML file < dotted overrides, type-checked and validated, every problem reported at once.
 
     Raises:
-        ConfigError: unreadable YAML, an unknown key, a value of the wrong type, or any value
-            :meth:`TrainConfig.validate` rejects.
+        ConfigError: unreadable YAML or override syntax (alone: nothing else can be checked then), or
+            one message listing every unknown key (with the keys allowed there), every value of the
+            wrong type or outside its ``Literal`` (with the allowed values), and every value
+            :meth:`TrainConfig.problems` rejects.
     """
+    raw = _merged_input(path, overrides)
+    problems: list[str] = []
+    cfg = None
+    for _ in range(8):  # drop each bad key and type-check again, so the valid rest is checked too
+        try:
+            cfg = _adapter().validate_python(raw)
+            break
+        except _validation_error() as exc:
+            for err in exc.errors():
+                problems.append(_describe(err))
+                _drop(raw, err["loc"])
+    if cfg is None:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+    problems += [q for q in cfg.problems() if not any(q.split("=")[0] == k.split("=")[0].split(":")[0] for k in problems)]
+    if problems:
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}invalid config: " + "; ".join(problems))
+    return cfg
+
+
+def _merged_input(path: str | Path | None, overrides: Sequence[str]) -> dict:
+    """The YAML file merged with the dotted overrides, as plain containers (no type checks yet)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
     try:
-        cfg = OmegaConf.structured(TrainConfig)
+        base = OmegaConf.create({})
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"{path}: config file not found")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(str(path)))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        obj: TrainConfig = OmegaConf.to_object(cfg)
+            base = OmegaConf.load(str(path))
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        raw = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as exc:
         where = f"{path}: " if path else ""
-        raise ConfigError(f"{where}{str(exc).splitlines()[0]} (key: {getattr(exc, 'full_key', '?')})") from exc
-    obj.validate()
-    return obj
+        raise ConfigError(f"{where}{str(exc).splitlines()[0]}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values, not {type(raw).__name__}")
+    return raw
+
+
+def _adapter():
+    from pydantic import TypeAdapter
+
+    for cls in _config_classes(TrainConfig):
+        cls.__pydantic_config__ = STRICT  # type: ignore[attr-defined]
+    return TypeAdapter(TrainConfig)
+
+
+def _validation_error() -> type[Exception]:
+    from pydantic import ValidationError
+
+    return ValidationError
+
+
+def _config_classes(cls: type) -> list[type]:
+    """``cls`` and every config dataclass nested in it (fields, list items)."""
+    import typing
+
+    out = [cls]
+    for f in dataclasses.fields(cls):
+        for t in (typing.get_type_hints(cls)[f.name], *get_args(typing.get_type_hints(cls)[f.name])):
+            if dataclasses.is_dataclass(t) and t not in out:
+                out += [c for c in _config_classes(t) if c not in out]  # type: ignore[arg-type]
+    return out
+
+
+def _section(loc: tuple) -> type | None:
+    """The config dataclass at ``loc`` (a key path, list indices included), or None past a free-form field."""
+    import typing
+
+    cls: Any = TrainConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        hint = typing.get_type_hints(cls).get(part)
+        cls = next((t for t in (hint, *get_args(hint)) if dataclasses.is_dataclass(t)), None)
+        if cls is None:
+            return None
+    return cls
+
+
+def _describe(err: dict) -> str:
+    """One pydantic error as ``key=value (allowed: ...)``."""
+    loc = tuple(err["loc"])
+    key = ".".join(str(x) if not isinstance(x, int) else f"[{x}]" for x in loc).replace(".[", "[")
+    kind, value = err["type"], err.get("input")
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        section = _section(loc[:-1])
+        allowed = ", ".join(f.name for f in dataclasses.fields(section)) if section else "?"
+        return f"{key}: unknown key (allowed here: {allowed})"
+    if kind == "literal_error":
+        return f"{key}={value!r} (allowed: {err['ctx']['expected'].replace(' or ', ', ')})"
+    return f"{key}={value!r}: {err['msg']}"
+
+
+def _drop(raw: dict, loc: tuple) -> None:
+    """Remove the value at ``loc`` from the nested input, so its default is used on the next check."""
+    node: Any = raw
+    for part in loc[:-1]:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return
+    if isinstance(node, dict):
+        node.pop(loc[-1], None)
+    elif isinstance(node, list) and isinstance(loc[-1], int) and loc[-1] < len(node):
+        node.pop(loc[-1])
 
 
 def to_yaml(cfg: TrainConfig) -> str:
     """The resolved config as YAML (written to the run dir and into every checkpoint)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg)))

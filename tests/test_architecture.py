@@ -26,8 +26,8 @@ FORBIDDEN = {
 }
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -36,7 +36,7 @@ def module_name(path: Path) -> str:
 def source_modules(root: Path = ROOT) -> dict[str, Path]:
     """Every lmforge module: name -> file."""
     files = [root / f"{COMMON}.py"] + [p for pkg in PACKAGES for p in sorted((root / pkg).rglob("*.py"))]
-    return {module_name(p): p for p in files}
+    return {module_name(p, root): p for p in files}
 
 
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:

@@ -32,10 +32,34 @@ def test_every_bad_value_is_reported_at_once():
         load_config(None, ["data.path=d", "data.tokenizer=t", "deepspeed.zero_stage=5", "deepspeed.precision=fp8",
                            "optim.schedule=step", "max_steps=0"])
     msg = str(err.value)
-    for part in ("deepspeed.zero_stage=5 (allowed: 0, 1, 2, 3)", "deepspeed.precision='fp8' (allowed: fp32, bf16, fp16)",
+    for part in ("deepspeed.zero_stage=5 (allowed: 0, 1, 2, 3)", "deepspeed.precision='fp8' (allowed: 'fp32', 'bf16', 'fp16')",
                  "optim.schedule='step'", "max_steps=0 (allowed: >= 1)"):
         assert part in msg
     assert "\n" not in msg
+
+
+def test_unknown_keys_bad_values_and_bad_choices_all_in_one_message():
+    """The new user's command of issue 13: every problem at once, each with what is allowed."""
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIG_DIR / "demo.yaml", ["data.path=d", "data.tokenizer=t", "optim.lrr=1", "deepspeed.zero_stage=5",
+                                               "model.preset=llama-huge", "deepspeed.micro_batch_size=0",
+                                               "data.blend=[{path: a, weigth: 2}]", "checkpoint.kep_last=2"])
+    msg = str(err.value)
+    for part in ("optim.lrr: unknown key (allowed here: lr, min_lr_ratio,", "deepspeed.zero_stage=5 (allowed: 0, 1, 2, 3)",
+                 "model.preset='llama-huge' (allowed: bert-base,", "deepspeed.micro_batch_size=0 (allowed: >= 1)",
+                 "data.blend[0].weigth: unknown key (allowed here: path, weight)", "checkpoint.kep_last: unknown key"):
+        assert part in msg, part
+    assert "\n" not in msg and msg.startswith(str(CONFIG_DIR / "demo.yaml"))
+
+
+def test_enumerated_fields_are_literal_types():
+    import typing
+
+    from pretrain.config import DeepSpeedConfig, OptimConfig
+
+    hints = {**typing.get_type_hints(DeepSpeedConfig), **typing.get_type_hints(OptimConfig)}
+    for name in ("zero_stage", "precision", "schedule"):
+        assert typing.get_origin(hints[name]) is typing.Literal, name
 
 
 def test_unknown_key_wrong_type_and_missing_data_are_named(tmp_path):

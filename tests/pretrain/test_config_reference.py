@@ -34,4 +34,4 @@ def test_committed_config_reference_is_up_to_date_and_lists_every_key():
     assert gen.OUTPUT.read_text(encoding="utf-8") == text, "docs/config.md is stale: run python docs/gen_config_reference.py"
     listed = {line.split("`")[1] for line in text.splitlines() if line.startswith("| `")}
     assert listed == set(_keys(TrainConfig()))
-    assert "| `deepspeed.zero_stage` | `int` | `2` | ZeRO stage:" in text
+    assert "| `deepspeed.zero_stage` | `0 \\| 1 \\| 2 \\| 3` | `2` | ZeRO stage:" in text
