@@ -27,6 +27,7 @@ Usage: ``python bench/bench_loader.py [--repeats 3] [--batches 3000]``; writes
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     consumed = (num_train // MICRO_BATCH - 2) * MICRO_BATCH
     print(f"resume latency at consumed_samples={consumed}", flush=True)
-    resume = common.alternate({side: (lambda s=side: resume_latency_s(data, consumed, s))
+    resume = common.alternate({side: functools.partial(resume_latency_s, data, consumed, side)
                                for side in ("lmforge", "peer", "peer_map")}, args.repeats)
     far = consumed * 10**6
     far_lmforge = [resume_latency_s(data, far, "lmforge") for _ in range(args.repeats)]

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import common
 
@@ -67,12 +68,13 @@ def _config(corpus_dir: Path, out: Path, family: str, vocab_size: int, max_bytes
                                 max_bytes=max_bytes)
 
 
-def _raw_train(texts: list[str], family: str, vocab_size: int) -> object:
+def _raw_train(texts: list[str], family: str, vocab_size: int) -> Any:
     """The peer: the family's tokenizers components, trained from an in-memory list."""
     from data_prep.tokenizer.families import FAMILIES, build, special_token_problems
 
     spec = FAMILIES[family]
     specials, _ = special_token_problems(spec, {}, [])
+    assert specials is not None  # the family's defaults are valid
     tok, trainer = build(spec, specials, vocab_size, 2)
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
@@ -87,7 +89,7 @@ def throughput(corpus_dir: Path, work: Path, args) -> tuple[dict, dict]:
 
     texts = [d.text for d in iter_documents([str(corpus_dir)])]
     cpu: dict[str, list[float]] = {"lmforge": [], "peer": []}
-    last: dict[str, object] = {}
+    last: dict[str, Any] = {}
 
     def measure(side: str) -> float:
         cpu0, start = common.cpu_seconds(), time.perf_counter()
@@ -164,9 +166,9 @@ def memory(corpus_dir: Path, work: Path, corpus_bytes: int, args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
-        mode, corpus_dir, out, max_bytes, family, vocab = argv[1:7]
+        mode, child_corpus, out, max_bytes, family, vocab = argv[1:7]
         common.use_this_checkout()
-        _child(mode, corpus_dir, out, int(max_bytes), family, int(vocab))
+        _child(mode, child_corpus, out, int(max_bytes), family, int(vocab))
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--family", default="byte-bpe")
@@ -181,11 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"corpus: {corpus_bytes / 1e6:.1f} MB of stdlib text in {SHARDS} jsonl shards; family {args.family}, "
           f"vocab {args.vocab_size}", flush=True)
     with tempfile.TemporaryDirectory(prefix="lmforge-tokbench-") as tmp:
-        work = Path(tmp)
+        work_dir = Path(tmp)
         print("throughput (lmforge end to end vs raw trainer on an in-memory list):", flush=True)
-        times, t_details = throughput(corpus_dir, work, args)
+        times, t_details = throughput(corpus_dir, work_dir, args)
         print("memory (fresh processes):", flush=True)
-        mem = memory(corpus_dir, work, corpus_bytes, args)
+        mem = memory(corpus_dir, work_dir, corpus_bytes, args)
 
     peer = "tokenizers train_from_iterator, in-memory list"
     mb_per_s = {side: [corpus_bytes / 1e6 / s for s in runs] for side, runs in times["wall"].items()}

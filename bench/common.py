@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -88,6 +88,7 @@ def run_child(cmd: Sequence[str], env: dict[str, str] | None = None, cwd: str | 
                             stderr=subprocess.STDOUT)
     deadline = None if timeout_s is None else start + timeout_s
     chunks: list[bytes] = []
+    assert proc.stdout is not None  # stdout=PIPE
     try:
         import selectors
 
@@ -95,9 +96,9 @@ def run_child(cmd: Sequence[str], env: dict[str, str] | None = None, cwd: str | 
             sel.register(proc.stdout, selectors.EVENT_READ)
             while True:
                 if deadline is not None and time.perf_counter() > deadline:
-                    raise subprocess.TimeoutExpired(list(cmd), timeout_s)
+                    raise subprocess.TimeoutExpired(list(cmd), float(timeout_s or 0))
                 if sel.select(timeout=0.5):
-                    data = proc.stdout.read1(1 << 16)
+                    data = os.read(proc.stdout.fileno(), 1 << 16)
                     if not data:
                         break
                     chunks.append(data)
@@ -325,7 +326,7 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "os": platform.platform(), "python": platform.python_version()}
+    info: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "os": platform.platform(), "python": platform.python_version()}
     try:
         info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
         info["load_average_1_5_15_min"] = [round(x, 2) for x in os.getloadavg()]

@@ -19,7 +19,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -37,7 +37,7 @@ class _Scorer:
     fingerprint: str
     vocab_size: int
     round_trip: str
-    backend: object
+    backend: Any
     unk_id: int | None
     tokens: int = 0
     unk_tokens: int = 0

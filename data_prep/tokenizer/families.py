@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from data_prep.errors import UserError
 
@@ -179,7 +179,9 @@ def build(spec: FamilySpec, specials: SpecialTokens, vocab_size: int, min_freque
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     unk = specials.roles.get("unk")
-    common = dict(vocab_size=vocab_size, special_tokens=list(specials.ordered) + list(seed_symbols), show_progress=show_progress)
+    common: dict[str, Any] = dict(vocab_size=vocab_size, special_tokens=list(specials.ordered) + list(seed_symbols),
+                                  show_progress=show_progress)
+    trainer: Any
     if spec.name == "byte-bpe":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

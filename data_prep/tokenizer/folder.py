@@ -105,7 +105,7 @@ def is_replaceable_output(output_dir: str | Path) -> bool:
 
 def special_tokens_map(tokenizer) -> dict:
     """The legacy ``special_tokens_map.json`` content of a transformers tokenizer: role -> token, plus extras."""
-    out = {attr: str(getattr(tokenizer, attr)) for attr in ROLE_ATTRIBUTES if getattr(tokenizer, attr, None) is not None}
+    out: dict[str, str | list[str]] = {attr: str(getattr(tokenizer, attr)) for attr in ROLE_ATTRIBUTES if getattr(tokenizer, attr, None) is not None}
     extra = [str(t) for t in getattr(tokenizer, "extra_special_tokens", None) or []]
     if extra:
         out["additional_special_tokens"] = extra

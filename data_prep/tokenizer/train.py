@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from data_prep.errors import InputError, UserError
 from data_prep.tokenizer.folder import (TOKENIZER_FILE, TokenizerInfo, is_replaceable_output, load_tokenizer, read_metadata,
@@ -141,7 +141,7 @@ def _probe_vocab(pipeline, text: CorpusText, prefix: str | None = None, suffix: 
 
     probe = Tokenizer.from_str(pipeline.to_str())
     probe.model = models.BPE()
-    options = {k: v for k, v in (("continuing_subword_prefix", prefix), ("end_of_word_suffix", suffix)) if v}
+    options: dict[str, Any] = {k: v for k, v in (("continuing_subword_prefix", prefix), ("end_of_word_suffix", suffix)) if v}
     probe.train_from_iterator(text.batches(), trainers.BpeTrainer(vocab_size=0, show_progress=False, **options))
     return probe.get_vocab(with_added_tokens=False)
 
@@ -173,7 +173,7 @@ def _train_family(cfg: TokenizerTrainConfig, spec: FamilySpec, specials: Special
     tok = release_seeds(tok, seeds)
     make_reproducible(tok, text.batches())
     finish(tok, spec, specials)
-    role_kwargs = {f"{role}_token": token for role, token in specials.roles.items()}
+    role_kwargs: dict[str, Any] = {f"{role}_token": token for role, token in specials.roles.items()}
     if specials.extra:
         role_kwargs["extra_special_tokens"] = list(specials.extra)
     fast = PreTrainedTokenizerFast(
@@ -225,10 +225,11 @@ def _train_from_pretrained(cfg: TokenizerTrainConfig, text: CorpusText):
     """
     import json
 
+    assert cfg.from_pretrained is not None  # the caller's branch
     source = load_tokenizer(cfg.from_pretrained)
     model = json.loads(source.backend_tokenizer.to_str())["model"]
     model_type = model["type"]
-    kwargs = {"min_frequency": cfg.min_frequency} if model_type in ("BPE", "WordPiece") else {}
+    kwargs: dict[str, Any] = {"min_frequency": cfg.min_frequency} if model_type in ("BPE", "WordPiece") else {}
     kwargs["show_progress"] = False  # the corpus bar shows progress
     prefix, suffix = _decorations(model)
     if model_type == "WordPiece":
@@ -271,6 +272,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> TokenizerInfo:
     if cfg.from_pretrained is not None:
         fast, stats, meta = _train_from_pretrained(cfg, text)
     else:
+        assert spec is not None and specials is not None  # validate() returns both without from_pretrained
         fast, stats, meta = _train_family(cfg, spec, specials, text)
     seconds = time.perf_counter() - start
     meta.update({
