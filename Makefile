@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 DEMO_DIR ?= runs/demo
 SYSTEM_PACKAGES := slurm-wlm slurmd slurmctld munge openmpi-bin libopenmpi-dev
 
-.PHONY: demo test bench install install-test system-deps clean
+.PHONY: demo test lint bench install install-test system-deps clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -43,8 +43,13 @@ system-deps:
 demo: install
 	$(BIN)/lmforge demo --output $(DEMO_DIR)
 
-# pytest exits 5 when it collected no test: that must fail CI, not pass it.
-test: system-deps install-test
+# ruff (lint + import order) and mypy (types) over the whole tree, bench/ and tests/ included (pyproject.toml).
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+# pytest exits 5 when it collected no test: that must fail CI, not pass it. Lint and types first.
+test: system-deps install-test lint
 	@$(BIN)/python -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
