@@ -13,7 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Pretrain language models: tokenizer, prep, train, export.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (commands.add_demo, cli_tokenizer.add_tokenizer, cli_prep.add_prep, commands.add_train,
-                cli_export.add_export, cli_export.add_verify, cli_launch.add_launch):
+                cli_export.add_export, cli_export.add_verify, cli_export.add_eval, cli_launch.add_launch):
         add(sub)
     return parser
 

@@ -29,6 +29,37 @@ def add_export(sub) -> None:
     p.set_defaults(handler=_export)
 
 
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="run lm-evaluation-harness tasks on an exported causal LM folder",
+                       description="Score an exported folder with EleutherAI's lm-evaluation-harness (its Hugging Face "
+                                   "backend). Local tasks: a folder of task YAMLs given with --include-path. Needs the "
+                                   "eval extra (pip install 'lmforge[eval]').")
+    p.add_argument("hf_dir", help="an exported model folder (lmforge export OUT)")
+    p.add_argument("--tasks", required=True, help="comma-separated harness task or group names")
+    p.add_argument("--limit", type=int, default=None, help="score at most N documents per task (default: all)")
+    p.add_argument("--include-path", default=None, help="a folder of extra task YAMLs; relative data_files are resolved against it")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu; cuda for a GPU)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt (default: each task's own)")
+    p.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON to this file")
+    p.set_defaults(handler=_eval)
+
+
+def _eval(args) -> int:
+    from lmforge_common import write_json_atomic
+    from pretrain.export.harness import evaluate_folder
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    result = evaluate_folder(args.hf_dir, tasks, limit=args.limit, include_path=args.include_path,
+                             batch_size=args.batch_size, device=args.device, num_fewshot=args.num_fewshot)
+    for task, metrics in sorted(result.tasks.items()):
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if not k.endswith("_stderr"))
+        print(f"{task}: {shown} ({result.samples.get(task, '?')} documents)")
+    if args.json_path:
+        write_json_atomic(args.json_path, result.to_json())
+    return 0
+
+
 def _export(args) -> int:
     from pretrain.export.core import ExportOptions, export
     from pretrain.export.hub import PushOptions
