@@ -31,6 +31,8 @@ def add_tokenizer(sub) -> None:
         t.add_argument(f"--{role}-token", default=None, metavar="TOKEN",
                        help=f"{role} token (default: the family's; '' for none)")
     t.add_argument("--extra-special-tokens", nargs="+", default=[], metavar="TOKEN", help="more special tokens")
+    t.add_argument("--fim", action="store_true",
+                   help="add the fill-in-the-middle sentinels <fim_prefix> <fim_middle> <fim_suffix> <fim_pad> as special tokens")
     t.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=True, help="wordpiece: lowercase")
     t.add_argument("--strip-accents", action=argparse.BooleanOptionalAction, default=None,
                    help="wordpiece: strip accents (default: follows --lowercase)")
@@ -54,7 +56,7 @@ def _train(args) -> int:
         inputs=args.input, output=args.output, family=args.family, vocab_size=args.vocab_size,
         min_frequency=args.min_frequency, max_bytes=args.max_bytes, seed=args.seed, text_column=args.text_column,
         model_max_length=args.model_max_length, padding_side=args.padding_side, special_tokens=overrides,
-        extra_special_tokens=args.extra_special_tokens, lowercase=args.lowercase, strip_accents=args.strip_accents,
+        extra_special_tokens=args.extra_special_tokens, fim=args.fim, lowercase=args.lowercase, strip_accents=args.strip_accents,
         from_pretrained=args.from_pretrained, show_progress=not args.no_progress))
     print(f"{info.path}: {info.vocab_size} tokens, eos {info.eos_token_id}, bos {info.bos_token_id}, "
           f"pad {info.pad_token_id}, fingerprint {info.fingerprint}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from data_prep.errors import InputError, UserError
+from data_prep.fim import FIM_TOKENS
 from data_prep.tokenizer.folder import (TOKENIZER_FILE, TokenizerInfo, is_replaceable_output, load_tokenizer, read_metadata,
                                  save_tokenizer_folder)
 from data_prep.tokenizer.corpus import DEFAULT_BATCH_BYTES, CorpusStats, CorpusText, prefetched
@@ -58,6 +59,9 @@ class TokenizerTrainConfig:
     """Overrides of the family's special tokens, role (bos/eos/pad/unk/mask/cls/sep) -> token; ``None`` or ``""`` unsets."""
     extra_special_tokens: list[str] = field(default_factory=list)
     """More special tokens (never split), after the role tokens in id order."""
+    fim: bool = False
+    """Add the fill-in-the-middle sentinels ``<fim_prefix> <fim_middle> <fim_suffix> <fim_pad>`` as special
+    tokens, after ``extra_special_tokens`` (data_prep.fim; StarCoder's names)."""
     lowercase: bool = True
     """WordPiece: lowercase in the BertNormalizer."""
     strip_accents: bool | None = None
@@ -77,7 +81,7 @@ class TokenizerTrainConfig:
         if self.from_pretrained is not None:
             if self.family is not None:
                 problems.append(f"give a family or from_pretrained, not both (family {self.family}, from_pretrained {self.from_pretrained})")
-            if self.special_tokens or self.extra_special_tokens:
+            if self.special_tokens or self.extra_special_tokens or self.fim:
                 problems.append("from_pretrained keeps the source's special tokens; drop the special-token overrides")
             if not (Path(self.from_pretrained) / TOKENIZER_FILE).is_file():
                 problems.append(f"{self.from_pretrained}: from_pretrained folder holds no {TOKENIZER_FILE}")
@@ -87,7 +91,7 @@ class TokenizerTrainConfig:
                 problems.append(f"unknown tokenizer family '{name}' (known: {', '.join(FAMILIES)})")
             else:
                 spec = FAMILIES[name]
-                specials, special_problems = special_token_problems(spec, self.special_tokens, self.extra_special_tokens)
+                specials, special_problems = special_token_problems(spec, self.special_tokens, self.all_extra_special_tokens)
                 problems += special_problems
         if self.vocab_size < 1:
             problems.append(f"vocab_size {self.vocab_size} must be positive")
@@ -108,6 +112,12 @@ class TokenizerTrainConfig:
         if not is_replaceable_output(self.output):
             problems.append(f"{self.output}: output exists and is not a tokenizer folder; refusing to replace it")
         return problems, spec, specials
+
+    @property
+    def all_extra_special_tokens(self) -> list[str]:
+        """``extra_special_tokens`` plus the FIM sentinels when ``fim`` is set (each once)."""
+        extra = list(self.extra_special_tokens)
+        return extra + [tok for tok in FIM_TOKENS if tok not in extra] if self.fim else extra
 
     def validate(self) -> tuple[FamilySpec | None, SpecialTokens | None]:
         """Raise one :class:`UserError` listing every problem; return the family and special tokens."""
@@ -280,6 +290,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> TokenizerInfo:
         "documents": stats.documents, "text_bytes": stats.text_bytes, "rejects": stats.rejects.total,
         "max_bytes": cfg.max_bytes, "seed": cfg.seed, "sample_fraction": text.keep_fraction,
         "corpus_text_bytes": text.corpus_text_bytes, "inputs": list(cfg.inputs), "files": len(text.files),
+        "fim": cfg.fim,
         "train_seconds": round(seconds, 3),
     })
     info = save_tokenizer_folder(fast, cfg.output, meta)
