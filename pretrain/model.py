@@ -27,6 +27,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
     "gpt2-small": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, n_positions=1024),
+    # Qwen3 (Qwen team 2025): QK-norm, GQA, per-layer attention types (layer_types); the test size for CI
+    "qwen3-test": dict(model_type="qwen3", hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512),
     # masked LMs: BERT-base (Devlin et al. 2019), RoBERTa-base (Liu et al. 2019), ModernBERT-base (Warner et al. 2024)
     "bert-test": dict(model_type="bert", hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                       num_attention_heads=4, max_position_embeddings=512),
@@ -88,11 +91,36 @@ def build_model_config(preset: str, vocab_size: int, seq_len: int, special_ids: 
 
 
 def _apply_overrides(config, overrides: dict[str, Any] | None):
-    for key, value in (overrides or {}).items():
-        if not hasattr(config, key):
-            raise ConfigError(f"model.overrides.{key}: not a field of {type(config).__name__}")
-        setattr(config, key, value)
-    return config
+    """``config`` rebuilt by its class with ``overrides`` applied, so fields derived from others are derived again.
+
+    Per-layer lists (``layer_types`` of ModernBERT, Qwen3, Gemma ...) are recomputed by the config class
+    when ``num_hidden_layers`` changes and the override does not give them: a list whose length was the
+    old depth is dropped before the rebuild. The class's own validation then runs on the result.
+
+    Raises:
+        ConfigError: an override is not a field of the config class, or the class rejects the
+            combination (one line, with the class's reason).
+    """
+    if not overrides:
+        return config
+    unknown = [k for k in overrides if not hasattr(config, k)]
+    if unknown:
+        raise ConfigError("; ".join(f"model.overrides.{k}: not a field of {type(config).__name__}" for k in unknown))
+    fields = config.to_dict()
+    depth_key = "num_hidden_layers" if "num_hidden_layers" in fields else None
+    if depth_key and depth_key in overrides and overrides[depth_key] != fields[depth_key]:
+        for key, value in list(fields.items()):
+            if key not in overrides and isinstance(value, list) and len(value) == fields[depth_key]:
+                del fields[key]  # a per-layer list of the old depth: let the class derive it for the new one
+    fields.update(overrides)
+    from huggingface_hub.errors import StrictDataclassError  # transformers validates configs through these
+
+    try:
+        return type(config)(**{k: v for k, v in fields.items() if k != "model_type"})
+    except (ValueError, TypeError, StrictDataclassError) as exc:
+        reason = " ".join(str(exc).split("\n")[-1].split())
+        given = ", ".join(f"{k}={v}" for k, v in overrides.items())
+        raise ConfigError(f"model.overrides ({given}) are invalid for {type(config).__name__}: {reason}") from None
 
 
 def load_model_config(path: str, overrides: dict[str, Any] | None = None):
