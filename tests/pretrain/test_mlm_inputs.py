@@ -71,3 +71,56 @@ def test_whole_word_masking_masks_every_piece_of_a_word(wordpiece_dir):
         for w in np.unique(word[row][selected[row]]):
             members = (word[row] == w) & ~np.isin(mb.input_ids[row], tok.all_special_ids)
             assert selected[row][members].all()
+
+
+@pytest.mark.parametrize("preset, overrides", [
+    ("bert-test", {}),
+    ("roberta-base", {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4}),
+    # local_attention 8: a sliding window of 4 tokens, shorter than the documents, so the window matters
+    ("modernbert-base", {"num_hidden_layers": 3, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+                         "local_attention": 8}),
+])
+def test_document_masked_mlm_packed_equals_documents_alone(wordpiece_dir, preset, overrides):
+    """ModernBERT's recipe: a packed batch of two documents gives the same per-token MLM loss as each alone."""
+    import torch
+    import torch.nn.functional as F
+
+    from pretrain.model import build_model, build_model_config
+
+    np.random.seed(3)
+    torch.manual_seed(3)
+    mlm0 = MaskedLMInputs(wordpiece_dir)
+    tok = mlm0.tokenizer
+    special = {"pad_token_id": tok.pad_token_id, "cls_token_id": tok.cls_token_id, "sep_token_id": tok.sep_token_id,
+               "mask_token_id": tok.mask_token_id}
+    config = build_model_config(preset, len(tok), 64, special, overrides)
+    model = build_model(config, seed=0).eval()
+    mlm = MaskedLMInputs.for_model(wordpiece_dir, config, True, 0.3, 0.8, 0.1, False)
+    assert (mlm.sliding_window is not None) == (preset == "modernbert-base")
+    rng = np.random.default_rng(1)
+    docs = [np.concatenate([[tok.cls_token_id], rng.integers(5, len(tok), n), [tok.sep_token_id]]) for n in (13, 17)]
+    packed = np.concatenate(docs)[None]
+    inputs = mlm(MicroBatch(packed, np.zeros(1), [[0, len(docs[0])]]))
+    assert inputs["position_ids"][0, len(docs[0])] == inputs["position_ids"][0, 0]
+
+    def per_token_loss(ids, labels, **extra):
+        t = {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in extra.items()}
+        if isinstance(t.get("attention_mask"), dict):
+            t["attention_mask"] = {k: torch.from_numpy(v) for k, v in t["attention_mask"].items()}
+        with torch.no_grad():
+            logits = model(input_ids=torch.from_numpy(ids), **t).logits[0]
+        target = torch.from_numpy(labels[0])
+        loss = F.cross_entropy(logits, target.clamp(min=0), reduction="none")
+        return torch.where(target == IGNORE_INDEX, torch.nan, loss)
+
+    extra = {k: inputs[k] for k in ("attention_mask", "position_ids")}
+    got = per_token_loss(inputs["input_ids"], inputs["labels"], **extra)
+    cut = len(docs[0])
+    want = torch.cat([per_token_loss(inputs["input_ids"][:, a:b], inputs["labels"][:, a:b])
+                      for a, b in ((0, cut), (cut, packed.shape[1]))])
+    assert (inputs["labels"] != IGNORE_INDEX).sum() >= 4  # some tokens are trained
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    if preset == "modernbert-base":  # the window is real: without it the packed loss differs
+        wrong = per_token_loss(inputs["input_ids"], inputs["labels"], attention_mask=inputs["attention_mask"]["full_attention"],
+                               position_ids=inputs["position_ids"])
+        assert not torch.allclose(wrong, want, equal_nan=True)
