@@ -28,6 +28,7 @@ setup(
         "numpy>=1.26",
         "zstandard>=0.22",
         "huggingface_hub>=0.25",
+        "xxhash>=3",  # checkpoint file checksums (pretrain.integrity)
         "matplotlib>=3.7",
     ],
     extras_require={
