@@ -8,12 +8,12 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lmforge import cli_export, cli_launch, cli_prep, cli_tokenizer, commands
+    from lmforge import cli_checkpoint, cli_export, cli_launch, cli_prep, cli_tokenizer, commands
 
     parser = argparse.ArgumentParser(prog="lmforge", description="Pretrain language models: tokenizer, prep, train, export.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (commands.add_demo, cli_tokenizer.add_tokenizer, cli_prep.add_prep, commands.add_train,
-                cli_export.add_export, cli_export.add_verify, cli_export.add_eval, cli_launch.add_launch):
+                cli_export.add_export, cli_export.add_verify, cli_export.add_eval, cli_checkpoint.add_checkpoint, cli_launch.add_launch):
         add(sub)
     return parser
 
