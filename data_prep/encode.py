@@ -22,7 +22,8 @@ import os
 import re
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from functools import partial
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from data_prep.errors import UserError
 from data_prep.reader import Block, parse_block
 
 SPLITS = ("train", "val")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,13 @@ class Encoder:
         return out, lengths
 
     def encode(self, block: Block) -> Encoded:
+        """Parse, drop the documents ``block.keep`` marks False (duplicates), tokenize and split."""
         parsed = parse_block(block, self.spec.text_column)
+        if block.keep is not None:
+            if len(block.keep) != len(parsed.texts):
+                raise RuntimeError(f"{block.source}: the dedup pass saw {len(block.keep)} documents in the block at record "
+                                   f"{block.first_record}, this pass {len(parsed.texts)}; was the file changed during prep?")
+            parsed.texts = [t for t, k in zip(parsed.texts, block.keep.tolist()) if k]
         ids = self._encode_texts(parsed.texts)
         to_val = [is_validation(t, self.spec.val_fraction) for t in parsed.texts]
         del parsed.texts
@@ -217,6 +225,18 @@ def encode_blocks(blocks: Iterable[Block], spec: EncodeSpec, workers: int) -> It
         for block in blocks:
             yield encoder.encode(block)
         return
+    yield from map_blocks(partial(_encode_in_worker, spec), blocks, workers)
+
+
+def map_blocks(fn: Callable[[Block], T], blocks: Iterable[Block], workers: int) -> Iterator[T]:
+    """``fn(block)`` for each block, in order, on ``workers`` processes (in this one when ``workers <= 1``);
+    at most ``2 * workers + 2`` blocks in flight. ``fn`` must pickle (a module-level function or a partial of one).
+
+    Worker exceptions are re-raised here; the pool is shut down however the iteration ends.
+    """
+    if workers <= 1:
+        yield from map(fn, blocks)
+        return
     import multiprocessing
 
     threads = max(1, default_workers() // workers)
@@ -225,7 +245,7 @@ def encode_blocks(blocks: Iterable[Block], spec: EncodeSpec, workers: int) -> It
     window: collections.deque[Future] = collections.deque()
     try:
         for block in blocks:
-            window.append(pool.submit(_encode_in_worker, spec, block))
+            window.append(pool.submit(fn, block))
             if len(window) >= 2 * workers + 2:
                 yield window.popleft().result()
         while window:

@@ -18,6 +18,7 @@ single-task counts (only the order of sequences differs).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep import dedup
 from data_prep import merge as merge_mod
 from data_prep.encode import SPLITS, EncodeSpec, default_workers, encode_blocks, is_validation  # noqa: F401 (re-export)
 from data_prep.errors import UserError
@@ -65,6 +67,8 @@ class PrepConfig:
     """Plain-text files: ``file`` (one document per file) or ``line`` (one per non-blank line)."""
     objective: str = "clm"
     """``clm`` (EOS after each document) or ``mlm`` (sequences framed by the tokenizer's post-processor)."""
+    dedup: bool = True
+    """Drop a document whose normalised text occurred earlier in corpus order (exact duplicates; :mod:`data_prep.dedup`)."""
     tail: str = "drop"
     """The last partial sequence of each split: ``drop`` it, or ``pad`` it (``num_tokens`` marks real tokens)."""
     workers: int | None = None
@@ -274,6 +278,13 @@ def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
     workers = cfg.workers if cfg.workers is not None else default_workers()
     if not hub and not any(seg.source.compressed for seg in segments):  # a small input: no idle workers to start
         workers = min(workers, max(1, -(-sum(seg.nbytes for seg in segments) // cfg.block_bytes)))
+    duplicates: dict[str, int] = {}
+    if cfg.dedup:
+        start = time.perf_counter()
+        masks, duplicates = dedup.keep_masks(setup.sources, cfg, setup.plan, out / merge_mod.PARTS_DIR, workers)
+        blocks = (dataclasses.replace(b, keep=m) for b, m in zip(blocks, masks, strict=True))
+        log.info("prep task %d/%d: dedup hash pass %.1f s, %d duplicates", cfg.task_id, cfg.num_tasks,
+                 time.perf_counter() - start, sum(duplicates.values()))
     try:
         for enc in encode_blocks(blocks, spec, workers):
             rejects.add_many(enc.source, enc.rejects)
@@ -306,6 +317,7 @@ def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
         "sources": [s.path for s in setup.sources],
         "input_bytes": progress.bytes, "elapsed_s": round(elapsed_s, 3), "workers": workers,
         "rejects": rejects.total, "rejects_by_reason": dict(rejects.kinds), "splits": splits,
+        "duplicates": sum(duplicates.values()), "duplicates_by_source": duplicates,
     }
     write_json_atomic(merge_mod.marker_path(out, cfg.task_id), marker)
     log.info("prep task %d/%d: %d documents, %d tokens, %d rejects in %.1f s (%.0f tokens/s, %.1f MB/s)",

@@ -59,6 +59,9 @@ class Block:
     first_record: int
     payload: object
     input_bytes: int
+    keep: object = None
+    """None, or a bool array with one entry per document the block parses to: False drops it (a duplicate,
+    :mod:`data_prep.dedup`)."""
 
 
 @dataclass
