@@ -17,12 +17,12 @@ to a few times its size (a whole-document ``Encoding`` costs about 100 bytes per
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import os
 import re
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
@@ -108,14 +108,26 @@ def split_points(text: str, max_piece_chars: int) -> list[int]:
     return cuts
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer_from_file(path: str, mtime_ns: int, size_bytes: int):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(path)
+
+
+def load_tokenizer_file(path: str):
+    """``tokenizers.Tokenizer.from_file(path)``, loaded once per process while the file is unchanged (a 16k-token
+    ``tokenizer.json`` takes about 50 ms: prep reads its ids and then encodes with it)."""
+    st = os.stat(path)
+    return _tokenizer_from_file(str(path), st.st_mtime_ns, st.st_size)
+
+
 class Encoder:
     """Tokenizes blocks into per-split token streams (see module docstring)."""
 
     def __init__(self, spec: EncodeSpec):
-        from tokenizers import Tokenizer
-
         self.spec = spec
-        self.tokenizer = Tokenizer.from_file(spec.tokenizer_file)
+        self.tokenizer = load_tokenizer_file(spec.tokenizer_file)
         self.tokenizer.no_padding()  # a tokenizer.json may carry padding / truncation settings
         self.tokenizer.no_truncation()
         self.dtype = np.dtype(spec.dtype)
@@ -225,7 +237,7 @@ def encode_blocks(blocks: Iterable[Block], spec: EncodeSpec, workers: int) -> It
         for block in blocks:
             yield encoder.encode(block)
         return
-    yield from map_blocks(partial(_encode_in_worker, spec), blocks, workers)
+    yield from map_blocks(functools.partial(_encode_in_worker, spec), blocks, workers)
 
 
 def map_blocks(fn: Callable[[Block], T], blocks: Iterable[Block], workers: int) -> Iterator[T]:

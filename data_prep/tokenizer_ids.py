@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from data_prep.encode import load_tokenizer_file
 from data_prep.tokenizer.folder import (CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_FILE, TokenizerInfo, fingerprint,
                                         load_tokenizer_info)
 
@@ -34,13 +35,11 @@ def _json(path: Path) -> dict:
 
 def _fast_ids(folder: Path) -> dict | None:
     """Role -> id and ``vocab_size`` from ``tokenizers``, or None when transformers might decide otherwise."""
-    from tokenizers import Tokenizer
-
     config, special_map = _json(folder / CONFIG_FILE), _json(folder / SPECIAL_TOKENS_MAP_FILE)
     if config.get("tokenizer_class") not in BACKEND_CLASSES:
         return None
     try:
-        tok = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+        tok = load_tokenizer_file(str(folder / TOKENIZER_FILE))  # cached: prep's encoder reuses it
     except Exception:  # tokenizers raises a bare Exception; the transformers path reports it as an InputError
         return None
     added = [(int(k), _content(v)) for k, v in (config.get("added_tokens_decoder") or {}).items()]
