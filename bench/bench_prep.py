@@ -100,7 +100,7 @@ def _child_lmforge(corpus: str, tok_dir: str, out: str) -> dict:
     from data_prep.prep import PrepConfig, prepare
     from data_prep.tokenizer_ids import tokenizer_info
 
-    tokenizer_info(tok_dir)  # imports tokenizers: start-up, kept off the clock as for the peers (see measure_fixed_cost)
+    tokenizer_info(tok_dir)  # imports tokenizers: start-up, kept off the clock as for the peers (measure_fixed_cost)
 
     cpu, start = common.cpu_seconds(True), time.perf_counter()
     manifest = prepare(PrepConfig(inputs=[corpus], tokenizer=tok_dir, output=out, seq_len=SEQ_LEN, overwrite=True,
@@ -201,7 +201,8 @@ def measure_fixed_cost(work: Path, tok_dir: str, reps: int) -> list[dict]:
         return runs[name][-1][0]
 
     _process_seconds(prep, "fixed-cost warm-up run", work / "pycache")  # writes the bytecode cache
-    common.alternate({"prep": lambda: side("prep", prep), "bare": lambda: side("bare", [sys.executable, "-c", "pass"])}, reps)
+    bare = [sys.executable, "-c", "pass"]
+    common.alternate({"prep": lambda: side("prep", prep), "bare": lambda: side("bare", bare)}, reps)
     wall = {k: [w for w, _ in v] for k, v in runs.items()}
     cpu = {k: [c for _, c in v] for k, v in runs.items()}
     what = f"whole `lmforge prep` process, {FIXED_DOCS} documents"

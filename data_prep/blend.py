@@ -54,7 +54,8 @@ class BlendOrder:
     def __init__(self, lengths: Sequence[int], weights: Sequence[float], seed: int = 0):
         if not lengths or len(lengths) != len(weights):
             raise UserError(f"blend: {len(lengths)} datasets but {len(weights)} weights")
-        bad = [f"dataset {d}: length {n}, weight {w}" for d, (n, w) in enumerate(zip(lengths, weights)) if not (n > 0 and w > 0)]
+        bad = [f"dataset {d}: length {n}, weight {w}" for d, (n, w) in enumerate(zip(lengths, weights))
+               if not (n > 0 and w > 0)]
         if bad:
             raise UserError(f"blend: lengths and weights must be > 0 ({'; '.join(bad)})")
         self.lengths = [int(n) for n in lengths]
@@ -98,7 +99,8 @@ class BlendOrder:
         return dataset, sequence
 
     def counts(self, num_samples: int) -> np.ndarray:
-        """``(D,)`` int64: how many of blend positions ``[0, num_samples)`` go to each dataset (sums to ``num_samples``)."""
+        """``(D,)`` int64: how many of blend positions ``[0, num_samples)`` go to each dataset (they sum to
+        ``num_samples``)."""
         out, left = [], np.uint64(num_samples)
         for level in range(len(self.lengths) - 1):
             taken = self._taken(level, left)

@@ -41,7 +41,8 @@ def normalise(text: str) -> str:
 
 def text_hashes(texts: Sequence[str]) -> np.ndarray:
     """``(len(texts),)`` uint64: blake2b-64 of each normalised text's UTF-8 bytes."""
-    digests = b"".join(hashlib.blake2b(normalise(t).encode("utf-8", "surrogatepass"), digest_size=8).digest() for t in texts)
+    digests = b"".join(hashlib.blake2b(normalise(t).encode("utf-8", "surrogatepass"), digest_size=8).digest()
+                       for t in texts)
     return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
 
 
@@ -68,7 +69,8 @@ def _save(path: Path, hashes: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def keep_masks(sources: list[Source], cfg, plan: str, parts_dir: Path, workers: int) -> tuple[list[np.ndarray], dict[str, int]]:
+def keep_masks(sources: list[Source], cfg, plan: str, parts_dir: Path,
+               workers: int) -> tuple[list[np.ndarray], dict[str, int]]:
     """Per block of this task (``cfg.task_id``), in read order: a bool mask of the documents to keep; and the
     documents dropped as duplicates per source.
 

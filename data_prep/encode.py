@@ -186,8 +186,8 @@ class Encoder:
         parsed = parse_block(block, self.spec.text_column)
         if block.keep is not None:
             if len(block.keep) != len(parsed.texts):
-                raise RuntimeError(f"{block.source}: the dedup pass saw {len(block.keep)} documents in the block at record "
-                                   f"{block.first_record}, this pass {len(parsed.texts)}; was the file changed during prep?")
+                raise RuntimeError(f"{block.source}: the dedup pass saw {len(block.keep)} documents in the block at "
+                                   f"record {block.first_record}, this pass {len(parsed.texts)}; did the file change?")
             parsed.texts = [t for t, k in zip(parsed.texts, block.keep.tolist()) if k]
         ids = self._encode_texts(parsed.texts)
         to_val = [is_validation(t, self.spec.val_fraction) for t in parsed.texts]

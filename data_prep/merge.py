@@ -242,7 +242,7 @@ def merge(out: str | Path, plan: str | None = None) -> dict:
                   "elapsed_s": [m["elapsed_s"] for m in markers], "merge_elapsed_s": round(time.perf_counter() - start, 3)},
     }
     write_json_atomic(out / MANIFEST_NAME, manifest)
-    for path in (out / PARTS_DIR).glob(f"{HASHES_PREFIX}-*.npy*"):  # data_prep.dedup's hash pass: no task needs them now
+    for path in (out / PARTS_DIR).glob(f"{HASHES_PREFIX}-*.npy*"):  # the dedup hash pass's: no task needs them now
         path.unlink(missing_ok=True)
     c = manifest["counts"]
     log.info("prep: %d documents, %d tokens, %d sequences of %d tokens, %d rejects from %d task(s) -> %s",

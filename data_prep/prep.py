@@ -68,7 +68,8 @@ class PrepConfig:
     objective: str = "clm"
     """``clm`` (EOS after each document) or ``mlm`` (sequences framed by the tokenizer's post-processor)."""
     dedup: bool = True
-    """Drop a document whose normalised text occurred earlier in corpus order (exact duplicates; :mod:`data_prep.dedup`)."""
+    """Drop a document whose normalised text occurred earlier in corpus order (exact duplicates,
+    :mod:`data_prep.dedup`)."""
     tail: str = "drop"
     """The last partial sequence of each split: ``drop`` it, or ``pad`` it (``num_tokens`` marks real tokens)."""
     workers: int | None = None

@@ -43,8 +43,8 @@ import numpy as np
 import pyarrow as pa
 
 from data_prep.errors import InputError, UserError
-from lmforge_common import write_json_atomic
 from data_prep.pack import Rows
+from lmforge_common import write_json_atomic
 
 FORMAT_NAME = "lmforge-packed-sequences"
 FORMAT_VERSION = 2

@@ -48,8 +48,8 @@ def summarize(manifest: dict) -> dict:
     seq_len = manifest["seq_len"]
     report = {"seq_len": seq_len, "objective": manifest.get("objective", "clm"), "token_dtype": manifest["token_dtype"],
               "counts": manifest["counts"], "rejects_by_reason": manifest.get("rejects_by_reason", {}),
-              "dedup": manifest.get("config", {}).get("dedup"), "duplicates_by_source": manifest.get("duplicates_by_source", {}),
-              "splits": {}}
+              "dedup": manifest.get("config", {}).get("dedup"),
+              "duplicates_by_source": manifest.get("duplicates_by_source", {}), "splits": {}}
     for name, split in manifest["splits"].items():
         counts = np.asarray(split.get("doc_length_counts", []), dtype=np.int64)
         entry = {k: split[k] for k in ("documents", "tokens", "sequences") if k in split}

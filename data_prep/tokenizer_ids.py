@@ -16,8 +16,14 @@ import json
 from pathlib import Path
 
 from data_prep.encode import load_tokenizer_file
-from data_prep.tokenizer.folder import (CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_FILE, TokenizerInfo, fingerprint,
-                                        load_tokenizer_info)
+from data_prep.tokenizer.folder import (
+    CONFIG_FILE,
+    SPECIAL_TOKENS_MAP_FILE,
+    TOKENIZER_FILE,
+    TokenizerInfo,
+    fingerprint,
+    load_tokenizer_info,
+)
 
 BACKEND_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 """``tokenizer_class`` values with no class-level default special tokens (transformers 4 and 5 names)."""
@@ -43,7 +49,8 @@ def _fast_ids(folder: Path) -> dict | None:
     except Exception:  # tokenizers raises a bare Exception; the transformers path reports it as an InputError
         return None
     added = [(int(k), _content(v)) for k, v in (config.get("added_tokens_decoder") or {}).items()]
-    extra = [_content(t) for key in ("extra_special_tokens", "additional_special_tokens") for t in config.get(key) or []]
+    extra = [_content(t) for key in ("extra_special_tokens", "additional_special_tokens")
+             for t in config.get(key) or []]
     if any(tok.token_to_id(text) != i for i, text in added) or any(tok.token_to_id(t) is None for t in extra):
         return None
     out: dict = {"vocab_size": tok.get_vocab_size(with_added_tokens=True)}

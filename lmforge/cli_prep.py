@@ -42,7 +42,7 @@ def add_prep(sub) -> None:
     p.add_argument("--objective", choices=("clm", "mlm"), default="clm",
                    help="clm: EOS after each document; mlm: sequences framed by the tokenizer's post-processor")
     p.add_argument("--no-dedup", action="store_true",
-                   help="keep exact duplicates (by default a document whose normalised text occurred earlier is dropped)")
+                   help="keep exact duplicates (by default a document whose normalised text came earlier is dropped)")
     p.add_argument("--tail", choices=("drop", "pad"), default="drop", help="the last partial sequence per split")
     p.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: one per CPU; 1: in-process)")
     p.add_argument("--num-tasks", type=int, default=None, help="tasks the corpus is split into (default: Slurm array size, else 1)")

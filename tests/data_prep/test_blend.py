@@ -101,7 +101,8 @@ def test_1024_ranks_over_a_10t_token_blend_read_disjoint_slices_in_the_weights_i
     for step in np.concatenate([[0, total // stride - 1], rng.integers(0, total // stride, 30)]):
         start = int(step) * stride
         positions = start + np.arange(world)[:, None] * micro + np.arange(micro)  # rank r's slice (pretrain.data)
-        assert len(np.unique(positions)) == stride and (np.sort(positions, axis=None) == start + np.arange(stride)).all()
+        assert len(np.unique(positions)) == stride
+        assert (np.sort(positions, axis=None) == start + np.arange(stride)).all()
         dataset, draw = order.assign(positions)
         for d in range(3):  # the step takes exactly each dataset's next draws: none repeated, none skipped
             want = np.arange(order.counts(start)[d], order.counts(start + stride)[d])

@@ -85,7 +85,7 @@ def test_prep_of_a_tokenizers_tokenizer_imports_neither_torch_nor_transformers(t
             f"rc = main(['prep', '--input', 'tiny.jsonl', '--tokenizer', {str(tokenizer_dir)!r}, '--output', 'out', "
             "'--seq-len', '32', '--no-progress'])\n"
             f"print(json.dumps([rc, sorted({{m.split('.')[0] for m in sys.modules}} & set({list(HEAVY)!r}))]))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env={**os.environ})
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1]) == [0, []]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]["documents"] == 5

@@ -8,13 +8,14 @@ from data_prep.errors import InputError, UserError
 from data_prep.prep import PrepConfig, is_validation, prepare
 from data_prep.reader import iter_documents
 from data_prep.shards import ShardReader, read_manifest, sha256_file
+from data_prep.tokenizer.folder import fingerprint
 
 
 def test_manifest_counts_checksums_and_dtype(prepared_dir, tokenizer_dir):
     m = read_manifest(prepared_dir)
     c, splits = m["counts"], m["splits"]
     assert m["seq_len"] == 64 and m["token_dtype"] == "uint16"
-    assert m["tokenizer"]["fingerprint"] == __import__("data_prep.tokenizer.folder").tokenizer.folder.fingerprint(tokenizer_dir)
+    assert m["tokenizer"]["fingerprint"] == fingerprint(tokenizer_dir)
     assert c["documents"] == splits["train"]["documents"] + splits["val"]["documents"]
     assert c["sequences"] == sum(s["sequences"] for sp in splits.values() for s in sp["shards"])
     assert c["tokens"] == c["sequences"] * 64 + c["tokens_dropped"]
