@@ -22,9 +22,15 @@ Throughput ratios are ``t_peer / t_lmforge`` over the same texts (targets: >= 0.
 every trial, and for lmforge on 4 copies of the corpus (target: <= 1.5 GB, and flat: the 4x peak at
 most 1.2x the largest 1x peak) and on one 50 MB single-line document.
 
+Reported separately, prep's fixed cost (issue 17 section 4): ``python -m lmforge prep`` as a whole
+process on 5 short documents (interpreter start, imports, tokenizer load, plan, write, merge;
+bytecode cached, as installed), median wall and CPU seconds (target: < 0.5 s), next to a bare
+``python -c pass`` for scale; in
+``bench/results/bench_prep_fixed.json``.
+
 Usage: ``python bench/bench_prep.py [--work bench/.cache/prep] [--reps 3] [--corpus-mb 16]
-[--skip-memory] [--json FILE]``; writes ``bench/results/bench_prep.json`` (and a copy to
-``--json`` when given). ``--child`` is the entry point of one trial.
+[--skip-memory] [--fixed-only] [--json FILE]``; writes ``bench/results/bench_prep.json`` (and a
+copy to ``--json`` when given) and ``bench_prep_fixed.json``. ``--child`` is the entry point of one trial.
 """
 from __future__ import annotations
 
@@ -46,6 +52,8 @@ DOC_BYTES = 50_000_000
 RSS_LIMIT_MIB = 1536
 FLAT_LIMIT_X = 1.2
 RAW_TARGET_X, HF_TARGET_X = 0.95, 1.3
+FIXED_DOCS = 5
+FIXED_TARGET_S = 0.5
 
 
 def build_inputs(work: Path, corpus_mb: float) -> tuple[Path, dict[str, str]]:
@@ -90,9 +98,9 @@ def _child_raw(corpus: str, tok_dir: str, out: str) -> dict:
 
 def _child_lmforge(corpus: str, tok_dir: str, out: str) -> dict:
     from data_prep.prep import PrepConfig, prepare
-    from data_prep.tokenizer.folder import load_tokenizer_info
+    from data_prep.tokenizer_ids import tokenizer_info
 
-    load_tokenizer_info(tok_dir)  # imports transformers and torch: start-up, kept off the clock as for the peers
+    tokenizer_info(tok_dir)  # imports tokenizers: start-up, kept off the clock as for the peers (measure_fixed_cost)
 
     cpu, start = common.cpu_seconds(True), time.perf_counter()
     manifest = prepare(PrepConfig(inputs=[corpus], tokenizer=tok_dir, output=out, seq_len=SEQ_LEN, overwrite=True,
@@ -169,6 +177,45 @@ def run_trial(method: str, corpus: str, tok_dir: str, out: str) -> dict:
     return result
 
 
+def _process_seconds(cmd: list[str], what: str, pycache: Path) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds)`` of one child process run to completion (CPU: user + system, its children
+    included), with compiled bytecode cached under ``pycache`` as an installed package has it (even where
+    ``PYTHONDONTWRITEBYTECODE`` is set, which makes every start compile lmforge's modules from source)."""
+    before = common.cpu_seconds(True) - common.cpu_seconds(False)
+    result = common.run_child(cmd, env=common.python_env(PYTHONDONTWRITEBYTECODE="", PYTHONPYCACHEPREFIX=str(pycache)))
+    common.check_child(result, what)
+    return result.wall_s, common.cpu_seconds(True) - common.cpu_seconds(False) - before
+
+
+def measure_fixed_cost(work: Path, tok_dir: str, reps: int) -> list[dict]:
+    """Rows of prep's fixed cost: ``lmforge prep`` on :data:`FIXED_DOCS` short documents as a whole process
+    (default workers, no progress bar), and ``python -c pass``; alternating, median of ``reps``."""
+    tiny = work / "tiny.jsonl"
+    common.write_jsonl(tiny, [f"document {i} of the fixed-cost run. " * 20 for i in range(FIXED_DOCS)])
+    prep = common.lmforge_cmd("prep", "--input", str(tiny), "--tokenizer", tok_dir, "--output", str(work / "out_tiny"),
+                              "--seq-len", "64", "--no-progress", "--overwrite")
+    runs: dict[str, list[tuple[float, float]]] = {"prep": [], "bare": []}
+
+    def side(name: str, cmd: list[str]) -> float:
+        runs[name].append(_process_seconds(cmd, f"fixed-cost {name} run", work / "pycache"))
+        return runs[name][-1][0]
+
+    _process_seconds(prep, "fixed-cost warm-up run", work / "pycache")  # writes the bytecode cache
+    bare = [sys.executable, "-c", "pass"]
+    common.alternate({"prep": lambda: side("prep", prep), "bare": lambda: side("bare", bare)}, reps)
+    wall = {k: [w for w, _ in v] for k, v in runs.items()}
+    cpu = {k: [c for _, c in v] for k, v in runs.items()}
+    what = f"whole `lmforge prep` process, {FIXED_DOCS} documents"
+    return [
+        common.row(f"fixed cost, wall time, {what}", "s", wall["prep"], target=f"< {FIXED_TARGET_S} s",
+                   note="interpreter start, imports, tokenizer load, plan, shards, merge, manifest"),
+        common.row(f"fixed cost, CPU time, {what}", "CPU s", cpu["prep"], target=f"< {FIXED_TARGET_S} s",
+                   note="user + system, workers included; less sensitive to other load than wall time"),
+        common.row("bare interpreter start (`python -c pass`), for scale", "s", wall["bare"],
+                   note=f"CPU {common.median(cpu['bare']):.3f} s"),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default=str(common.CACHE_DIR / "prep"),
@@ -178,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="MB of stdlib text in the 1x corpus; 0: all of it (~31.5 MB, the issue's setting)")
     parser.add_argument("--json", default=None, help="also write the result JSON here")
     parser.add_argument("--skip-memory", action="store_true", help="skip the 4x corpus and 50 MB document runs")
+    parser.add_argument("--fixed-only", action="store_true", help="measure prep's fixed cost only")
     parser.add_argument("--child", nargs=4, metavar=("METHOD", "CORPUS", "TOKENIZER", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     common.use_this_checkout()
@@ -190,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     tok_dir = str(folder / "tok16k")
     mb = os.path.getsize(corpus["1x"]) / 1e6
     cores = len(os.sched_getaffinity(0))
+    fixed = measure_fixed_cost(work, tok_dir, args.reps)
+    common.print_rows(fixed)
+    common.write_result("bench_prep_fixed", "Prep's fixed cost: a whole lmforge prep process on a tiny input", fixed,
+                        {"documents": FIXED_DOCS, "reps": args.reps, "cores": cores,
+                         "load_average_1min": round(os.getloadavg()[0], 2), "bytecode": "cached"})
+    if args.fixed_only:
+        return 0
     print(f"corpus {mb:.1f} MB jsonl, tokenizer {VOCAB} byte-level BPE, seq_len {SEQ_LEN}, {cores} cores", flush=True)
     trials: dict[str, list[dict]] = {m: [] for m in CHILDREN}
 

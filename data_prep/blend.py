@@ -1,15 +1,24 @@
-"""A deterministic weighted blend of several prepared datasets, read like one (Megatron-style).
+"""A deterministic weighted blend of several prepared datasets, read like one endless stream.
 
-Megatron-LM's ``BlendedDataset`` gives dataset ``d`` a share ``w_d`` of the ``N`` blended samples
-and interleaves them so that every prefix of the blend holds each dataset in proportion to its
-weight (``build_blending_indices``). Here dataset ``d`` gets ``n_d`` samples (``w_d * N`` rounded
-by largest remainder, so they add up to ``N``), its ``j``-th sample placed at blend position
-``(j + 0.5) / n_d`` (ties to the lower dataset index): the same proportional interleave.
+Like Megatron-LM's ``BlendedDataset`` (``build_blending_indices``), every stretch of the blend holds
+each dataset in proportion to its weight, but each blend position is computed on its own (nothing
+is stored, O(number of datasets) memory), so 10T-token runs resume from ``consumed_samples`` alone.
 
-The ``k``-th sample drawn from dataset ``d`` is sequence ``perm_{d,e}[k mod len_d]`` with
-``e = k // len_d`` and ``perm_{d,e} = numpy.random.default_rng([seed, d, e]).permutation(len_d)``:
-a dataset with a large weight is repeated in a fresh order each epoch, and the whole blend is a
-pure function of the datasets, weights, ``num_samples`` and ``seed``.
+**Which dataset** (:class:`BlendOrder`): datasets are split off one at a time. Level ``l`` takes
+from the stream left by the levels before it the share ``p_l = w_l / (w_l + ... + w_{D-1})``, by
+the Beatty sequence ``f_l(x) = floor(x * p_l + phi_l)`` (phase ``phi_l`` in ``[0, 1)`` seeded):
+position ``x`` of that stream goes to dataset ``l`` iff ``f_l(x + 1) > f_l(x)``, as its ``f_l(x)``-th
+draw, else it is position ``x - f_l(x)`` of the stream passed on; the last dataset takes what is
+left. Any window of ``L`` consecutive positions gives dataset ``l`` within ``l + 1`` samples of
+``w_l * L`` (each level's counts are within one of exact, and a window stays a window at the next
+level). ``p_l`` is held as an integer over ``2**31`` and ``f_l`` computed in exact uint64 integer
+arithmetic, for any position below ``2**63``.
+
+**Which sequence**: the ``k``-th draw of dataset ``d`` (length ``n_d``) is
+``GlobalOrder(n_d, seed, stream=d).at(k)`` (:mod:`data_prep.order`): a seeded Feistel permutation
+per pass, a fresh one each time a dataset with a large weight wraps around (epoch ``k // n_d``).
+The blend is a pure function of the dataset lengths, weights and ``seed``; the trainer reads it at
+its global positions (no second shuffle, :func:`pretrain.data.micro_batches`).
 """
 from __future__ import annotations
 
@@ -19,53 +28,124 @@ from typing import Sequence
 import numpy as np
 
 from data_prep.errors import UserError
+from data_prep.order import GlobalOrder
 from data_prep.shards import ShardReader
 
+BLEND_ORDER_NAME = "beatty-feistel-v1"
+"""Recorded in a blend's manifest: the order in this module's docstring."""
+SHARE_BITS = 31
+"""Each level's share is an integer over ``2**SHARE_BITS`` (resolution 4.7e-10)."""
+_PHASE_KEY = 0xB1E4D
+"""Mixed into the seed of the levels' phases so that they differ from the datasets' permutation keys."""
 
-def blend_counts(weights: Sequence[float], num_samples: int) -> np.ndarray:
-    """Samples per dataset: ``w_d / sum(w) * num_samples`` rounded by largest remainder (sums to ``num_samples``)."""
-    w = np.asarray(weights, dtype=np.float64)
-    exact = w / w.sum() * num_samples
-    counts = np.floor(exact).astype(np.int64)
-    short = num_samples - int(counts.sum())
-    counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1
-    return counts
+
+class BlendOrder:
+    """Blend position -> ``(dataset, sequence)`` from dataset lengths and weights only; O(datasets) memory.
+
+    Args:
+        lengths: sequences per dataset (counts, each > 0), e.g. a manifest's split counts.
+        weights: relative weights (each > 0), normalised here.
+        seed: seeds the interleave's phases and the datasets' permutations.
+
+    Raises:
+        UserError: lengths and weights differ in number, or a length or weight is not > 0.
+    """
+
+    def __init__(self, lengths: Sequence[int], weights: Sequence[float], seed: int = 0):
+        if not lengths or len(lengths) != len(weights):
+            raise UserError(f"blend: {len(lengths)} datasets but {len(weights)} weights")
+        bad = [f"dataset {d}: length {n}, weight {w}" for d, (n, w) in enumerate(zip(lengths, weights))
+               if not (n > 0 and w > 0)]
+        if bad:
+            raise UserError(f"blend: lengths and weights must be > 0 ({'; '.join(bad)})")
+        self.lengths = [int(n) for n in lengths]
+        w = np.asarray(weights, dtype=np.float64)
+        rest = np.cumsum(w[::-1])[::-1]  # w_l + ... + w_{D-1}
+        scale = 1 << SHARE_BITS
+        self._share = np.clip(np.rint(w[:-1] / rest[:-1] * scale), 1, scale - 1).astype(np.uint64)
+        self._phase = np.random.default_rng([seed, _PHASE_KEY]).integers(0, scale, size=len(w) - 1, dtype=np.uint64)
+        self._perms = [GlobalOrder(n, seed, stream=d) for d, n in enumerate(self.lengths)]
+        self.weights = w / w.sum()
+
+    def _taken(self, level: int, x: np.ndarray) -> np.ndarray:
+        """``f_level(x)``: positions of ``[0, x)`` of the level's stream that go to dataset ``level`` (uint64)."""
+        p, bits = self._share[level], np.uint64(SHARE_BITS)
+        low = x & np.uint64((1 << SHARE_BITS) - 1)
+        return (x >> bits) * p + ((low * p + self._phase[level]) >> bits)
+
+    def assign(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(dataset, draw)`` of blend ``positions`` (any shape, ints in ``[0, 2**63)``): both int64, same shape;
+        ``draw`` counts the earlier positions that went to the same dataset."""
+        x = np.asarray(positions, dtype=np.uint64).reshape(-1)
+        dataset = np.full(x.shape, len(self.lengths) - 1, dtype=np.int64)
+        draw = np.empty(x.shape, dtype=np.int64)
+        open_ = np.arange(x.size)  # positions not yet assigned, and their index in the current level's stream
+        for level in range(len(self.lengths) - 1):
+            before = self._taken(level, x)
+            hit = self._taken(level, x + np.uint64(1)) > before
+            dataset[open_[hit]], draw[open_[hit]] = level, before[hit].astype(np.int64)
+            open_, x = open_[~hit], (x - before)[~hit]
+        draw[open_] = x.astype(np.int64)
+        shape = np.shape(positions)
+        return dataset.reshape(shape), draw.reshape(shape)
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(dataset, sequence)`` that blend ``positions`` read: both int64, the shape of ``positions``."""
+        dataset, draw = self.assign(positions)
+        sequence = np.empty_like(draw)
+        for d in np.unique(dataset):
+            sel = dataset == d
+            sequence[sel] = self._perms[int(d)].at(draw[sel])
+        return dataset, sequence
+
+    def counts(self, num_samples: int) -> np.ndarray:
+        """``(D,)`` int64: how many of blend positions ``[0, num_samples)`` go to each dataset (they sum to
+        ``num_samples``)."""
+        out, left = [], np.uint64(num_samples)
+        for level in range(len(self.lengths) - 1):
+            taken = self._taken(level, left)
+            out.append(int(taken))
+            left = left - taken
+        return np.array(out + [int(left)], dtype=np.int64)
 
 
 class BlendedReader:
-    """``num_samples`` sequences drawn from ``readers`` by ``weights``; the interface of :class:`ShardReader`.
+    """Sequences drawn from ``readers`` by ``weights`` (:class:`BlendOrder`); the interface of :class:`ShardReader`.
+
+    The blend is endless (any index >= 0 reads; datasets wrap in fresh orders) and already shuffled
+    (``ordered``): the trainer reads blend index ``k`` at global position ``k``. ``len()`` is
+    ``num_samples``, one nominal pass, whose per-dataset counts the manifest lists.
 
     Args:
         readers: readers of the same split of datasets prepared with the same tokenizer,
             ``seq_len`` and objective.
         weights: relative weights (> 0), normalised here.
-        num_samples: sequences in the blend; default ``sum(len(r))``.
-        seed: seeds the per-dataset epoch orders.
+        num_samples: sequences in one nominal pass; default ``sum(len(r))``.
+        seed: seeds the blend (:class:`BlendOrder`).
 
     Raises:
         UserError: weights and readers differ in number, a weight is not > 0, a dataset is empty,
             or the datasets disagree on tokenizer fingerprint, ``seq_len`` or objective (all listed).
     """
 
+    ordered = True
+    """Indices are already the training order: read position ``k`` as index ``k``."""
+
     def __init__(self, readers: Sequence[ShardReader], weights: Sequence[float], num_samples: int | None = None,
                  seed: int = 0):
         self.readers, self.seed = list(readers), seed
-        self._perms: dict[tuple[int, int], np.ndarray] = {}
         self._check(weights)
         first = self.readers[0]
         self.seq_len: int = first.seq_len
         self.num_samples = int(num_samples if num_samples is not None else sum(len(r) for r in self.readers))
-        counts = blend_counts(weights, self.num_samples)
-        dataset = np.concatenate([np.full(n, d, dtype=np.int32) for d, n in enumerate(counts)])
-        position = np.concatenate([(np.arange(n) + 0.5) / n for n in counts if n])
-        order = np.lexsort((dataset, position))
-        self._dataset = dataset[order]
-        self._draw = np.concatenate([np.arange(n, dtype=np.int64) for n in counts])[order]
+        self.order = BlendOrder([len(r) for r in self.readers], weights, seed)
+        counts = self.order.counts(self.num_samples)
         self.manifest = {
             **{k: first.manifest[k] for k in ("format", "format_version", "seq_len", "token_dtype", "tokenizer") if k in first.manifest},
             "objective": first.manifest.get("objective", "clm"),
-            "blend": [{"path": str(r.dir), "split": r.split, "weight": float(w) / float(sum(weights)),
-                       "sequences": len(r), "samples": int(n)} for r, w, n in zip(self.readers, weights, counts)],
+            "blend": [{"path": str(r.dir), "split": r.split, "weight": float(w), "sequences": len(r), "samples": int(n)}
+                      for r, w, n in zip(self.readers, self.order.weights, counts)],
+            "blend_order": BLEND_ORDER_NAME,
             "seed": seed,
         }
 
@@ -94,21 +174,16 @@ class BlendedReader:
     def __len__(self) -> int:
         return self.num_samples
 
-    def _perm(self, d: int, epoch: int) -> np.ndarray:
-        key = (d, epoch)
-        if key not in self._perms:
-            if len(self._perms) >= 2 * len(self.readers):
-                self._perms.clear()
-            self._perms[key] = np.random.default_rng([self.seed, d, epoch]).permutation(len(self.readers[d]))
-        return self._perms[key]
-
     def locate(self, index: int) -> tuple[int, int]:
-        """``(dataset, sequence)`` that blend sample ``index`` reads."""
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"sample {index} out of range [0, {self.num_samples})")
-        d, k = int(self._dataset[index]), int(self._draw[index])
-        epoch, offset = divmod(k, len(self.readers[d]))
-        return d, int(self._perm(d, epoch)[offset])
+        """``(dataset, sequence)`` that blend sample ``index`` (>= 0) reads.
+
+        Raises:
+            IndexError: ``index < 0``.
+        """
+        if index < 0:
+            raise IndexError(f"blend sample {index} is negative")
+        d, i = self.order.locate(np.array([index]))
+        return int(d[0]), int(i[0])
 
     def __getitem__(self, index: int) -> np.ndarray:
         """The ``(seq_len,)`` token ids of blend sample ``index``."""
@@ -125,16 +200,30 @@ class BlendedReader:
 
     def batch(self, indices: list[int] | np.ndarray) -> np.ndarray:
         """``(B, seq_len)`` int64 token ids."""
-        return np.stack([self[int(i)] for i in indices]).astype(np.int64)
+        return self.read_batch(indices)[0]
 
     def batch_num_tokens(self, indices: list[int] | np.ndarray) -> np.ndarray:
         """``(B,)`` int64 real-token counts."""
-        return np.array([self.num_tokens(int(i)) for i in indices], dtype=np.int64)
+        return self.read_batch(indices)[2]
 
     def read_batch(self, indices: list[int] | np.ndarray) -> tuple[np.ndarray, list[list[int]], np.ndarray]:
-        """``(token ids (B, seq_len) int64, document starts per sequence, real-token counts (B,) int64)``."""
-        parts = [self.readers[d].read_batch([i]) for d, i in (self.locate(int(k)) for k in indices)]
-        if not parts:
-            return np.empty((0, self.seq_len), dtype=np.int64), [], np.empty(0, dtype=np.int64)
-        return (np.concatenate([p[0] for p in parts]), [p[1][0] for p in parts],
-                np.concatenate([p[2] for p in parts]))
+        """``(token ids (B, seq_len) int64, document starts per sequence, real-token counts (B,) int64)``;
+        one vectorized locate, one read per dataset.
+
+        Raises:
+            IndexError: a negative index.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and idx.min() < 0:
+            raise IndexError(f"blend samples {idx.tolist()} include a negative index")
+        dataset, sequence = self.order.locate(idx)
+        ids = np.empty((len(idx), self.seq_len), dtype=np.int64)
+        starts: list[list[int]] = [[] for _ in range(len(idx))]
+        nums = np.empty(len(idx), dtype=np.int64)
+        for d in np.unique(dataset):
+            where = np.flatnonzero(dataset == d)
+            part_ids, part_starts, part_nums = self.readers[int(d)].read_batch(sequence[where])
+            ids[where], nums[where] = part_ids, part_nums
+            for k, s in zip(where.tolist(), part_starts):
+                starts[k] = s
+        return ids, starts, nums

@@ -17,12 +17,13 @@ to a few times its size (a whole-document ``Encoding`` costs about 100 bytes per
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import os
 import re
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from data_prep.errors import UserError
 from data_prep.reader import Block, parse_block
 
 SPLITS = ("train", "val")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -106,14 +108,26 @@ def split_points(text: str, max_piece_chars: int) -> list[int]:
     return cuts
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer_from_file(path: str, mtime_ns: int, size_bytes: int):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(path)
+
+
+def load_tokenizer_file(path: str):
+    """``tokenizers.Tokenizer.from_file(path)``, loaded once per process while the file is unchanged (a 16k-token
+    ``tokenizer.json`` takes about 50 ms: prep reads its ids and then encodes with it)."""
+    st = os.stat(path)
+    return _tokenizer_from_file(str(path), st.st_mtime_ns, st.st_size)
+
+
 class Encoder:
     """Tokenizes blocks into per-split token streams (see module docstring)."""
 
     def __init__(self, spec: EncodeSpec):
-        from tokenizers import Tokenizer
-
         self.spec = spec
-        self.tokenizer = Tokenizer.from_file(spec.tokenizer_file)
+        self.tokenizer = load_tokenizer_file(spec.tokenizer_file)
         self.tokenizer.no_padding()  # a tokenizer.json may carry padding / truncation settings
         self.tokenizer.no_truncation()
         self.dtype = np.dtype(spec.dtype)
@@ -168,7 +182,13 @@ class Encoder:
         return out, lengths
 
     def encode(self, block: Block) -> Encoded:
+        """Parse, drop the documents ``block.keep`` marks False (duplicates), tokenize and split."""
         parsed = parse_block(block, self.spec.text_column)
+        if block.keep is not None:
+            if len(block.keep) != len(parsed.texts):
+                raise RuntimeError(f"{block.source}: the dedup pass saw {len(block.keep)} documents in the block at "
+                                   f"record {block.first_record}, this pass {len(parsed.texts)}; did the file change?")
+            parsed.texts = [t for t, k in zip(parsed.texts, block.keep.tolist()) if k]
         ids = self._encode_texts(parsed.texts)
         to_val = [is_validation(t, self.spec.val_fraction) for t in parsed.texts]
         del parsed.texts
@@ -217,6 +237,18 @@ def encode_blocks(blocks: Iterable[Block], spec: EncodeSpec, workers: int) -> It
         for block in blocks:
             yield encoder.encode(block)
         return
+    yield from map_blocks(functools.partial(_encode_in_worker, spec), blocks, workers)
+
+
+def map_blocks(fn: Callable[[Block], T], blocks: Iterable[Block], workers: int) -> Iterator[T]:
+    """``fn(block)`` for each block, in order, on ``workers`` processes (in this one when ``workers <= 1``);
+    at most ``2 * workers + 2`` blocks in flight. ``fn`` must pickle (a module-level function or a partial of one).
+
+    Worker exceptions are re-raised here; the pool is shut down however the iteration ends.
+    """
+    if workers <= 1:
+        yield from map(fn, blocks)
+        return
     import multiprocessing
 
     threads = max(1, default_workers() // workers)
@@ -225,7 +257,7 @@ def encode_blocks(blocks: Iterable[Block], spec: EncodeSpec, workers: int) -> It
     window: collections.deque[Future] = collections.deque()
     try:
         for block in blocks:
-            window.append(pool.submit(_encode_in_worker, spec, block))
+            window.append(pool.submit(fn, block))
             if len(window) >= 2 * workers + 2:
                 yield window.popleft().result()
         while window:

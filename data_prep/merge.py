@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.dedup import HASHES_PREFIX
 from data_prep.encode import SPLITS
 from data_prep.errors import InputError, UserError
 from data_prep.pack import Framing, StreamPacker
@@ -211,6 +212,10 @@ def merge(out: str | Path, plan: str | None = None) -> dict:
     for m in markers:
         for reason, n in m["rejects_by_reason"].items():
             reasons[reason] = reasons.get(reason, 0) + n
+    duplicates: dict[str, int] = {}
+    for m in markers:
+        for source, n in m.get("duplicates_by_source", {}).items():
+            duplicates[source] = duplicates.get(source, 0) + n
     sequences = sum(v["sequences"] for v in splits.values())
     sources = first["sources"]
     manifest = {
@@ -225,16 +230,20 @@ def merge(out: str | Path, plan: str | None = None) -> dict:
         "counts": {
             "documents": documents, "tokens": sum(v["tokens"] for v in splits.values()),
             "tokens_framing": sequences * (len(framing.prefix) + len(framing.suffix)), "sequences": sequences,
-            "rejects": rejects, "tokens_dropped": sum(v["tokens_dropped"] for v in splits.values()),
+            "rejects": rejects, "duplicates": sum(duplicates.values()),
+            "tokens_dropped": sum(v["tokens_dropped"] for v in splits.values()),
             "tokens_padded": sum(v["tokens_padded"] for v in splits.values()),
         },
         "rejects_by_reason": reasons,
+        "duplicates_by_source": duplicates,
         "doc_length_bin_edges_tokens": length_bin_edges().tolist(),
         "splits": splits,
         "tasks": {"num_tasks": len(markers), "input_bytes": sum(m["input_bytes"] for m in markers),
                   "elapsed_s": [m["elapsed_s"] for m in markers], "merge_elapsed_s": round(time.perf_counter() - start, 3)},
     }
     write_json_atomic(out / MANIFEST_NAME, manifest)
+    for path in (out / PARTS_DIR).glob(f"{HASHES_PREFIX}-*.npy*"):  # the dedup hash pass's: no task needs them now
+        path.unlink(missing_ok=True)
     c = manifest["counts"]
     log.info("prep: %d documents, %d tokens, %d sequences of %d tokens, %d rejects from %d task(s) -> %s",
              c["documents"], c["tokens"], c["sequences"], cfg["seq_len"], c["rejects"], len(markers), out)

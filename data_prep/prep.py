@@ -18,6 +18,7 @@ single-task counts (only the order of sequences differs).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,8 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from data_prep import dedup
 from data_prep import merge as merge_mod
 from data_prep.encode import SPLITS, EncodeSpec, default_workers, encode_blocks, is_validation  # noqa: F401 (re-export)
 from data_prep.errors import UserError
@@ -37,7 +38,8 @@ from data_prep.reader import DEFAULT_BLOCK_BYTES, RejectLog, read_blocks
 from data_prep.shards import MANIFEST_NAME, ShardWriter, token_dtype
 from data_prep.sources import TEXT_MODES, Source, plan_segments, resolve_sources
 from data_prep.stats import doc_length_counts
-from data_prep.tokenizer.folder import TOKENIZER_FILE, load_tokenizer_info
+from data_prep.tokenizer.folder import TOKENIZER_FILE
+from data_prep.tokenizer_ids import tokenizer_info
 from lmforge_common import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,9 @@ class PrepConfig:
     """Plain-text files: ``file`` (one document per file) or ``line`` (one per non-blank line)."""
     objective: str = "clm"
     """``clm`` (EOS after each document) or ``mlm`` (sequences framed by the tokenizer's post-processor)."""
+    dedup: bool = True
+    """Drop a document whose normalised text occurred earlier in corpus order (exact duplicates,
+    :mod:`data_prep.dedup`)."""
     tail: str = "drop"
     """The last partial sequence of each split: ``drop`` it, or ``pad`` it (``num_tokens`` marks real tokens)."""
     workers: int | None = None
@@ -137,7 +142,7 @@ def _post_processor_framing(tokenizer_dir: str) -> tuple[tuple[int, ...], tuple[
 
 
 def _setup(cfg: PrepConfig) -> _Setup:
-    info = load_tokenizer_info(cfg.tokenizer)
+    info = tokenizer_info(cfg.tokenizer)
     tok = {"fingerprint": info.fingerprint, "vocab_size": info.vocab_size, "eos_token_id": info.eos_token_id,
            "bos_token_id": info.bos_token_id, "pad_token_id": info.pad_token_id}
     if cfg.objective == "clm":
@@ -231,23 +236,29 @@ def prepare(cfg: PrepConfig) -> dict | None:
 
 
 class _Progress:
-    """tqdm over input bytes with docs/s, tokens/s and MB/s."""
+    """tqdm over input bytes with docs/s, tokens/s and MB/s; counts only (no tqdm import) when disabled."""
 
     def __init__(self, total_bytes: int | None, enabled: bool, desc: str):
-        self.bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, desc=desc, disable=not enabled,
-                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm  # about 0.1 s of imports (asyncio): only for a bar that is shown
+
+            self.bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, desc=desc,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
         self.start = time.perf_counter()
         self.docs = self.tokens = self.bytes = 0
 
     def update(self, docs: int, tokens: int, nbytes: int) -> None:
         self.docs, self.tokens, self.bytes = self.docs + docs, self.tokens + tokens, self.bytes + nbytes
-        dt = max(time.perf_counter() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{self.docs / dt:,.0f} docs/s, {self.tokens / dt / 1e6:.2f}M tokens/s, "
-                                 f"{self.bytes / dt / 1e6:.1f} MB/s", refresh=False)
-        self.bar.update(nbytes)
+        if self.bar is not None:
+            dt = max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{self.docs / dt:,.0f} docs/s, {self.tokens / dt / 1e6:.2f}M tokens/s, "
+                                     f"{self.bytes / dt / 1e6:.1f} MB/s", refresh=False)
+            self.bar.update(nbytes)
 
     def close(self) -> float:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
         return time.perf_counter() - self.start
 
 
@@ -266,6 +277,15 @@ def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
                          f"prep task {cfg.task_id}/{cfg.num_tasks}" if cfg.num_tasks > 1 else "prep")
     blocks = (b for seg in segments for b in read_blocks(seg, cfg.text_column, cfg.text_mode, cfg.block_bytes))
     workers = cfg.workers if cfg.workers is not None else default_workers()
+    if not hub and not any(seg.source.compressed for seg in segments):  # a small input: no idle workers to start
+        workers = min(workers, max(1, -(-sum(seg.nbytes for seg in segments) // cfg.block_bytes)))
+    duplicates: dict[str, int] = {}
+    if cfg.dedup:
+        start = time.perf_counter()
+        masks, duplicates = dedup.keep_masks(setup.sources, cfg, setup.plan, out / merge_mod.PARTS_DIR, workers)
+        blocks = (dataclasses.replace(b, keep=m) for b, m in zip(blocks, masks, strict=True))
+        log.info("prep task %d/%d: dedup hash pass %.1f s, %d duplicates", cfg.task_id, cfg.num_tasks,
+                 time.perf_counter() - start, sum(duplicates.values()))
     try:
         for enc in encode_blocks(blocks, spec, workers):
             rejects.add_many(enc.source, enc.rejects)
@@ -298,6 +318,7 @@ def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
         "sources": [s.path for s in setup.sources],
         "input_bytes": progress.bytes, "elapsed_s": round(elapsed_s, 3), "workers": workers,
         "rejects": rejects.total, "rejects_by_reason": dict(rejects.kinds), "splits": splits,
+        "duplicates": sum(duplicates.values()), "duplicates_by_source": duplicates,
     }
     write_json_atomic(merge_mod.marker_path(out, cfg.task_id), marker)
     log.info("prep task %d/%d: %d documents, %d tokens, %d rejects in %.1f s (%.0f tokens/s, %.1f MB/s)",

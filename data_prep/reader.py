@@ -12,6 +12,7 @@ Record-level problems (malformed JSON, invalid UTF-8, a missing, null or non-str
 empty or whitespace-only document) are rejected with the record number and counted; the read goes
 on. Record numbers are 1-based lines for jsonl and per-line text, 0-based rows for parquet, Arrow
 and Hub datasets, and 0 for a whole-file text document. Blank lines are separators, not records.
+A UTF-8 byte-order mark at the start of a jsonl or text file is dropped, not rejected.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from data_prep.sources import (JSONL_SUFFIXES, KNOWN_SUFFIXES, PARQUET_SUFFIXES,
 
 DEFAULT_BLOCK_BYTES = 1 << 20
 COUNT_CHUNK_BYTES = 1 << 24
+UTF8_BOM = b"\xef\xbb\xbf"
+"""The UTF-8 byte-order mark some editors write first in a file: dropped there, never part of a document."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,9 @@ class Block:
     first_record: int
     payload: object
     input_bytes: int
+    keep: object = None
+    """None, or a bool array with one entry per document the block parses to: False drops it (a duplicate,
+    :mod:`data_prep.dedup`)."""
 
 
 @dataclass
@@ -158,7 +164,8 @@ def _line_blocks(seg: Segment, kind: str, block_bytes: int) -> Iterator[Block]:
             if end is not None and pos + len(chunk) > end:
                 cut = chunk.find(b"\n", max(0, end - pos - 1))
                 chunk = chunk[: cut + 1] if cut >= 0 else chunk
-            yield Block(path, kind, line, chunk, len(chunk))
+            payload = chunk[len(UTF8_BOM):] if pos == 0 and chunk.startswith(UTF8_BOM) else chunk
+            yield Block(path, kind, line, payload, len(chunk))
             line += chunk.count(b"\n")
             pos += len(chunk)
 
@@ -270,7 +277,7 @@ def read_blocks(seg: Segment, text_column: str = "text", text_mode: str = "file"
             yield from _line_blocks(seg, "jsonl" if src.kind == "jsonl" else "lines", block_bytes)
         else:
             data = Path(src.path).read_bytes()
-            yield Block(src.path, "file", 0, data, len(data))
+            yield Block(src.path, "file", 0, data[len(UTF8_BOM):] if data.startswith(UTF8_BOM) else data, len(data))
     except InputError:
         raise
     except Exception as exc:  # gzip.BadGzipFile, zstd.ZstdError, EOFError, ArrowInvalid, OSError...

@@ -43,8 +43,8 @@ import numpy as np
 import pyarrow as pa
 
 from data_prep.errors import InputError, UserError
-from lmforge_common import write_json_atomic
 from data_prep.pack import Rows
+from lmforge_common import write_json_atomic
 
 FORMAT_NAME = "lmforge-packed-sequences"
 FORMAT_VERSION = 2
@@ -77,6 +77,13 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
         while chunk := fh.read(chunk_bytes):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _arrow(values: np.ndarray, dtype: type | np.dtype) -> pa.Array:
+    """A null-free Arrow array of ``values`` (1-D) as ``dtype``, built from its buffer: the same array as
+    ``pa.array(values)``, without the pandas import (0.5 s) that ``pa.array`` makes on first use."""
+    flat = np.ascontiguousarray(values, dtype=dtype)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(flat.dtype), len(flat), [None, pa.py_buffer(flat)])
 
 
 class ShardWriter:
@@ -126,10 +133,9 @@ class ShardWriter:
         if self._writer is None:
             tmp = self._shard_path(len(self.shards)).with_suffix(".arrow.tmp")
             self._writer = pa.ipc.new_stream(str(tmp), self.schema)
-        flat = np.ascontiguousarray(batch.ids, dtype=self.dtype).reshape(-1)
-        ids = pa.FixedSizeListArray.from_arrays(pa.array(flat), self.seq_len)
-        starts = pa.ListArray.from_arrays(pa.array(batch.offsets, pa.int32()), pa.array(batch.starts, pa.int32()))
-        num = pa.array(batch.num_tokens, pa.int32())
+        ids = pa.FixedSizeListArray.from_arrays(_arrow(batch.ids.reshape(-1), self.dtype), self.seq_len)
+        starts = pa.ListArray.from_arrays(_arrow(batch.offsets, np.int32), _arrow(batch.starts, np.int32))
+        num = _arrow(batch.num_tokens, np.int32)
         self._writer.write_batch(pa.record_batch([ids, starts, num], schema=self.schema))
         self._rows_in_shard += n
         if self._rows_in_shard >= self.sequences_per_shard:

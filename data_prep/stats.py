@@ -47,7 +47,9 @@ def summarize(manifest: dict) -> dict:
     """Counts per split and document-length percentiles from a manifest (no shard is read)."""
     seq_len = manifest["seq_len"]
     report = {"seq_len": seq_len, "objective": manifest.get("objective", "clm"), "token_dtype": manifest["token_dtype"],
-              "counts": manifest["counts"], "rejects_by_reason": manifest.get("rejects_by_reason", {}), "splits": {}}
+              "counts": manifest["counts"], "rejects_by_reason": manifest.get("rejects_by_reason", {}),
+              "dedup": manifest.get("config", {}).get("dedup"),
+              "duplicates_by_source": manifest.get("duplicates_by_source", {}), "splits": {}}
     for name, split in manifest["splits"].items():
         counts = np.asarray(split.get("doc_length_counts", []), dtype=np.int64)
         entry = {k: split[k] for k in ("documents", "tokens", "sequences") if k in split}
@@ -107,5 +109,10 @@ def format_report(report: dict) -> str:
                      f"{s.get('fraction_docs_within_seq_len', 0):>10.1%}")
     lines.append(f"rejects {c['rejects']:,} {report['rejects_by_reason'] or ''}; tokens dropped {c['tokens_dropped']:,}, "
                  f"padded {c.get('tokens_padded', 0):,}")
+    if report.get("dedup") is False:
+        lines.append("duplicates kept (prepared with --no-dedup)")
+    elif report.get("dedup"):
+        by_source = ", ".join(f"{k} {v:,}" for k, v in report.get("duplicates_by_source", {}).items())
+        lines.append(f"duplicates dropped {c.get('duplicates', 0):,}" + (f": {by_source}" if by_source else ""))
     lines.append("(document lengths in tokens, read from quarter-octave bins: upper bin edges)")
     return "\n".join(lines)

@@ -73,3 +73,35 @@ def test_slurm_array_tasks_then_merge_then_stats(tmp_path, tokenizer_dir, corpus
     assert 0 < stats["splits"]["train"]["doc_tokens_p50"] <= stats["splits"]["train"]["doc_tokens_p99"]
     png = (out / "doc_lengths.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+HEAVY = ("torch", "transformers", "pandas", "datasets", "matplotlib")
+"""Libraries ``lmforge prep`` must not import for a ``tokenizers`` tokenizer (over a second of start-up together)."""
+
+
+def test_prep_of_a_tokenizers_tokenizer_imports_neither_torch_nor_transformers(tmp_path, tokenizer_dir):
+    (tmp_path / "tiny.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(5)))
+    code = ("import json, sys\nfrom lmforge.cli import main\n"
+            f"rc = main(['prep', '--input', 'tiny.jsonl', '--tokenizer', {str(tokenizer_dir)!r}, '--output', 'out', "
+            "'--seq-len', '32', '--no-progress'])\n"
+            f"print(json.dumps([rc, sorted({{m.split('.')[0] for m in sys.modules}} & set({list(HEAVY)!r}))]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == [0, []]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]["documents"] == 5
+
+
+def test_tokenizer_ids_read_without_transformers_equal_transformers_own(tokenizer_dir, family_dirs, tmp_path):
+    import shutil
+
+    from data_prep.tokenizer.folder import CONFIG_FILE, load_tokenizer_info
+    from data_prep.tokenizer_ids import _fast_ids, tokenizer_info
+
+    for folder in [tokenizer_dir, *family_dirs.values()]:
+        assert _fast_ids(folder) is not None, folder  # the fast path, not the fallback, is what is compared
+        assert tokenizer_info(folder) == load_tokenizer_info(folder), folder
+    odd = tmp_path / "odd"  # a class transformers may give default tokens: the transformers path decides
+    shutil.copytree(family_dirs["wordpiece"], odd)
+    config = json.loads((odd / CONFIG_FILE).read_text())
+    (odd / CONFIG_FILE).write_text(json.dumps({**config, "tokenizer_class": "BertTokenizer", "pad_token": None}))
+    assert _fast_ids(odd) is None and tokenizer_info(odd) == load_tokenizer_info(odd)

@@ -150,3 +150,20 @@ def test_stdlib_corpus_is_real_and_excludes_site_packages():
     assert len(files) > 500
     assert not any("site-packages" in f.parts for f in files)
     assert sum(f.stat().st_size for f in files) > 10_000_000
+
+
+@pytest.mark.parametrize("text_mode", ["file", "line"])
+def test_a_utf8_byte_order_mark_is_dropped_not_rejected(tmp_path, text_mode):
+    bom = "\ufeff".encode("utf-8")
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in TEXTS).encode("utf-8")
+    (tmp_path / "a.jsonl").write_bytes(bom + lines)
+    with gzip.open(tmp_path / "b.jsonl.gz", "wb") as fh:
+        fh.write(bom + lines)
+    (tmp_path / "c.txt").write_bytes(bom + "".join(TEXTS).encode("utf-8"))
+    rejects = RejectLog()
+    docs = list(iter_documents([str(tmp_path / n) for n in ("a.jsonl", "b.jsonl.gz", "c.txt")], rejects=rejects,
+                               text_mode=text_mode))
+    assert rejects.total == 0
+    assert [d.text for d in docs[:6]] == TEXTS + TEXTS
+    assert "\ufeff" not in "".join(d.text for d in docs)
+    assert docs[6].text == ("".join(TEXTS) if text_mode == "file" else TEXTS[0].rstrip("\n"))
