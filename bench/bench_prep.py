@@ -98,7 +98,7 @@ def _child_raw(corpus: str, tok_dir: str, out: str) -> dict:
 
 def _child_lmforge(corpus: str, tok_dir: str, out: str) -> dict:
     from data_prep.prep import PrepConfig, prepare
-    from data_prep.tokenizer_ids import tokenizer_info
+    from data_prep.tokenizer.ids import tokenizer_info
 
     tokenizer_info(tok_dir)  # imports tokenizers: start-up, kept off the clock as for the peers (measure_fixed_cost)
 

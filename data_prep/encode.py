@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from data_prep.errors import UserError
+from data_prep.fim import FimSpec, fim_draw
 from data_prep.reader import Block, parse_block
 
 SPLITS = ("train", "val")
@@ -52,6 +53,10 @@ class EncodeSpec:
     """Documents longer than this many characters are encoded in pieces."""
     encode_batch_chars: int = 1 << 20
     """At most this many characters per ``encode_batch_fast`` call."""
+    fim: FimSpec | None = None
+    """Fill-in-the-middle applied to each document before tokenizing (data_prep.fim); None = off."""
+    fim_ids: tuple[int, int, int] = (-1, -1, -1)
+    """Token ids of ``<fim_prefix>``, ``<fim_middle>``, ``<fim_suffix>``."""
 
 
 @dataclass
@@ -63,6 +68,8 @@ class Encoded:
     streams: dict[str, np.ndarray]
     doc_lengths: dict[str, np.ndarray]
     rejects: list[tuple[int, str]]
+    text_bytes: dict[str, int]
+    """UTF-8 bytes of the documents' text per split, before any FIM rearranging (bits per byte's denominator)."""
 
 
 def is_validation(text: str, val_fraction: float) -> bool:
@@ -189,13 +196,36 @@ class Encoder:
                 raise RuntimeError(f"{block.source}: the dedup pass saw {len(block.keep)} documents in the block at "
                                    f"record {block.first_record}, this pass {len(parsed.texts)}; did the file change?")
             parsed.texts = [t for t, k in zip(parsed.texts, block.keep.tolist()) if k]
-        ids = self._encode_texts(parsed.texts)
+        fim = self.spec.fim
+        ids = self._encode_fim(parsed.texts, fim) if fim is not None and fim.enabled else self._encode_texts(parsed.texts)
         to_val = [is_validation(t, self.spec.val_fraction) for t in parsed.texts]
+        sizes = [len(t.encode("utf-8", "surrogatepass")) for t in parsed.texts]
         del parsed.texts
-        streams, lengths = {}, {}
+        streams, lengths, text_bytes = {}, {}, {}
         for split, want in (("train", False), ("val", True)):
             streams[split], lengths[split] = self._stream([x for x, v in zip(ids, to_val) if v == want])
-        return Encoded(block.source, block.input_bytes, streams, lengths, parsed.rejects)
+            text_bytes[split] = sum(n for n, v in zip(sizes, to_val) if v == want)
+        return Encoded(block.source, block.input_bytes, streams, lengths, parsed.rejects, text_bytes)
+
+    def _encode_fim(self, texts: list[str], fim: FimSpec) -> list[np.ndarray]:
+        """Ids of each text after :func:`data_prep.fim.fim_draw`'s rearranging: prefix, middle and suffix are
+        tokenized apart (as SantaCoder / StarCoder do) and joined by the sentinel ids, so no token spans a cut
+        and a sentinel is one id wherever it falls."""
+        pre, mid, suf = (np.array([i], dtype=self.dtype) for i in self.spec.fim_ids)
+        segments: list[str] = []
+        layouts: list[list] = []
+        for text in texts:
+            drawn = fim_draw(text, fim)
+            if drawn is None:
+                layouts.append([len(segments)])
+                segments.append(text)
+                continue
+            mode, lo, hi = drawn
+            k = len(segments)
+            segments += [text[:lo], text[lo:hi], text[hi:]]  # prefix k, middle k+1, suffix k+2
+            layouts.append([pre, k, suf, k + 2, mid, k + 1] if mode == "psm" else [pre, suf, k + 2, mid, k, k + 1])
+        encoded = self._encode_texts(segments)
+        return [np.concatenate([encoded[x] if isinstance(x, int) else x for x in layout]) for layout in layouts]
 
 
 _WORKER_ENCODERS: dict[EncodeSpec, Encoder] = {}

@@ -204,6 +204,7 @@ def merge(out: str | Path, plan: str | None = None) -> dict:
             "sequences": sum(p["rows"] for p in parts) + tails["rows"],
             "tokens_dropped": tails["tokens_dropped"], "tokens_padded": tails["tokens_padded"],
             "shards": [sh for p in parts for sh in p["shards"]] + tails["shards"], "doc_length_counts": hist.tolist(),
+            "text_bytes": sum(p.get("text_bytes", 0) for p in parts),
         }
     shards = {s: v["shards"] for s, v in splits.items()}
     _remove_unreferenced_shards(out, shards)

@@ -33,13 +33,14 @@ from data_prep import dedup
 from data_prep import merge as merge_mod
 from data_prep.encode import SPLITS, EncodeSpec, default_workers, encode_blocks, is_validation  # noqa: F401 (re-export)
 from data_prep.errors import UserError
+from data_prep.fim import FIM_REQUIRED, FimSpec
 from data_prep.pack import TAIL_MODES, Framing, StreamPacker
 from data_prep.reader import DEFAULT_BLOCK_BYTES, RejectLog, read_blocks
 from data_prep.shards import MANIFEST_NAME, ShardWriter, token_dtype
 from data_prep.sources import TEXT_MODES, Source, plan_segments, resolve_sources
 from data_prep.stats import doc_length_counts
 from data_prep.tokenizer.folder import TOKENIZER_FILE
-from data_prep.tokenizer_ids import tokenizer_info
+from data_prep.tokenizer.ids import tokenizer_info
 from lmforge_common import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,11 @@ class PrepConfig:
     """Plain-text files: ``file`` (one document per file) or ``line`` (one per non-blank line)."""
     objective: str = "clm"
     """``clm`` (EOS after each document) or ``mlm`` (sequences framed by the tokenizer's post-processor)."""
+    fim_rate: float = 0.0
+    """Fraction of documents rearranged for fill-in-the-middle before tokenizing, in [0, 1] (data_prep.fim;
+    Bavarian et al. 2022); needs a tokenizer trained with ``--fim``."""
+    fim_spm_rate: float = 0.5
+    """Of the FIM documents, the fraction in SPM order, the rest PSM (StarCoder: 0.5)."""
     dedup: bool = True
     """Drop a document whose normalised text occurred earlier in corpus order (exact duplicates,
     :mod:`data_prep.dedup`)."""
@@ -108,6 +114,7 @@ class PrepConfig:
         for name in ("sequences_per_shard", "block_bytes", "max_piece_chars"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        problems += FimSpec(self.fim_rate, self.fim_spm_rate).problems()
         if problems:
             raise UserError("prep config: " + "; ".join(problems))
 
@@ -124,6 +131,8 @@ class _Setup:
     sources: list[Source]
     plan: str = ""
     """sha256 of the config (runtime fields aside), tokenizer fingerprint and source sizes."""
+    fim: FimSpec | None = None
+    fim_ids: tuple[int, int, int] = (-1, -1, -1)
 
 
 def _post_processor_framing(tokenizer_dir: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -167,10 +176,30 @@ def _setup(cfg: PrepConfig) -> _Setup:
                         f"{len(prefix) + len(suffix)} framing tokens; need >= 2")
     sources = resolve_sources(cfg.inputs)
     setup = _Setup(tok, token_dtype(info.vocab_size), framing, doc_prefix, doc_suffix, sources)
+    if cfg.fim_rate > 0:
+        setup.fim, setup.fim_ids = FimSpec(cfg.fim_rate, cfg.fim_spm_rate), _fim_ids(cfg.tokenizer)
+        tok["fim_token_ids"] = dict(zip(FIM_REQUIRED, setup.fim_ids))
     plan = {"config": {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS}, "tokenizer": info.fingerprint,
             "sources": [(s.path, s.size_bytes) for s in sources]}
     setup.plan = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
     return setup
+
+
+def _fim_ids(tokenizer_dir: str) -> tuple[int, int, int]:
+    """Ids of the three FIM sentinels, which must be special tokens of the tokenizer.
+
+    Raises:
+        UserError: one or more sentinels are missing (the message names them and the fix).
+    """
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / TOKENIZER_FILE))
+    special = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    missing = [t for t in FIM_REQUIRED if t not in special]
+    if missing:
+        raise UserError(f"{tokenizer_dir}: --fim-rate needs the FIM sentinels as special tokens, and {', '.join(missing)} "
+                        "are not; train the tokenizer with `lmforge tokenizer train --fim`")
+    return special[FIM_REQUIRED[0]], special[FIM_REQUIRED[1]], special[FIM_REQUIRED[2]]
 
 
 def _clean_task_outputs(out: Path, cfg: PrepConfig) -> None:
@@ -265,12 +294,14 @@ class _Progress:
 def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
     segments = plan_segments(setup.sources, cfg.task_id, cfg.num_tasks, cfg.text_mode)
     spec = EncodeSpec(str(Path(cfg.tokenizer) / TOKENIZER_FILE), cfg.text_column, cfg.val_fraction, setup.doc_prefix,
-                      setup.doc_suffix, setup.dtype.name, cfg.max_piece_chars, max(cfg.max_piece_chars, 1 << 20))
+                      setup.doc_suffix, setup.dtype.name, cfg.max_piece_chars, max(cfg.max_piece_chars, 1 << 20),
+                      setup.fim, setup.fim_ids)
     name = merge_mod.part_name(cfg.task_id)
     fr = setup.framing
     packers = {s: StreamPacker(fr.row_tokens, setup.dtype) for s in SPLITS}
     writers = {s: ShardWriter(out, s, cfg.seq_len, setup.dtype, name, cfg.sequences_per_shard) for s in SPLITS}
     hist = {s: np.zeros(0, dtype=np.int64) for s in SPLITS}
+    text_bytes = dict.fromkeys(SPLITS, 0)
     rejects = RejectLog(merge_mod.task_rejects_path(out, cfg.task_id))
     hub = any(seg.source.kind == "hub" for seg in segments)
     progress = _Progress(None if hub else sum(seg.nbytes for seg in segments), cfg.show_progress,
@@ -293,6 +324,7 @@ def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
                 rows, offsets, starts = packers[s].add(enc.streams[s], enc.doc_lengths[s])
                 writers[s].add(fr.frame(rows, offsets, starts, setup.dtype))
                 hist[s] = doc_length_counts(enc.doc_lengths[s], hist[s])
+                text_bytes[s] += enc.text_bytes[s]
             progress.update(sum(len(v) for v in enc.doc_lengths.values()), sum(len(v) for v in enc.streams.values()),
                             enc.input_bytes)
         shards = {s: writers[s].close() for s in SPLITS}
@@ -308,7 +340,7 @@ def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
         p = packers[s]
         splits[s] = {"documents": p.documents, "tokens": p.tokens, "rows": p.rows, "shards": shards[s],
                      "tail_tokens": tail_tokens.tolist(), "tail_starts": tail_starts.tolist(),
-                     "doc_length_counts": hist[s].tolist()}
+                     "doc_length_counts": hist[s].tolist(), "text_bytes": text_bytes[s]}
     marker = {
         "format": merge_mod.PART_FORMAT, "plan": setup.plan, "task_id": cfg.task_id, "num_tasks": cfg.num_tasks,
         "config": {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS},

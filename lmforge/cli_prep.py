@@ -44,6 +44,9 @@ def add_prep(sub) -> None:
     p.add_argument("--no-dedup", action="store_true",
                    help="keep exact duplicates (by default a document whose normalised text came earlier is dropped)")
     p.add_argument("--tail", choices=("drop", "pad"), default="drop", help="the last partial sequence per split")
+    p.add_argument("--fim-rate", type=float, default=0.0,
+                   help="fraction of documents rearranged for fill-in-the-middle (needs a tokenizer trained with --fim)")
+    p.add_argument("--fim-spm-rate", type=float, default=0.5, help="of the FIM documents, the fraction in SPM order (default 0.5)")
     p.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: one per CPU; 1: in-process)")
     p.add_argument("--num-tasks", type=int, default=None, help="tasks the corpus is split into (default: Slurm array size, else 1)")
     p.add_argument("--task-id", type=int, default=None, help="this task (default: Slurm array index, else 0)")
@@ -73,7 +76,8 @@ def _prep(args) -> int:
     task_id, num_tasks = slurm_array_task(os.environ) or (0, 1)
     cfg = PrepConfig(inputs=args.input, tokenizer=args.tokenizer, output=args.output, seq_len=args.seq_len,
                      val_fraction=args.val_fraction, text_column=args.text_column, text_mode=args.text_mode,
-                     objective=args.objective, dedup=not args.no_dedup, tail=args.tail, workers=args.workers,
+                     objective=args.objective, dedup=not args.no_dedup, tail=args.tail,
+                     fim_rate=args.fim_rate, fim_spm_rate=args.fim_spm_rate, workers=args.workers,
                      num_tasks=args.num_tasks if args.num_tasks is not None else num_tasks,
                      task_id=args.task_id if args.task_id is not None else task_id,
                      sequences_per_shard=args.sequences_per_shard, overwrite=args.overwrite, merge=not args.no_merge,

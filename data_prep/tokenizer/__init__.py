@@ -4,7 +4,8 @@ Owns the tokenizer folder and its fingerprint (:mod:`~data_prep.tokenizer.folder
 built from ``tokenizers`` components (:mod:`~data_prep.tokenizer.families`), training
 (:mod:`~data_prep.tokenizer.train`), the deterministic corpus sampler that feeds it
 (:mod:`~data_prep.tokenizer.corpus`), Unigram rescoring for reproducible scores
-(:mod:`~data_prep.tokenizer.unigram`) and evaluation (:mod:`~data_prep.tokenizer.evaluation`).
+(:mod:`~data_prep.tokenizer.unigram`), evaluation (:mod:`~data_prep.tokenizer.evaluation`) and the
+special-token ids read with `tokenizers` alone (:mod:`~data_prep.tokenizer.ids`, prep's light path).
 
 May import: ``data_prep`` (errors, reader), ``lmforge_common``, ``tokenizers``, ``transformers``.
 Never ``pretrain``, ``launch`` or ``lmforge``. ``folder`` imports nothing else of this room, so

@@ -95,7 +95,7 @@ def test_tokenizer_ids_read_without_transformers_equal_transformers_own(tokenize
     import shutil
 
     from data_prep.tokenizer.folder import CONFIG_FILE, load_tokenizer_info
-    from data_prep.tokenizer_ids import _fast_ids, tokenizer_info
+    from data_prep.tokenizer.ids import _fast_ids, tokenizer_info
 
     for folder in [tokenizer_dir, *family_dirs.values()]:
         assert _fast_ids(folder) is not None, folder  # the fast path, not the fallback, is what is compared

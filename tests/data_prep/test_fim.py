@@ -56,3 +56,47 @@ def test_tokenizer_fim_adds_sentinels_that_survive_encode_and_decode(tmp_path, c
 def test_malformed_fim_text_is_refused(bad):
     with pytest.raises(ValueError):
         undo_fim(bad)
+
+
+def test_prep_fim_shards_decode_and_reassemble_to_the_original_documents(tmp_path, corpus_dirs):
+    """prep --fim-rate: every document of the shards, decoded and un-FIM'd, is the corpus document."""
+    import json
+
+    import numpy as np
+
+    from data_prep.errors import UserError
+    from data_prep.prep import PrepConfig, is_validation, prepare
+    from data_prep.reader import iter_documents
+    from data_prep.shards import ShardReader, read_manifest
+    from data_prep.tokenizer.folder import load_tokenizer
+    from data_prep.tokenizer.train import TokenizerTrainConfig, train_byte_bpe, train_tokenizer
+
+    inputs = corpus_dirs[:1]
+    tok_dir = tmp_path / "tok"
+    train_tokenizer(TokenizerTrainConfig(inputs=inputs, output=str(tok_dir), vocab_size=600, fim=True))
+    out = tmp_path / "data"
+    prepare(PrepConfig(inputs=inputs, tokenizer=str(tok_dir), output=str(out), seq_len=256, val_fraction=0.1, tail="pad",
+                       fim_rate=0.5, fim_spm_rate=0.5, workers=2, show_progress=False, block_bytes=1 << 16))
+    manifest = read_manifest(out)
+    assert manifest["config"]["fim_rate"] == 0.5 and set(manifest["tokenizer"]["fim_token_ids"]) == {
+        FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX}
+    tok = load_tokenizer(tok_dir)
+    docs = [d.text for d in iter_documents(inputs)]
+    transformed = 0
+    for split, want_val in (("train", False), ("val", True)):
+        reader = ShardReader(out, split)
+        stream = np.concatenate([reader[i][: reader.num_tokens(i)] for i in range(len(reader))])
+        ends = np.flatnonzero(stream == tok.eos_token_id)
+        pieces = np.split(stream, ends + 1)[:-1]
+        decoded = [tok.decode(p[:-1].tolist()) for p in pieces]
+        transformed += sum(d.startswith(FIM_PREFIX) for d in decoded)
+        expected = [d for d in docs if is_validation(d, 0.1) == want_val]
+        assert [undo_fim(d) for d in decoded] == expected
+        assert manifest["splits"][split]["text_bytes"] == sum(len(d.encode()) for d in expected)
+    assert 0.3 < transformed / len(docs) < 0.7
+    json.dumps(manifest)
+
+    plain = tmp_path / "plain"
+    train_byte_bpe(inputs, plain, vocab_size=400)
+    with pytest.raises(UserError, match="<fim_prefix>, <fim_middle>, <fim_suffix> are not; train the tokenizer with"):
+        prepare(PrepConfig(inputs=inputs, tokenizer=str(plain), output=str(tmp_path / "x"), fim_rate=0.5, show_progress=False))
