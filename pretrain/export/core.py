@@ -2,9 +2,11 @@
 
 ``OUT`` holds::
 
-    config.json                model config: architectures, vocab_size (= embedding rows), dtype / torch_dtype, bos/eos/pad ids
+    config.json                the run's RUN/model/config.json (architectures recorded at train time,
+                               pretrain.model_files), dtype / torch_dtype set to the export's, vocab_size checked
+                               against the embedding rows
     model.safetensors          weights; above --max-shard-size model-0000i-of-0000n.safetensors + model.safetensors.index.json
-    generation_config.json     bos / eos / pad ids (pad falls back to eos)
+    generation_config.json     the run's RUN/model/generation_config.json, as recorded at train time
     tokenizer.json, ...        the run's tokenizer files, byte for byte (same fingerprint)
     README.md, loss_curve.png  model card (pretrain.export.model_card)
     lmforge_export.json        provenance and the verification result; written last
@@ -29,21 +31,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.export.consolidate import CheckpointPlan, TensorPlan, TensorReader, plan_checkpoint, pwrite_all
+import torch
+
 from pretrain.errors import ExportError
-from pretrain.export.hf_config import GENERATION_CONFIG_FILE, architecture, generation_config, write_json
+from pretrain.export.consolidate import CheckpointPlan, TensorWriter, plan_checkpoint
 from pretrain.export.hub import PushOptions, push_folder
 from pretrain.export.model_card import LOSS_CURVE_FILE, CardOptions, plot_loss_curve, render_card
 from pretrain.export.run_info import RunInfo, load_run_info, resolve_checkpoint
 from pretrain.export.safetensors_writer import INDEX_FILE, TensorSpec, write_sharded
-from pretrain.export.torch_archive import FLOAT_DTYPES, ITEMSIZE
 from pretrain.export.verify import PRECISION_DTYPES
+from pretrain.model_files import CONFIG_FILE, GENERATION_CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
 EXPORT_RECORD = "lmforge_export.json"
 TMP_SUFFIX = ".tmp"
-EXPORT_FILES = ("README.md", "config.json", GENERATION_CONFIG_FILE, LOSS_CURVE_FILE, EXPORT_RECORD, INDEX_FILE)
+EXPORT_FILES = ("README.md", CONFIG_FILE, GENERATION_CONFIG_FILE, LOSS_CURVE_FILE, EXPORT_RECORD, INDEX_FILE)
 """Names the export writes itself; tokenizer files of the same name are not copied over them."""
 EMBEDDING_RE = re.compile(r"(embed_tokens|word_embeddings|tok_embeddings|wte)\.weight$")
 SIZE_RE = re.compile(r"^\s*(\d+(\.\d+)?)\s*(KB|MB|GB|TB)?\s*$", re.IGNORECASE)
@@ -83,20 +86,24 @@ class ExportOptions:
             raise ExportError("invalid export options: " + "; ".join(problems))
 
 
+def write_json(path: Path, obj: dict) -> None:
+    """``obj`` as transformers writes its config files: indented by 2, keys sorted, a final newline."""
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def _write_configs(tmp: Path, info: RunInfo, plan: CheckpointPlan, dtype: str) -> dict:
-    """config.json and generation_config.json; returns the config written."""
+    """config.json (the run's, with the export's dtype) and generation_config.json (the run's, copied);
+    returns the config written."""
     config = dict(info.model_config)
     rows = {t.shape[0] for t in plan.tensors if EMBEDDING_RE.search(t.name) and len(t.shape) == 2}
     if rows and rows != {config.get("vocab_size")}:
-        raise ExportError(f"{info.run_dir}/model/config.json: vocab_size={config.get('vocab_size')} but the checkpoint's "
+        raise ExportError(f"{info.model_dir / CONFIG_FILE}: vocab_size={config.get('vocab_size')} but the checkpoint's "
                           f"embedding has {sorted(rows)} rows")
-    config["architectures"] = [architecture(config["model_type"], info.objective)]
     config["dtype"] = config["torch_dtype"] = PRECISION_DTYPES[dtype]  # torch_dtype: the name transformers 4 reads
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         config.setdefault(key, None)
-    write_json(tmp / "config.json", config)
-    pad = config["pad_token_id"] if config["pad_token_id"] is not None else config["eos_token_id"]
-    write_json(tmp / GENERATION_CONFIG_FILE, generation_config(config["bos_token_id"], config["eos_token_id"], pad))
+    write_json(tmp / CONFIG_FILE, config)
+    shutil.copy2(info.model_dir / GENERATION_CONFIG_FILE, tmp / GENERATION_CONFIG_FILE)
     return config
 
 
@@ -120,41 +127,25 @@ def _write_metadata(tmp: Path, info: RunInfo, plan: CheckpointPlan, options: Exp
     return tokenizer_files, card_args
 
 
-def _cast_writer(plans: list[TensorPlan]):
-    """``write(reader, plan, dtype, fd, offset) -> bytes``: read ``plan``'s tensor (into one buffer reused
-    for all of ``plans``), cast it to the torch dtype named ``dtype`` (round to nearest even, as torch's
-    ``.to``) and write it at ``offset`` of ``fd``."""
-    import torch
-
-    buffer = torch.empty(max(t.numel * ITEMSIZE[t.dtype] for t in plans), dtype=torch.uint8)
-
-    def write(reader: TensorReader, plan: TensorPlan, dtype: str, fd: int, offset: int) -> int:
-        t = reader.read(plan, into=buffer).to(getattr(torch, dtype))
-        return pwrite_all(fd, memoryview(t.reshape(-1).view(torch.uint8).numpy()), offset)
-
-    return write
-
-
 def write_weights(tmp: Path, plan: CheckpointPlan, dtype: str, max_shard_bytes: int) -> list[str]:
-    """Stream the planned tensors into safetensors files; floating-point ones cast to ``dtype``. Returns file names.
+    """Stream the planned tensors into safetensors files, one tensor at a time (:class:`TensorWriter`);
+    floating-point ones cast to ``dtype`` (``fp32``, ``bf16``, ``fp16``). Returns the file names.
 
     Tensors stored in their output dtype (all of them for a float32 export of float32 master weights) are
-    copied as stored, inside the kernel (:meth:`TensorReader.copy`); only casts import torch.
+    written as stored from the checkpoint's mapped pages; the others are cast as ``Tensor.to`` casts.
     """
     from tqdm.auto import tqdm
 
-    out_dtype = PRECISION_DTYPES[dtype]
+    out_dtype = getattr(torch, PRECISION_DTYPES[dtype])
     by_name = {t.name: t for t in plan.tensors}
-    specs = [TensorSpec(t.name, t.shape, out_dtype if t.dtype in FLOAT_DTYPES else t.dtype) for t in plan.tensors]
+    specs = [TensorSpec(t.name, t.shape, out_dtype if t.dtype.is_floating_point else t.dtype) for t in plan.tensors]
     casts = [t for t, s in zip(plan.tensors, specs) if t.dtype != s.dtype]
-    cast = _cast_writer(casts) if casts else None
+    writer = TensorWriter(casts, out_dtype)
     total = sum(s.nbytes for s in specs)
     start = time.perf_counter()
-    with TensorReader() as reader, tqdm(total=total, unit="B", unit_scale=True, desc="export", dynamic_ncols=True,
-                                        disable=None) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, desc="export", dynamic_ncols=True, disable=None) as bar:
         def write(spec: TensorSpec, fd: int, offset: int) -> int:
-            t = by_name[spec.name]
-            return reader.copy(t, fd, offset) if t.dtype == spec.dtype else cast(reader, t, spec.dtype, fd, offset)
+            return writer.write(by_name[spec.name], fd, offset, spec.dtype)
 
         files = write_sharded(tmp, specs, write, max_shard_bytes, plan.n_params, on_tensor=bar.update)
     log.info("consolidated %d tensors (%.3f GB, %s; %d cast) from ZeRO stage %d over %d rank(s) into %d file(s) in %.1f s",

@@ -1,10 +1,13 @@
-"""The export's parts on small real inputs, in-process: torch.save structure without torch, the kernel and
-buffered copies, the streaming safetensors writer, the transformers files written without transformers, and
-when verification must be bit-exact. (Round trips of real checkpoints: test_export.py.)"""
+"""The export's parts on small real inputs, in-process: DeepSpeed files read with torch.load (mmap, allow-listed
+classes), the writer that streams mapped tensors and releases their pages, the streaming safetensors writer, the
+export bytes pinned on a hand-built ZeRO-3 checkpoint, the model files the trainer records, and when verification
+must be bit-exact. (Round trips of real checkpoints: test_export.py.)"""
 from __future__ import annotations
 
-import enum
+import hashlib
 import json
+import math
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -12,101 +15,145 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretrain.export.consolidate import Extent, TensorPlan, TensorReader
 from pretrain.errors import ExportError
+from pretrain.export.consolidate import Extent, TensorPlan, TensorWriter, load_mapped, plan_checkpoint, release_pages
 from pretrain.export.safetensors_writer import TensorSpec, write_sharded
-from pretrain.export.torch_archive import Opaque, TensorRef, load_structure
 from pretrain.export.verify import EXACT_KEYS, inexact_reason, probe_metadata
 
 
-class Stage(int, enum.Enum):  # pickled by reference, as DeepSpeed's ZeroStageEnum
-    weights = 3
-
-
-class Scaler:  # an arbitrary object with state, as DeepSpeed's loss scalers
+class Scaler:  # an arbitrary class, which a checkpoint may not make torch.load import
     def __init__(self):
-        self.cur_scale, self.history = 2.0**16, [1, 2]
+        self.cur_scale = 2.0**16
 
 
 def _saved(tmp_path: Path) -> tuple[Path, dict]:
+    """A torch.save file with what DeepSpeed pickles: tensors sharing a storage, a parameter, bf16, ints,
+    shapes, its ZeRO stage enum and loss scaler."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
     base = torch.arange(24, dtype=torch.float32)
     obj = {"flat": [base, base[6:18].view(3, 4)],  # one storage, the second tensor at element offset 6
            "param": torch.nn.Parameter(torch.randn(2, 5)), "bf16": torch.randn(7).to(torch.bfloat16),
-           "ids": torch.tensor([[1, 2], [3, 4]]), "transposed": torch.randn(3, 2).t(),
-           "shapes": OrderedDict(w=torch.Size([3, 4])), "stage": Stage.weights, "scaler": Scaler(),
-           "dtype": torch.float16, "device": torch.device("cpu"), "nested": {"set": {1, 2}, "bytes": b"\x00\xff"}}
+           "ids": torch.tensor([[1, 2], [3, 4]]), "shapes": OrderedDict(w=torch.Size([3, 4])),
+           "stage": ZeroStageEnum.weights, "scaler": LossScaler(2.0**10)}
     path = tmp_path / "x.pt"
     torch.save(obj, path)
     return path, obj
 
 
-def test_structure_without_torch_matches_torch_load(tmp_path):
+def test_checkpoint_files_load_mapped_with_deepspeeds_classes_only(tmp_path):
     path, obj = _saved(tmp_path)
-    got, meta = load_structure(path), torch.load(path, map_location="meta", weights_only=False)
-
-    def same(ref: TensorRef, t: torch.Tensor) -> None:
-        assert (ref.shape, ref.stride, ref.storage_offset) == (tuple(t.shape), t.stride(), t.storage_offset())
-        assert ref.dtype == str(t.dtype).removeprefix("torch.")
-        assert ref.storage.data_offset == t.untyped_storage()._checkpoint_offset
-
-    for key in ("param", "bf16", "ids", "transposed"):
-        same(got[key], meta[key])
-    for ref, t in zip(got["flat"], meta["flat"]):
-        same(ref, t)
-    assert got["flat"][0].storage == got["flat"][1].storage and got["flat"][1].byte_offset == got["flat"][0].byte_offset + 24
-    assert got["transposed"].is_contiguous is False and got["flat"][1].is_contiguous
-    raw = path.read_bytes()  # the offsets point at the tensors' bytes
+    got = load_mapped(path)
     for key in ("param", "bf16", "ids"):
-        ref = got[key]
-        assert raw[ref.byte_offset:ref.byte_offset + ref.numel * ref.itemsize] == obj[key].detach().numpy().tobytes() \
-            if key != "bf16" else raw[ref.byte_offset:ref.byte_offset + 14] == obj[key].view(torch.int16).numpy().tobytes()
-    assert got["shapes"] == OrderedDict(w=(3, 4)) and int(got["stage"]) == 3 and got["dtype"] == "torch.float16"
-    assert isinstance(got["scaler"], Opaque) and got["scaler"].state == {"cur_scale": 2.0**16, "history": [1, 2]}
-    assert got["nested"] == {"set": {1, 2}, "bytes": b"\x00\xff"} and isinstance(got["device"], Opaque)
-
-
-def test_unreadable_files_are_one_clear_error(tmp_path):
-    path, _ = _saved(tmp_path)
+        assert torch.equal(got[key], obj[key].detach()) and got[key].dtype == obj[key].dtype
+    assert torch.equal(got["flat"][1], obj["flat"][1]) and got["flat"][1].storage_offset() == 6
+    assert got["flat"][0].untyped_storage().data_ptr() == got["flat"][1].untyped_storage().data_ptr()
+    assert got["shapes"] == OrderedDict(w=torch.Size([3, 4])) and int(got["stage"]) == 3
+    assert got["scaler"].cur_scale == 2.0**10 and type(got["scaler"]).__module__.startswith("deepspeed.")
+    torch.save({"scaler": Scaler()}, tmp_path / "other.pt")
+    with pytest.raises(ExportError, match=r"other\.pt: cannot read DeepSpeed checkpoint file \(UnpicklingError: "
+                                          r".*test_export_parts\.Scaler"):
+        load_mapped(tmp_path / "other.pt")
     cut = tmp_path / "cut.pt"
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(ExportError, match=r"cut\.pt: cannot read DeepSpeed checkpoint file \(BadZipFile"):
-        load_structure(cut)
+    with pytest.raises(ExportError, match=r"cut\.pt: cannot read DeepSpeed checkpoint file \(RuntimeError"):
+        load_mapped(cut)
     (tmp_path / "legacy.pt").write_bytes(b"\x80\x02}q\x00.")
     with pytest.raises(ExportError, match="legacy.pt: cannot read"):
-        load_structure(tmp_path / "legacy.pt")
+        load_mapped(tmp_path / "legacy.pt")
 
 
-def test_kernel_and_buffered_copies_write_the_planned_bytes(tmp_path):
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_writer_streams_mapped_extents_and_releases_their_pages(tmp_path):
     path, obj = _saved(tmp_path)
-    s = load_structure(path)
+    s = load_mapped(path)
     a, b = s["flat"][1], s["param"]  # a tensor from the middle of a storage, then one from another record
-    plan = TensorPlan("t", (a.numel + b.numel,), "float32", [Extent(str(path), a.byte_offset, a.numel),
-                                                              Extent(str(path), b.byte_offset, b.numel)])
+    plan = TensorPlan("t", (a.numel() + b.numel(),), torch.float32, [Extent(str(path), a.reshape(-1)),
+                                                                      Extent(str(path), b.reshape(-1))])
     expected = torch.cat([obj["flat"][1].reshape(-1), obj["param"].detach().reshape(-1)])
-    outs = []
-    for kernel in (True, False):
-        out = tmp_path / f"out-{kernel}"
-        with TensorReader() as reader, open(out, "wb") as fh:
-            reader.kernel_copy = kernel
-            fh.write(b"head")
-            fh.flush()
-            assert reader.copy(plan, fh.fileno(), 4) == expected.numel() * 4
-            assert torch.equal(reader.read(plan), expected)
-        outs.append(out.read_bytes())
-    assert outs[0] == outs[1] == b"head" + expected.numpy().tobytes()
-    short = TensorPlan("t", (10**6,), "float32", [Extent(str(path), a.byte_offset, 10**6)])
-    with TensorReader() as reader, open(tmp_path / "short", "wb") as fh, pytest.raises(ExportError, match="truncated"):
-        reader.copy(short, fh.fileno(), 0)
+    out = tmp_path / "out"
+    with open(out, "wb") as fh:
+        fh.write(b"head")
+        fh.flush()
+        writer = TensorWriter([plan], torch.bfloat16)
+        assert writer.write(plan, fh.fileno(), 4) == expected.numel() * 4
+        assert writer.write(plan, fh.fileno(), 4 + expected.numel() * 4, torch.bfloat16) == expected.numel() * 2
+    assert out.read_bytes() == (b"head" + expected.numpy().tobytes()
+                                + expected.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    big_path = tmp_path / "big.pt"
+    torch.save({"w": torch.arange(8 << 20, dtype=torch.float32)}, big_path)  # 32 MiB
+    w = load_mapped(big_path)["w"]
+    before = _rss_bytes()
+    assert float(w.max()) == (8 << 20) - 1  # reads every page of the mapping
+    touched = _rss_bytes() - before
+    assert release_pages(w) > 31 << 20
+    assert touched > 24 << 20 and _rss_bytes() - before < 4 << 20, (touched, _rss_bytes() - before)
+    assert float(w[-1]) == (8 << 20) - 1  # the data comes back from the file
+
+
+def _zero3_checkpoint(tag_dir: Path, world_size: int = 2) -> None:
+    """A ZeRO-3 checkpoint built by hand in DeepSpeed's layout (consolidate's docstring) from values that are
+    the same on every machine and torch version: each parameter split into world-size parts, the last padded."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    shapes = OrderedDict([("embed.weight", (11, 4)), ("layer.weight", (5, 3)), ("layer.bias", (7,)), ("norm.weight", (4,))])
+    values = {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        n = math.prod(shape)
+        values[name] = (torch.arange(n, dtype=torch.float64) * 0.3711 - 1.9 + i).to(torch.float32).view(shape)
+    flat = [[] for _ in range(world_size)]
+    for name, t in values.items():
+        part = math.ceil(t.numel() / world_size)
+        padded = torch.cat([t.reshape(-1), torch.zeros(part * world_size - t.numel())])
+        for r in range(world_size):
+            flat[r].append(padded[r * part:(r + 1) * part])
+    tag_dir.mkdir(parents=True)
+    buffers = {"rotary.inv_freq": torch.arange(6, dtype=torch.float32) / 7, "pos_ids": torch.arange(5)}
+    for r in range(world_size):
+        torch.save({"optimizer_state_dict": {"zero_stage": ZeroStageEnum.weights, "partition_count": world_size,
+                                             "fp32_flat_groups": [torch.cat(flat[r])]}},
+                   tag_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        torch.save({"module": buffers, "buffer_names": list(buffers), "param_shapes": [OrderedDict(
+            (k, torch.Size(v)) for k, v in shapes.items())], "frozen_param_shapes": None, "shared_params": {}},
+            tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+
+
+EXPORT_SHA256 = {
+    "fp32": {"model-00001-of-00003.safetensors": "0362e3c385a418fada94874b1776c3797d128903eb40649b9f4c0f2f703f814d",
+             "model-00002-of-00003.safetensors": "b08ebebcaa36b09d00a37bbf876155388e1a77146d49e257024da1f832d1f15e",
+             "model-00003-of-00003.safetensors": "9bd9ffe762344a7cc60ecb534c06be229e2a95c3621e74e3f7efb7736a70a509",
+             "model.safetensors.index.json": "7a365b73ce41a200cfe7e4a2fe4664d9c1ae6ef24118cb39b27bd8d441eb04a4"},
+    "bf16": {"model-00001-of-00002.safetensors": "16557550e80ce5080188adb5894adb08bc463cebddfa4dfb30792793647bde3e",
+             "model-00002-of-00002.safetensors": "7865a8534596c708e3ae6b5fb5ccb427d388790107d134574f9f99aa952fe75e",
+             "model.safetensors.index.json": "30fe271b384c573209ed23e8c26236f503e78b8c6e1c36c03f86122d07bebed0"},
+}
+"""sha256 of each file ``write_weights`` makes of :func:`_zero3_checkpoint` (200-byte shards), as the export
+wrote them before it read checkpoints with torch.load (the hand-written torch_archive parser, commit 96e389f)."""
+
+
+@pytest.mark.parametrize("dtype", list(EXPORT_SHA256))
+def test_export_bytes_are_pinned(tmp_path, dtype):
+    from pretrain.export.core import write_weights
+
+    _zero3_checkpoint(tmp_path / "tag")
+    out = tmp_path / "out"
+    out.mkdir()
+    files = write_weights(out, plan_checkpoint(tmp_path / "tag"), dtype, 120)
+    got = {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in sorted(os.listdir(out))}
+    assert len(files) > 1 and got == EXPORT_SHA256[dtype], got
 
 
 def test_streamed_safetensors_load_with_safetensors(tmp_path):
     tensors = {"a": torch.randn(3, 5), "b": torch.arange(7), "c": torch.randn(4, 4).to(torch.bfloat16), "d": torch.ones(0)}
-    specs = [TensorSpec(k, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in tensors.items()]
+    specs = [TensorSpec(k, tuple(t.shape), t.dtype) for k, t in tensors.items()]
 
     def write(spec, fd, offset):
         data = tensors[spec.name].reshape(-1).view(torch.uint8).numpy().tobytes()
-        import os
-
         return os.pwrite(fd, data, offset)
 
     files = write_sharded(tmp_path, specs, write, 100, n_params=0)  # [a] [b c d]: the Hub's rule fills files in order
@@ -117,22 +164,26 @@ def test_streamed_safetensors_load_with_safetensors(tmp_path):
         write_sharded(tmp_path, specs[1:2], lambda s, fd, off: 0, 100, n_params=0)
 
 
-def test_config_files_match_what_transformers_writes(tmp_path):
-    from transformers import GenerationConfig
-    from transformers.models.auto import modeling_auto
+def test_model_files_name_the_class_and_hold_the_generation_config(tmp_path):
+    from transformers import AutoConfig, GenerationConfig
 
-    from pretrain.export.hf_config import MAPPINGS, _mapping_from_source, architecture, generation_config, write_json
+    from pretrain.export.run_info import _recorded_model_config
+    from pretrain.model import build_model, build_model_config
+    from pretrain.model_files import write_model_files
 
-    for objective, name in MAPPINGS.items():
-        assert _mapping_from_source(name) == dict(getattr(modeling_auto, name)), objective
-    assert (architecture("llama", "clm"), architecture("bert", "mlm")) == ("LlamaForCausalLM", "BertForMaskedLM")
-    with pytest.raises(ExportError, match="model_type 'llama' has no transformers MLM class"):
-        architecture("llama", "mlm")
-    for ids in ((0, 0, 1), (None, 2, 2)):
-        GenerationConfig(bos_token_id=ids[0], eos_token_id=ids[1], pad_token_id=ids[2]).save_pretrained(str(tmp_path))
-        theirs = (tmp_path / "generation_config.json").read_text()
-        write_json(tmp_path / "generation_config.json", generation_config(*ids))
-        assert (tmp_path / "generation_config.json").read_text() == theirs
+    for preset, cls, ids in (("llama-test", "LlamaForCausalLM", (0, 1, None)), ("bert-test", "BertForMaskedLM", (2, 3, 0))):
+        special = dict(zip(("bos_token_id", "eos_token_id", "pad_token_id"), ids))
+        model = build_model(build_model_config(preset, 128, 32, special), seed=0)
+        write_model_files(model, tmp_path / preset)
+        assert AutoConfig.from_pretrained(tmp_path / preset).architectures == [cls] and not model.config.architectures
+        generation = GenerationConfig.from_pretrained(tmp_path / preset)
+        assert (generation.bos_token_id, generation.eos_token_id) == ids[:2]
+        assert generation.pad_token_id == (ids[2] if ids[2] is not None else ids[1])  # pad falls back to eos
+        assert _recorded_model_config(tmp_path / preset)["architectures"] == [cls]
+    (tmp_path / "llama-test" / "generation_config.json").unlink()
+    with pytest.raises(ExportError, match=r"llama-test: no model class .* or generation_config.json; the run was "
+                                          "trained before lmforge recorded them"):
+        _recorded_model_config(tmp_path / "llama-test")
 
 
 def test_exact_verification_where_the_reload_computes_what_the_engine_did():
