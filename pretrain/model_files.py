@@ -34,7 +34,10 @@ def write_model_files(model, model_dir: str | Path) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
-    generation = copy.deepcopy(getattr(model, "generation_config", None)) or GenerationConfig.from_model_config(model.config)
+    generation = getattr(model, "generation_config", None)  # None for a model that cannot generate
+    if generation is None:
+        generation = GenerationConfig.from_model_config(model.config)
+    generation = copy.deepcopy(generation)
     if generation.pad_token_id is None:
         generation.pad_token_id = generation.eos_token_id
     write_bytes_atomic(model_dir / CONFIG_FILE, config.to_json_string().encode("utf-8"))

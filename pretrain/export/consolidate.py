@@ -137,7 +137,7 @@ def _extent(path: Path, t, start: int = 0, numel: int | None = None) -> Extent:
     numel = t.numel() - start if numel is None else numel
     if start < 0 or start + numel > t.numel():
         raise ExportError(f"{path}: elements {start}..{start + numel} are outside a tensor of {t.numel()}")
-    return Extent(str(path), t.reshape(-1)[start:start + numel])
+    return Extent(str(path), t.detach().reshape(-1)[start:start + numel])  # saved parameters may require grad
 
 
 def _flat_extents(path: Path, groups: list, start: int, numel: int) -> list[Extent]:
@@ -212,7 +212,8 @@ def _plan_zero12(tag_dir: Path, stage: int, files: list[Path], states: list[dict
     for g, shapes in enumerate(ms["param_shapes"]):
         part_numel = parts[0][g].numel()
         if any(p[g].numel() != part_numel for p in parts):
-            raise ExportError(f"{tag_dir}: group {g} partitions differ in size over ranks: {[p[g].numel() for p in parts]}")
+            sizes = [p[g].numel() for p in parts]
+            raise ExportError(f"{tag_dir}: group {g} partitions differ in size over ranks: {sizes}")
         offset = 0
         for i, (name, shape) in enumerate(shapes.items()):
             numel, extents, pos = math.prod(shape), [], offset
@@ -246,7 +247,8 @@ def _plan_zero3(tag_dir: Path, files: list[Path], states: list[dict]) -> Checkpo
     flat = [st["fp32_flat_groups"] for st in states]
     rank_numel = sum(t.numel() for t in flat[0])
     if any(sum(t.numel() for t in f) != rank_numel for f in flat):
-        raise ExportError(f"{tag_dir}: ranks hold different numbers of fp32 elements: {[sum(t.numel() for t in f) for f in flat]}")
+        sizes = [sum(t.numel() for t in f) for f in flat]
+        raise ExportError(f"{tag_dir}: ranks hold different numbers of fp32 elements: {sizes}")
     tensors, offset = [], 0
     for name, shape in ((k, v) for group in ms[0]["param_shapes"] for k, v in group.items()):
         numel = math.prod(shape)
@@ -282,7 +284,7 @@ def _plan_stage0(tag_dir: Path) -> CheckpointPlan:
     module, buffer_names = ms["module"], set(ms.get("buffer_names") or [])
     seen, aliases, params, buffers = {}, {}, [], []
     for name, t in module.items():  # tied parameters share one storage in the module state dict
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if isinstance(t, torch.Tensor) else id(t)
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if torch.is_tensor(t) else id(t)
         if key in seen:
             aliases[name] = seen[key]
             continue
@@ -308,12 +310,14 @@ def _plan_stage0(tag_dir: Path) -> CheckpointPlan:
                 if got != [tuple(module[n].shape) for n in names]:
                     raise ExportError(f"{path}: optimizer group {g} holds {len(got)} fp32 tensors that do not match "
                                       f"the {len(names)} module parameters of that group (shapes differ)")
-                tensors += [TensorPlan(n, tuple(t.shape), torch.float32, [_extent(path, t)]) for n, t in zip(names, master)]
+                tensors += [TensorPlan(n, tuple(t.shape), torch.float32, [_extent(path, t)])
+                            for n, t in zip(names, master)]
             else:  # one flat fp32 vector per group
                 offset = 0
                 for n in names:
                     numel = module[n].numel()
-                    tensors.append(TensorPlan(n, tuple(module[n].shape), torch.float32, [_extent(path, master, offset, numel)]))
+                    extents = [_extent(path, master, offset, numel)]
+                    tensors.append(TensorPlan(n, tuple(module[n].shape), torch.float32, extents))
                     offset += numel
     tensors += _buffers(path, module, buffers)
     return CheckpointPlan(tag_dir, 0, 1, tensors, aliases)

@@ -59,7 +59,7 @@ def _corrupt(tag_dir: Path, name: str) -> None:
 
     from pretrain.export.consolidate import plan_checkpoint
 
-    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED), torch.no_grad():
         (plan,) = [t for t in plan_checkpoint(tag_dir).tensors if t.name == name]
         for ext in plan.extents:
             ext.data.add_(0.5)
