@@ -29,6 +29,7 @@ alignment checks below are its checks.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import math
 import mmap
@@ -88,6 +89,8 @@ class Extent:
     """The checkpoint file the elements are mapped from."""
     data: torch.Tensor
     """The run's elements: a 1-D view of the file's mapped pages (:func:`load_mapped`)."""
+    offset_bytes: int | None = None
+    """Byte offset of the first element in ``path`` (:func:`file_offset`); None where it could not be located."""
 
     @property
     def numel(self) -> int:
@@ -137,7 +140,52 @@ def _extent(path: Path, t, start: int = 0, numel: int | None = None) -> Extent:
     numel = t.numel() - start if numel is None else numel
     if start < 0 or start + numel > t.numel():
         raise ExportError(f"{path}: elements {start}..{start + numel} are outside a tensor of {t.numel()}")
-    return Extent(str(path), t.detach().reshape(-1)[start:start + numel])  # saved parameters may require grad
+    data = t.detach().reshape(-1)[start:start + numel]  # saved parameters may require grad
+    return Extent(str(path), data, file_offset(path, data))
+
+
+MAPS_FILE = "/proc/self/maps"
+"""The kernel's table of this process's memory mappings (proc(5)): ``start-end perms offset dev inode path``."""
+_mapped_ranges: dict[str, list[tuple[int, int, int]]] = {}
+"""Real path -> (start address, end address, file offset) of its mappings, as last read from :data:`MAPS_FILE`."""
+_checked: dict[tuple[str, int], bool] = {}
+"""(real path, mapping start) -> whether a tensor's first bytes read from the file at its computed offset matched."""
+
+
+def _read_maps() -> None:
+    _mapped_ranges.clear()
+    with open(MAPS_FILE, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/"):
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                _mapped_ranges.setdefault(fields[5].rstrip("\n"), []).append((lo, hi, int(fields[2], 16)))
+
+
+def file_offset(path: str | Path, t: torch.Tensor) -> int | None:
+    """Byte offset in ``path`` of the first element of ``t``, a view of a mapping of that file (:func:`load_mapped`),
+    from the kernel's mapping table (:data:`MAPS_FILE`): address - mapping start + mapping offset. Checked by
+    reading a tensor's first bytes back from the file, once per mapping; None where there is no such table (not Linux), ``t`` is not in a
+    mapping of ``path``, or the bytes differ (a byte-swapped or modified page), so the caller writes from memory.
+    """
+    if t.numel() == 0 or not os.path.exists(MAPS_FILE):
+        return None
+    real, ptr = os.path.realpath(path), t.data_ptr()
+    if not any(lo <= ptr < hi for lo, hi, _ in _mapped_ranges.get(real, [])):
+        _read_maps()  # a mapping made since the table was last read
+    for lo, hi, offset in _mapped_ranges.get(real, []):
+        if lo <= ptr < hi:
+            found = ptr - lo + offset
+            if (real, lo) not in _checked:  # once per mapping: reading through it maps a whole folio (up to 2 MiB)
+                head = t[:max(1, 16 // t.element_size())]
+                with open(real, "rb", buffering=0) as fh:
+                    _checked[(real, lo)] = os.pread(fh.fileno(), head.numel() * t.element_size(), found) == _bytes(head)
+            return found if _checked[(real, lo)] else None
+    return None
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _flat_extents(path: Path, groups: list, start: int, numel: int) -> list[Extent]:
@@ -360,31 +408,46 @@ def release_pages(t: torch.Tensor) -> int:
     return hi - lo
 
 
-class TensorWriter:
-    """Writes planned tensors into an open file, one at a time, from the checkpoint's mapped pages.
+NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM)
+"""``copy_file_range`` errors that mean the kernel or file system cannot copy these files (the fallback can)."""
 
-    ``cast_plans``: the plans that will be written in another dtype (:meth:`write` with ``dtype``); one
-    buffer of the largest of them is allocated once and reused (sparing the kernel zeroing fresh pages
-    for every tensor).
+
+class TensorWriter:
+    """Writes planned tensors into an open file, one at a time; ``close()`` (or ``with``) closes the checkpoint files.
+
+    As stored: extents with a file offset are copied page cache to page cache inside the kernel
+    (``os.copy_file_range``: the data never enters this process); others, or where the kernel refuses, are
+    written from the mapped pages, which are then released. Cast: into one reused buffer (of the largest of
+    ``cast_plans``, sparing the kernel zeroing fresh pages for every tensor), then written.
     """
 
     def __init__(self, cast_plans: list[TensorPlan] = (), cast_dtype: torch.dtype | None = None):
         most = max((t.numel for t in cast_plans), default=0)
         self._buffer = torch.empty(most, dtype=cast_dtype) if most and cast_dtype is not None else None
+        self._fds: dict[str, int] = {}
+        self.kernel_copy = hasattr(os, "copy_file_range")
+        """Copy with ``os.copy_file_range``; cleared once the kernel refuses."""
+
+    def __enter__(self) -> "TensorWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def write(self, plan: TensorPlan, out_fd: int, out_offset: int, dtype: torch.dtype | None = None) -> int:
         """Write the full tensor's bytes (row-major, little-endian) to ``out_fd`` from byte ``out_offset``; returns
         the bytes written. ``dtype`` None or ``plan.dtype``: as stored; another dtype: cast as ``Tensor.to`` casts
-        (round to nearest even) into the reused buffer first. The mapped pages read are released after each piece.
+        (round to nearest even).
         """
         if dtype is None or dtype == plan.dtype:
             pos = out_offset
             for ext in plan.extents:
-                data = ext.data.view(torch.uint8)
-                for start in range(0, data.numel(), WRITE_CHUNK_BYTES):
-                    chunk = data[start:start + WRITE_CHUNK_BYTES]
-                    pos += pwrite_all(out_fd, memoryview(chunk.numpy()), pos)
-                    release_pages(chunk)
+                pos += self._copy(ext, out_fd, pos)
             return pos - out_offset
         if self._buffer is None or self._buffer.dtype != dtype or self._buffer.numel() < plan.numel:
             self._buffer = torch.empty(plan.numel, dtype=dtype)
@@ -396,6 +459,36 @@ class TensorWriter:
         if pos != plan.numel:
             raise ExportError(f"{plan.name}: planned {pos} elements for a tensor of {plan.numel}")
         return pwrite_all(out_fd, memoryview(out.view(torch.uint8).numpy()), out_offset)
+
+    def _copy(self, ext: Extent, out_fd: int, out_offset: int) -> int:
+        data = ext.data.view(torch.uint8)
+        done = 0
+        while done < data.numel():
+            want = min(data.numel() - done, WRITE_CHUNK_BYTES)
+            n = self._kernel_copy(ext, done, want, out_fd, out_offset + done)
+            if n is None:  # from the mapped pages, released after
+                chunk = data[done:done + want]
+                n = pwrite_all(out_fd, memoryview(chunk.numpy()), out_offset + done)
+                release_pages(chunk)
+            done += n
+        return done
+
+    def _kernel_copy(self, ext: Extent, start: int, nbytes: int, out_fd: int, out_offset: int) -> int | None:
+        if not self.kernel_copy or ext.offset_bytes is None:
+            return None
+        if ext.path not in self._fds:
+            self._fds[ext.path] = os.open(ext.path, os.O_RDONLY)
+        try:
+            n = os.copy_file_range(self._fds[ext.path], out_fd, nbytes, ext.offset_bytes + start, out_offset)
+        except OSError as exc:
+            if exc.errno not in NO_KERNEL_COPY:
+                raise
+            log.info("os.copy_file_range unavailable here (%s); writing from the mapped pages", exc)
+            self.kernel_copy = False
+            return None
+        if n == 0:
+            raise ExportError(f"{ext.path}: ends at byte {ext.offset_bytes + start}, {nbytes} bytes short; truncated")
+        return n
 
 
 def pwrite_all(fd: int, view: memoryview, offset: int) -> int:

@@ -140,10 +140,10 @@ def write_weights(tmp: Path, plan: CheckpointPlan, dtype: str, max_shard_bytes: 
     by_name = {t.name: t for t in plan.tensors}
     specs = [TensorSpec(t.name, t.shape, out_dtype if t.dtype.is_floating_point else t.dtype) for t in plan.tensors]
     casts = [t for t, s in zip(plan.tensors, specs) if t.dtype != s.dtype]
-    writer = TensorWriter(casts, out_dtype)
     total = sum(s.nbytes for s in specs)
     start = time.perf_counter()
-    with tqdm(total=total, unit="B", unit_scale=True, desc="export", dynamic_ncols=True, disable=None) as bar:
+    with TensorWriter(casts, out_dtype) as writer, tqdm(total=total, unit="B", unit_scale=True, desc="export",
+                                                        dynamic_ncols=True, disable=None) as bar:
         def write(spec: TensorSpec, fd: int, offset: int) -> int:
             return writer.write(by_name[spec.name], fd, offset, spec.dtype)
 

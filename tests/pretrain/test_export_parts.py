@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from pretrain.errors import ExportError
-from pretrain.export.consolidate import Extent, TensorPlan, TensorWriter, load_mapped, plan_checkpoint, release_pages
+from pretrain.export.consolidate import (Extent, TensorPlan, TensorWriter, file_offset, load_mapped, plan_checkpoint,
+                                         release_pages)
 from pretrain.export.safetensors_writer import TensorSpec, write_sharded
 from pretrain.export.verify import EXACT_KEYS, inexact_reason, probe_metadata
 
@@ -72,19 +73,24 @@ def _rss_bytes() -> int:
 def test_writer_streams_mapped_extents_and_releases_their_pages(tmp_path):
     path, obj = _saved(tmp_path)
     s = load_mapped(path)
-    a, b = s["flat"][1], s["param"]  # a tensor from the middle of a storage, then one from another record
-    plan = TensorPlan("t", (a.numel() + b.numel(),), torch.float32, [Extent(str(path), a.reshape(-1)),
-                                                                      Extent(str(path), b.reshape(-1))])
+    a, b = s["flat"][1].reshape(-1), s["param"].detach().reshape(-1)  # mid-storage, then another record
+    raw = path.read_bytes()
+    offsets = [file_offset(path, a), file_offset(path, b)]
+    assert [raw[o:o + t.numel() * 4] for o, t in zip(offsets, (a, b))] == [a.numpy().tobytes(), b.numpy().tobytes()]
     expected = torch.cat([obj["flat"][1].reshape(-1), obj["param"].detach().reshape(-1)])
-    out = tmp_path / "out"
-    with open(out, "wb") as fh:
-        fh.write(b"head")
-        fh.flush()
-        writer = TensorWriter([plan], torch.bfloat16)
-        assert writer.write(plan, fh.fileno(), 4) == expected.numel() * 4
-        assert writer.write(plan, fh.fileno(), 4 + expected.numel() * 4, torch.bfloat16) == expected.numel() * 2
-    assert out.read_bytes() == (b"head" + expected.numpy().tobytes()
-                                + expected.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    for kernel in (True, False):  # copy_file_range from the located offsets, or pwrite from the mapped pages
+        plan = TensorPlan("t", (a.numel() + b.numel(),), torch.float32,
+                          [Extent(str(path), a, offsets[0]), Extent(str(path), b, offsets[1])])
+        out = tmp_path / f"out-{kernel}"
+        with open(out, "wb") as fh, TensorWriter([plan], torch.bfloat16) as writer:
+            writer.kernel_copy = kernel
+            fh.write(b"head")
+            fh.flush()
+            assert writer.write(plan, fh.fileno(), 4) == expected.numel() * 4
+            assert writer.write(plan, fh.fileno(), 4 + expected.numel() * 4, torch.bfloat16) == expected.numel() * 2
+        assert out.read_bytes() == (b"head" + expected.numpy().tobytes()
+                                    + expected.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    assert file_offset(path, torch.ones(3)) is None  # not a view of the file
     big_path = tmp_path / "big.pt"
     torch.save({"w": torch.arange(8 << 20, dtype=torch.float32)}, big_path)  # 32 MiB
     w = load_mapped(big_path)["w"]
@@ -143,7 +149,9 @@ def test_export_bytes_are_pinned(tmp_path, dtype):
     _zero3_checkpoint(tmp_path / "tag")
     out = tmp_path / "out"
     out.mkdir()
-    files = write_weights(out, plan_checkpoint(tmp_path / "tag"), dtype, 120)
+    plan = plan_checkpoint(tmp_path / "tag")
+    assert all(e.offset_bytes is not None for t in plan.tensors for e in t.extents)  # copied inside the kernel
+    files = write_weights(out, plan, dtype, 120)
     got = {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in sorted(os.listdir(out))}
     assert len(files) > 1 and got == EXPORT_SHA256[dtype], got
 
