@@ -31,14 +31,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from pretrain.errors import ExportError
-from pretrain.export.consolidate import CheckpointPlan, TensorWriter, plan_checkpoint
+from pretrain.export.consolidate import CheckpointPlan, TensorPlan, TensorReader, plan_checkpoint, pwrite_all
 from pretrain.export.hub import PushOptions, push_folder
 from pretrain.export.model_card import LOSS_CURVE_FILE, CardOptions, plot_loss_curve, render_card
 from pretrain.export.run_info import RunInfo, load_run_info, resolve_checkpoint
 from pretrain.export.safetensors_writer import INDEX_FILE, TensorSpec, write_sharded
+from pretrain.export.torch_archive import FLOAT_DTYPES, ITEMSIZE
 from pretrain.export.verify import PRECISION_DTYPES
 from pretrain.model_files import CONFIG_FILE, GENERATION_CONFIG_FILE
 
@@ -127,25 +126,41 @@ def _write_metadata(tmp: Path, info: RunInfo, plan: CheckpointPlan, options: Exp
     return tokenizer_files, card_args
 
 
+def _cast_writer(plans: list[TensorPlan]):
+    """``write(reader, plan, dtype, fd, offset) -> bytes``: read ``plan``'s tensor (into one buffer reused
+    for all of ``plans``), cast it to the torch dtype named ``dtype`` (round to nearest even, as torch's
+    ``.to``) and write it at ``offset`` of ``fd``."""
+    import torch
+
+    buffer = torch.empty(max(t.numel * ITEMSIZE[t.dtype] for t in plans), dtype=torch.uint8)
+
+    def write(reader: TensorReader, plan: TensorPlan, dtype: str, fd: int, offset: int) -> int:
+        t = reader.read(plan, into=buffer).to(getattr(torch, dtype))
+        return pwrite_all(fd, memoryview(t.reshape(-1).view(torch.uint8).numpy()), offset)
+
+    return write
+
+
 def write_weights(tmp: Path, plan: CheckpointPlan, dtype: str, max_shard_bytes: int) -> list[str]:
-    """Stream the planned tensors into safetensors files, one tensor at a time (:class:`TensorWriter`);
-    floating-point ones cast to ``dtype`` (``fp32``, ``bf16``, ``fp16``). Returns the file names.
+    """Stream the planned tensors into safetensors files; floating-point ones cast to ``dtype``. Returns file names.
 
     Tensors stored in their output dtype (all of them for a float32 export of float32 master weights) are
-    written as stored from the checkpoint's mapped pages; the others are cast as ``Tensor.to`` casts.
+    copied as stored, inside the kernel (:meth:`TensorReader.copy`); only casts import torch.
     """
     from tqdm.auto import tqdm
 
-    out_dtype = getattr(torch, PRECISION_DTYPES[dtype])
+    out_dtype = PRECISION_DTYPES[dtype]
     by_name = {t.name: t for t in plan.tensors}
-    specs = [TensorSpec(t.name, t.shape, out_dtype if t.dtype.is_floating_point else t.dtype) for t in plan.tensors]
+    specs = [TensorSpec(t.name, t.shape, out_dtype if t.dtype in FLOAT_DTYPES else t.dtype) for t in plan.tensors]
     casts = [t for t, s in zip(plan.tensors, specs) if t.dtype != s.dtype]
+    cast = _cast_writer(casts) if casts else None
     total = sum(s.nbytes for s in specs)
     start = time.perf_counter()
-    with TensorWriter(casts, out_dtype) as writer, tqdm(total=total, unit="B", unit_scale=True, desc="export",
-                                                        dynamic_ncols=True, disable=None) as bar:
+    with TensorReader() as reader, tqdm(total=total, unit="B", unit_scale=True, desc="export", dynamic_ncols=True,
+                                        disable=None) as bar:
         def write(spec: TensorSpec, fd: int, offset: int) -> int:
-            return writer.write(by_name[spec.name], fd, offset, spec.dtype)
+            t = by_name[spec.name]
+            return reader.copy(t, fd, offset) if t.dtype == spec.dtype else cast(reader, t, spec.dtype, fd, offset)
 
         files = write_sharded(tmp, specs, write, max_shard_bytes, plan.n_params, on_tensor=bar.update)
     log.info("consolidated %d tensors (%.3f GB, %s; %d cast) from ZeRO stage %d over %d rank(s) into %d file(s) in %.1f s",

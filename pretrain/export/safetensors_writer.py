@@ -5,9 +5,9 @@ of RAM). The format is simple enough to stream: an 8-byte little-endian header l
 naming each tensor's dtype, shape and ``data_offsets`` (byte range in the data section), then the
 raw little-endian bytes (https://github.com/huggingface/safetensors#format). The header is computed
 from shapes alone, then a callback writes each tensor's bytes at its offset in the open file (the
-export writes them from the checkpoint's mapped pages, cast where asked). Files are split with
-``huggingface_hub.split_state_dict_into_shards_factory`` (public; the Hub's and transformers' rule: fill
-in order, a new file when the next tensor would pass the limit) and indexed in
+export copies them there inside the kernel, or casts and writes them). No torch needed. Files are split with
+``huggingface_hub.split_state_dict_into_shards_factory`` (public; the Hub's and transformers' rule: fill in
+order, a new file when the next tensor would pass the limit) and indexed in
 ``model.safetensors.index.json`` when there is more than one.
 """
 from __future__ import annotations
@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-import torch
+from pretrain.export.torch_archive import ITEMSIZE
 
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                      torch.bool: "BOOL"}
-"""torch dtype -> safetensors dtype tag (the format's list, above)."""
+SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
+                      "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+"""torch dtype name -> safetensors dtype tag."""
 WriteTensor = Callable[["TensorSpec", int, int], int]
 """``write(spec, fd, offset)``: write the tensor's ``spec.nbytes`` bytes to the open file ``fd`` from byte
 ``offset``; returns the bytes written."""
@@ -35,11 +34,11 @@ INDEX_FILE = "model.safetensors.index.json"
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A tensor to write: its name, shape and dtype."""
+    """A tensor to write: its name, shape and torch dtype name (``float32``, ``bfloat16``, ...)."""
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: str
 
     def __post_init__(self):
         if self.dtype not in SAFETENSORS_DTYPES:
@@ -47,13 +46,13 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
 
 def shard_layout(specs: list[TensorSpec], max_shard_bytes: int | str) -> dict[str, list[TensorSpec]]:
     """File name -> tensors, by ``huggingface_hub``'s sharding rule (``split_state_dict_into_shards_factory``,
-    what ``split_torch_state_dict_into_shards`` calls) on the specs' byte sizes: the specs are not tensors
-    (a full tensor exists only while it is written), so the torch front end does not apply."""
+    what ``split_torch_state_dict_into_shards`` calls) on the specs' byte sizes. The torch front end is
+    not used: the specs are not tensors, and its storage lookup imports torch's DTensor stack (about a second)."""
     from huggingface_hub import split_state_dict_into_shards_factory
 
     split = split_state_dict_into_shards_factory({s.name: s for s in specs}, get_storage_size=lambda s: s.nbytes,

@@ -1,9 +1,10 @@
-"""The export's parts on small real inputs, in-process: DeepSpeed files read with torch.load (mmap, allow-listed
-classes), the writer that streams mapped tensors and releases their pages, the streaming safetensors writer, the
-export bytes pinned on a hand-built ZeRO-3 checkpoint, the model files the trainer records, and when verification
-must be bit-exact. (Round trips of real checkpoints: test_export.py.)"""
+"""The export's parts on small real inputs, in-process: torch.save structure without torch, the kernel and
+buffered copies, the streaming safetensors writer, the export bytes pinned on a hand-built ZeRO-3 checkpoint,
+the model files the trainer records, and when verification must be bit-exact. (Round trips of real
+checkpoints: test_export.py.)"""
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import math
@@ -15,91 +16,91 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pretrain.export.consolidate import Extent, TensorPlan, TensorReader, plan_checkpoint
 from pretrain.errors import ExportError
-from pretrain.export.consolidate import (Extent, TensorPlan, TensorWriter, file_offset, load_mapped, plan_checkpoint,
-                                         release_pages)
 from pretrain.export.safetensors_writer import TensorSpec, write_sharded
+from pretrain.export.torch_archive import Opaque, TensorRef, load_structure
 from pretrain.export.verify import EXACT_KEYS, inexact_reason, probe_metadata
 
 
-class Scaler:  # an arbitrary class, which a checkpoint may not make torch.load import
+class Stage(int, enum.Enum):  # pickled by reference, as DeepSpeed's ZeroStageEnum
+    weights = 3
+
+
+class Scaler:  # an arbitrary object with state, as DeepSpeed's loss scalers
     def __init__(self):
-        self.cur_scale = 2.0**16
+        self.cur_scale, self.history = 2.0**16, [1, 2]
 
 
 def _saved(tmp_path: Path) -> tuple[Path, dict]:
-    """A torch.save file with what DeepSpeed pickles: tensors sharing a storage, a parameter, bf16, ints,
-    shapes, its ZeRO stage enum and loss scaler."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
     base = torch.arange(24, dtype=torch.float32)
     obj = {"flat": [base, base[6:18].view(3, 4)],  # one storage, the second tensor at element offset 6
            "param": torch.nn.Parameter(torch.randn(2, 5)), "bf16": torch.randn(7).to(torch.bfloat16),
-           "ids": torch.tensor([[1, 2], [3, 4]]), "shapes": OrderedDict(w=torch.Size([3, 4])),
-           "stage": ZeroStageEnum.weights, "scaler": LossScaler(2.0**10)}
+           "ids": torch.tensor([[1, 2], [3, 4]]), "transposed": torch.randn(3, 2).t(),
+           "shapes": OrderedDict(w=torch.Size([3, 4])), "stage": Stage.weights, "scaler": Scaler(),
+           "dtype": torch.float16, "device": torch.device("cpu"), "nested": {"set": {1, 2}, "bytes": b"\x00\xff"}}
     path = tmp_path / "x.pt"
     torch.save(obj, path)
     return path, obj
 
 
-def test_checkpoint_files_load_mapped_with_deepspeeds_classes_only(tmp_path):
+def test_structure_without_torch_matches_torch_load(tmp_path):
     path, obj = _saved(tmp_path)
-    got = load_mapped(path)
+    got, meta = load_structure(path), torch.load(path, map_location="meta", weights_only=False)
+
+    def same(ref: TensorRef, t: torch.Tensor) -> None:
+        assert (ref.shape, ref.stride, ref.storage_offset) == (tuple(t.shape), t.stride(), t.storage_offset())
+        assert ref.dtype == str(t.dtype).removeprefix("torch.")
+        assert ref.storage.data_offset == t.untyped_storage()._checkpoint_offset
+
+    for key in ("param", "bf16", "ids", "transposed"):
+        same(got[key], meta[key])
+    for ref, t in zip(got["flat"], meta["flat"]):
+        same(ref, t)
+    assert got["flat"][0].storage == got["flat"][1].storage and got["flat"][1].byte_offset == got["flat"][0].byte_offset + 24
+    assert got["transposed"].is_contiguous is False and got["flat"][1].is_contiguous
+    raw = path.read_bytes()  # the offsets point at the tensors' bytes
     for key in ("param", "bf16", "ids"):
-        assert torch.equal(got[key], obj[key].detach()) and got[key].dtype == obj[key].dtype
-    assert torch.equal(got["flat"][1], obj["flat"][1]) and got["flat"][1].storage_offset() == 6
-    assert got["flat"][0].untyped_storage().data_ptr() == got["flat"][1].untyped_storage().data_ptr()
-    assert got["shapes"] == OrderedDict(w=torch.Size([3, 4])) and int(got["stage"]) == 3
-    assert got["scaler"].cur_scale == 2.0**10 and type(got["scaler"]).__module__.startswith("deepspeed.")
-    torch.save({"scaler": Scaler()}, tmp_path / "other.pt")
-    with pytest.raises(ExportError, match=r"other\.pt: cannot read DeepSpeed checkpoint file \(UnpicklingError: "
-                                          r".*test_export_parts\.Scaler"):
-        load_mapped(tmp_path / "other.pt")
+        ref = got[key]
+        assert raw[ref.byte_offset:ref.byte_offset + ref.numel * ref.itemsize] == obj[key].detach().numpy().tobytes() \
+            if key != "bf16" else raw[ref.byte_offset:ref.byte_offset + 14] == obj[key].view(torch.int16).numpy().tobytes()
+    assert got["shapes"] == OrderedDict(w=(3, 4)) and int(got["stage"]) == 3 and got["dtype"] == "torch.float16"
+    assert isinstance(got["scaler"], Opaque) and got["scaler"].state == {"cur_scale": 2.0**16, "history": [1, 2]}
+    assert got["nested"] == {"set": {1, 2}, "bytes": b"\x00\xff"} and isinstance(got["device"], Opaque)
+
+
+def test_unreadable_files_are_one_clear_error(tmp_path):
+    path, _ = _saved(tmp_path)
     cut = tmp_path / "cut.pt"
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(ExportError, match=r"cut\.pt: cannot read DeepSpeed checkpoint file \(RuntimeError"):
-        load_mapped(cut)
+    with pytest.raises(ExportError, match=r"cut\.pt: cannot read DeepSpeed checkpoint file \(BadZipFile"):
+        load_structure(cut)
     (tmp_path / "legacy.pt").write_bytes(b"\x80\x02}q\x00.")
     with pytest.raises(ExportError, match="legacy.pt: cannot read"):
-        load_mapped(tmp_path / "legacy.pt")
+        load_structure(tmp_path / "legacy.pt")
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def test_writer_streams_mapped_extents_and_releases_their_pages(tmp_path):
+def test_kernel_and_buffered_copies_write_the_planned_bytes(tmp_path):
     path, obj = _saved(tmp_path)
-    s = load_mapped(path)
-    a, b = s["flat"][1].reshape(-1), s["param"].detach().reshape(-1)  # mid-storage, then another record
-    raw = path.read_bytes()
-    offsets = [file_offset(path, a), file_offset(path, b)]
-    assert [raw[o:o + t.numel() * 4] for o, t in zip(offsets, (a, b))] == [a.numpy().tobytes(), b.numpy().tobytes()]
+    s = load_structure(path)
+    a, b = s["flat"][1], s["param"]  # a tensor from the middle of a storage, then one from another record
+    plan = TensorPlan("t", (a.numel + b.numel,), "float32", [Extent(str(path), a.byte_offset, a.numel),
+                                                              Extent(str(path), b.byte_offset, b.numel)])
     expected = torch.cat([obj["flat"][1].reshape(-1), obj["param"].detach().reshape(-1)])
-    for kernel in (True, False):  # copy_file_range from the located offsets, or pwrite from the mapped pages
-        plan = TensorPlan("t", (a.numel() + b.numel(),), torch.float32,
-                          [Extent(str(path), a, offsets[0]), Extent(str(path), b, offsets[1])])
+    outs = []
+    for kernel in (True, False):
         out = tmp_path / f"out-{kernel}"
-        with open(out, "wb") as fh, TensorWriter([plan], torch.bfloat16) as writer:
-            writer.kernel_copy = kernel
+        with TensorReader() as reader, open(out, "wb") as fh:
+            reader.kernel_copy = kernel
             fh.write(b"head")
             fh.flush()
-            assert writer.write(plan, fh.fileno(), 4) == expected.numel() * 4
-            assert writer.write(plan, fh.fileno(), 4 + expected.numel() * 4, torch.bfloat16) == expected.numel() * 2
-        assert out.read_bytes() == (b"head" + expected.numpy().tobytes()
-                                    + expected.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
-    assert file_offset(path, torch.ones(3)) is None  # not a view of the file
-    big_path = tmp_path / "big.pt"
-    torch.save({"w": torch.arange(8 << 20, dtype=torch.float32)}, big_path)  # 32 MiB
-    w = load_mapped(big_path)["w"]
-    before = _rss_bytes()
-    assert float(w.max()) == (8 << 20) - 1  # reads every page of the mapping
-    touched = _rss_bytes() - before
-    assert release_pages(w) > 31 << 20
-    assert touched > 24 << 20 and _rss_bytes() - before < 4 << 20, (touched, _rss_bytes() - before)
-    assert float(w[-1]) == (8 << 20) - 1  # the data comes back from the file
+            assert reader.copy(plan, fh.fileno(), 4) == expected.numel() * 4
+            assert torch.equal(reader.read(plan), expected)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1] == b"head" + expected.numpy().tobytes()
+    short = TensorPlan("t", (10**6,), "float32", [Extent(str(path), a.byte_offset, 10**6)])
+    with TensorReader() as reader, open(tmp_path / "short", "wb") as fh, pytest.raises(ExportError, match="truncated"):
+        reader.copy(short, fh.fileno(), 0)
 
 
 def _zero3_checkpoint(tag_dir: Path, world_size: int = 2) -> None:
@@ -139,7 +140,7 @@ EXPORT_SHA256 = {
              "model.safetensors.index.json": "30fe271b384c573209ed23e8c26236f503e78b8c6e1c36c03f86122d07bebed0"},
 }
 """sha256 of each file ``write_weights`` makes of :func:`_zero3_checkpoint` (200-byte shards), as the export
-wrote them before it read checkpoints with torch.load (the hand-written torch_archive parser, commit 96e389f)."""
+wrote them at commit 96e389f; also equal to what the torch.load (mmap) path of commit b1ac10a writes."""
 
 
 @pytest.mark.parametrize("dtype", list(EXPORT_SHA256))
@@ -150,7 +151,6 @@ def test_export_bytes_are_pinned(tmp_path, dtype):
     out = tmp_path / "out"
     out.mkdir()
     plan = plan_checkpoint(tmp_path / "tag")
-    assert all(e.offset_bytes is not None for t in plan.tensors for e in t.extents)  # copied inside the kernel
     files = write_weights(out, plan, dtype, 120)
     got = {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in sorted(os.listdir(out))}
     assert len(files) > 1 and got == EXPORT_SHA256[dtype], got
@@ -158,7 +158,7 @@ def test_export_bytes_are_pinned(tmp_path, dtype):
 
 def test_streamed_safetensors_load_with_safetensors(tmp_path):
     tensors = {"a": torch.randn(3, 5), "b": torch.arange(7), "c": torch.randn(4, 4).to(torch.bfloat16), "d": torch.ones(0)}
-    specs = [TensorSpec(k, tuple(t.shape), t.dtype) for k, t in tensors.items()]
+    specs = [TensorSpec(k, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in tensors.items()]
 
     def write(spec, fd, offset):
         data = tensors[spec.name].reshape(-1).view(torch.uint8).numpy().tobytes()
