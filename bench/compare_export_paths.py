@@ -38,7 +38,18 @@ STEP = "step_00000001"
 
 
 def build_checkpoint(src_run: Path, dst_run: Path, layers: int) -> tuple[Path, int]:
-    """The hand-built ZeRO-3 checkpoint in a copy of ``src_run``; returns its folder and parameter count."""
+    """The hand-built ZeRO-3 checkpoint in a copy of ``src_run``; returns its folder and parameter count.
+
+    Built in a child process: a child's ``ru_maxrss`` starts from its parent's resident set at fork, so the
+    timed exports must be started by a small parent."""
+    src_tag, tag = src_run / "checkpoints" / STEP, dst_run / "checkpoints" / STEP
+    if not (tag / "lmforge_state.json").is_file():
+        common.check_child(common.run_child([sys.executable, __file__, "--build", str(src_run), str(dst_run), str(layers)],
+                                            env=common.python_env(**common.CPU_ONLY_ENV)), "building the checkpoint")
+    return tag, json.loads((tag.parent.parent / "n_params.json").read_text())
+
+
+def _build(src_run: Path, dst_run: Path, layers: int) -> None:
     import torch
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
@@ -51,8 +62,6 @@ def build_checkpoint(src_run: Path, dst_run: Path, layers: int) -> tuple[Path, i
     shapes = OrderedDict([head[0], *((f"model.layers.{i}.{k}", v) for i in range(layers) for k, v in layer.items()),
                           *head[1:]])
     n_params = sum(math.prod(v) for v in shapes.values())
-    if (tag / "lmforge_state.json").is_file():
-        return tag, n_params
     shutil.rmtree(dst_run, ignore_errors=True)
     shutil.copytree(src_run, dst_run, ignore=shutil.ignore_patterns("checkpoints", "rank*.log", "tensorboard"))
     tag.mkdir(parents=True)
@@ -64,11 +73,15 @@ def build_checkpoint(src_run: Path, dst_run: Path, layers: int) -> tuple[Path, i
         torch.save({**ms, "param_shapes": [shapes]}, tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
     config = json.loads((dst_run / "model" / "config.json").read_text())
     (dst_run / "model" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}, indent=2))
+    (dst_run / "n_params.json").write_text(json.dumps(n_params))
     shutil.copy2(src_tag / "lmforge_state.json", tag / "lmforge_state.json")  # written last: the checkpoint is complete
-    return tag, n_params
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--build"]:
+        _build(Path(argv[1]), Path(argv[2]), int(argv[3]))
+        return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--library-checkout", required=True, help="worktree of lmforge at the torch.load path (b1ac10a)")
     p.add_argument("--work", default=str(common.CACHE_DIR / "export"), help="bench_export.py's cache folder")
@@ -102,10 +115,12 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out, ignore_errors=True)
     what = f"{n_params / 1e9:.2f}B-parameter ZeRO-3 checkpoint ({n_params * 4 / 1e9:.1f} GB fp32, 2 ranks, hand-built)"
     peer = "torch.load(mmap=True, weights_only=True) path (b1ac10a)"
+    slower = common.median(wall["torch.load"]) / common.median(wall["parser"])
+    verdict = "torch.load path kept" if slower <= 1.2 else "parser kept"
     rows = [common.row(f"export time, {what}", "s", wall["parser"], wall["torch.load"], peer, better="lower",
-                       target=">= 0.833x (library path at most 1.2x slower)",
-                       note=f"model.safetensors identical: {'yes' if same else 'NO'}; lmforge export --no-verify, "
-                            "fresh process, start-up and imports included; page cache warm"),
+                       note=f"torch.load path {slower:.2f}x the parser's time (rule: replace the parser unless > 1.2x): "
+                            f"{verdict}; model.safetensors identical: {'yes' if same else 'NO'}; lmforge export "
+                            "--no-verify, fresh process, start-up and imports included; page cache warm"),
             common.row("peak RSS of the export process", "GiB", [r / 2**30 for r in rss["parser"]],
                        [r / 2**30 for r in rss["torch.load"]], peer, better="lower", note="ru_maxrss")]
     common.print_rows(rows)
