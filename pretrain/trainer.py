@@ -39,6 +39,7 @@ from pretrain.layout import CHECKPOINT_DIR, MODEL_CONFIG_DIR, SUMMARY_FILE
 from pretrain.metrics import MetricsWriter
 from pretrain.model import (build_model, build_model_config, count_parameters, load_model_config, objective_of,
                             padded_vocab_size)
+from pretrain.model_files import write_model_files
 from pretrain.sources import ShardSource, StreamingSource, describe_data
 from pretrain.preemption import StopPolicy, requeue_slurm_job
 
@@ -153,6 +154,8 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     resume_from = resume_point(cfg)
     universal = resume_from is not None and checkpoint.read_state(resume_from)["world_size"] != dist.world_size
     model = build_model(model_config, cfg.seed, cfg.model.init_from)
+    if dist.is_main:  # config.json again, now naming the model's class, and generation_config.json
+        write_model_files(model, run_dir / MODEL_CONFIG_DIR)
     _use_fused_loss(model, cfg)
     fpt, n_params = flops_per_token(model, model_config, seq_len), count_parameters(model)  # before ZeRO-3 partitions them
     engine = initialize_engine(model, cfg, dist.world_size, load_universal=universal)

@@ -2,9 +2,11 @@
 
 ``OUT`` holds::
 
-    config.json                model config: architectures, vocab_size (= embedding rows), dtype / torch_dtype, bos/eos/pad ids
+    config.json                the run's RUN/model/config.json (architectures recorded at train time,
+                               pretrain.model_files), dtype / torch_dtype set to the export's, vocab_size checked
+                               against the embedding rows
     model.safetensors          weights; above --max-shard-size model-0000i-of-0000n.safetensors + model.safetensors.index.json
-    generation_config.json     bos / eos / pad ids (pad falls back to eos)
+    generation_config.json     the run's RUN/model/generation_config.json, as recorded at train time
     tokenizer.json, ...        the run's tokenizer files, byte for byte (same fingerprint)
     README.md, loss_curve.png  model card (pretrain.export.model_card)
     lmforge_export.json        provenance and the verification result; written last
@@ -29,21 +31,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.export.consolidate import CheckpointPlan, TensorPlan, TensorReader, plan_checkpoint, pwrite_all
 from pretrain.errors import ExportError
-from pretrain.export.hf_config import GENERATION_CONFIG_FILE, architecture, generation_config, write_json
+from pretrain.export.consolidate import CheckpointPlan, TensorPlan, TensorReader, plan_checkpoint, pwrite_all
 from pretrain.export.hub import PushOptions, push_folder
 from pretrain.export.model_card import LOSS_CURVE_FILE, CardOptions, plot_loss_curve, render_card
 from pretrain.export.run_info import RunInfo, load_run_info, resolve_checkpoint
 from pretrain.export.safetensors_writer import INDEX_FILE, TensorSpec, write_sharded
 from pretrain.export.torch_archive import FLOAT_DTYPES, ITEMSIZE
 from pretrain.export.verify import PRECISION_DTYPES
+from pretrain.model_files import CONFIG_FILE, GENERATION_CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
 EXPORT_RECORD = "lmforge_export.json"
 TMP_SUFFIX = ".tmp"
-EXPORT_FILES = ("README.md", "config.json", GENERATION_CONFIG_FILE, LOSS_CURVE_FILE, EXPORT_RECORD, INDEX_FILE)
+EXPORT_FILES = ("README.md", CONFIG_FILE, GENERATION_CONFIG_FILE, LOSS_CURVE_FILE, EXPORT_RECORD, INDEX_FILE)
 """Names the export writes itself; tokenizer files of the same name are not copied over them."""
 EMBEDDING_RE = re.compile(r"(embed_tokens|word_embeddings|tok_embeddings|wte)\.weight$")
 SIZE_RE = re.compile(r"^\s*(\d+(\.\d+)?)\s*(KB|MB|GB|TB)?\s*$", re.IGNORECASE)
@@ -83,20 +85,24 @@ class ExportOptions:
             raise ExportError("invalid export options: " + "; ".join(problems))
 
 
+def write_json(path: Path, obj: dict) -> None:
+    """``obj`` as transformers writes its config files: indented by 2, keys sorted, a final newline."""
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def _write_configs(tmp: Path, info: RunInfo, plan: CheckpointPlan, dtype: str) -> dict:
-    """config.json and generation_config.json; returns the config written."""
+    """config.json (the run's, with the export's dtype) and generation_config.json (the run's, copied);
+    returns the config written."""
     config = dict(info.model_config)
     rows = {t.shape[0] for t in plan.tensors if EMBEDDING_RE.search(t.name) and len(t.shape) == 2}
     if rows and rows != {config.get("vocab_size")}:
-        raise ExportError(f"{info.run_dir}/model/config.json: vocab_size={config.get('vocab_size')} but the checkpoint's "
+        raise ExportError(f"{info.model_dir / CONFIG_FILE}: vocab_size={config.get('vocab_size')} but the checkpoint's "
                           f"embedding has {sorted(rows)} rows")
-    config["architectures"] = [architecture(config["model_type"], info.objective)]
     config["dtype"] = config["torch_dtype"] = PRECISION_DTYPES[dtype]  # torch_dtype: the name transformers 4 reads
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         config.setdefault(key, None)
-    write_json(tmp / "config.json", config)
-    pad = config["pad_token_id"] if config["pad_token_id"] is not None else config["eos_token_id"]
-    write_json(tmp / GENERATION_CONFIG_FILE, generation_config(config["bos_token_id"], config["eos_token_id"], pad))
+    write_json(tmp / CONFIG_FILE, config)
+    shutil.copy2(info.model_dir / GENERATION_CONFIG_FILE, tmp / GENERATION_CONFIG_FILE)
     return config
 
 

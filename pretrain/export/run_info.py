@@ -2,7 +2,8 @@
 
 A checkpoint folder (``RUN/checkpoints/step_XXXXXXXX``, see :mod:`pretrain.checkpoint`) carries its
 training config, step, tokens and fingerprints in ``lmforge_state.json``; the run folder around it
-has the transformers model config (``model/config.json``), ``metrics.jsonl`` and, once finished,
+has the files the trainer recorded about its model (``model/config.json`` naming the model class and
+``model/generation_config.json``, :mod:`pretrain.model_files`), ``metrics.jsonl`` and, once finished,
 ``summary.json``; the config names the tokenizer and the prepared data (``manifest.json``).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pretrain.errors import ExportError
 from pretrain.metrics import METRICS_FILE
 from pretrain.model import MASKED_LM_TYPES
 from pretrain.layout import CHECKPOINT_DIR, MODEL_CONFIG_DIR, SUMMARY_FILE
+from pretrain.model_files import CONFIG_FILE, GENERATION_CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ class RunInfo:
     config: dict
     """The training config of this checkpoint (parsed ``config_yaml``)."""
     model_config: dict
-    """transformers ``config.json`` the run built its model from."""
+    """transformers ``config.json`` of the run's model, ``architectures`` naming its class."""
     manifest: dict
     """The prepared data's ``manifest.json``."""
     tokenizer_dir: Path
@@ -49,6 +51,11 @@ class RunInfo:
     """``summary.json`` when it describes this checkpoint (the run's final one), else None."""
     probe: Path | None
     """``probe.safetensors`` of the checkpoint, None when it has none."""
+
+    @property
+    def model_dir(self) -> Path:
+        """``RUN/model``: config.json and generation_config.json recorded at train time."""
+        return self.run_dir / MODEL_CONFIG_DIR
 
     @property
     def step(self) -> int:
@@ -113,21 +120,37 @@ def _metric_records(run_dir: Path, upto_step: int) -> tuple[list[dict], list[dic
     return [train[s] for s in sorted(train)], [val[s] for s in sorted(val)]
 
 
+def _recorded_model_config(model_dir: Path) -> dict:
+    """``model_dir/config.json``, after checking the trainer recorded the model class and generation config.
+
+    Raises:
+        ExportError: config.json missing or without ``architectures``, or generation_config.json missing
+            (a run from before lmforge recorded them: one line saying so).
+    """
+    path = model_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ExportError(f"{path}: model config of the run not found (the checkpoint must stay in RUN/checkpoints/)")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if not config.get("architectures") or not (model_dir / GENERATION_CONFIG_FILE).is_file():
+        raise ExportError(f"{model_dir}: no model class ('architectures' in {CONFIG_FILE}) or {GENERATION_CONFIG_FILE}; "
+                          "the run was trained before lmforge recorded them (pretrain.model_files.write_model_files "
+                          "writes them for a model built from this config)")
+    return config
+
+
 def load_run_info(tag_dir: Path) -> RunInfo:
     """Read and cross-check everything about checkpoint ``tag_dir`` the export needs.
 
     Raises:
-        ExportError: no model config, a tokenizer or prepared data that is missing or changed since
-            training (fingerprints differ).
+        ExportError: no model config, model class or generation config recorded, a tokenizer or prepared
+            data that is missing or changed since training (fingerprints differ).
     """
     from omegaconf import OmegaConf
 
     state = checkpoint.read_state(tag_dir)
     config = OmegaConf.to_container(OmegaConf.create(state["config_yaml"]))
     run_dir = tag_dir.parent.parent
-    model_config_path = run_dir / MODEL_CONFIG_DIR / "config.json"
-    if not model_config_path.is_file():
-        raise ExportError(f"{model_config_path}: model config of the run not found (the checkpoint must stay in RUN/checkpoints/)")
+    model_config = _recorded_model_config(run_dir / MODEL_CONFIG_DIR)
     fingerprints = state.get("fingerprints", {})
     tok_dir = Path(config["data"]["tokenizer"])
     if not (tok_dir / TOKENIZER_FILE).is_file():
@@ -150,7 +173,7 @@ def load_run_info(tag_dir: Path) -> RunInfo:
         summary = None
     probe = tag_dir / checkpoint.PROBE_FILE
     return RunInfo(tag_dir=tag_dir, run_dir=run_dir, state=state, config=config,
-                   model_config=json.loads(model_config_path.read_text()), manifest=manifest, tokenizer_dir=tok_dir,
+                   model_config=model_config, manifest=manifest, tokenizer_dir=tok_dir,
                    tokenizer=tok, train_records=train, val_records=val, summary=summary,
                    probe=probe if probe.is_file() else None)
 

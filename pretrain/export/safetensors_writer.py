@@ -6,7 +6,7 @@ naming each tensor's dtype, shape and ``data_offsets`` (byte range in the data s
 raw little-endian bytes (https://github.com/huggingface/safetensors#format). The header is computed
 from shapes alone, then a callback writes each tensor's bytes at its offset in the open file (the
 export copies them there inside the kernel, or casts and writes them). No torch needed. Files are split with
-``huggingface_hub.split_torch_state_dict_into_shards`` (the Hub's and transformers' rule: fill in
+``huggingface_hub.split_state_dict_into_shards_factory`` (public; the Hub's and transformers' rule: fill in
 order, a new file when the next tensor would pass the limit) and indexed in
 ``model.safetensors.index.json`` when there is more than one.
 """
@@ -52,8 +52,8 @@ class TensorSpec:
 def shard_layout(specs: list[TensorSpec], max_shard_bytes: int | str) -> dict[str, list[TensorSpec]]:
     """File name -> tensors, by ``huggingface_hub``'s sharding rule (``split_state_dict_into_shards_factory``,
     what ``split_torch_state_dict_into_shards`` calls) on the specs' byte sizes. The torch front end is
-    not used: its storage lookup imports torch's DTensor stack, about a second per export."""
-    from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
+    not used: the specs are not tensors, and its storage lookup imports torch's DTensor stack (about a second)."""
+    from huggingface_hub import split_state_dict_into_shards_factory
 
     split = split_state_dict_into_shards_factory({s.name: s for s in specs}, get_storage_size=lambda s: s.nbytes,
                                                  filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_bytes)

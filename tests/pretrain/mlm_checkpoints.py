@@ -41,6 +41,7 @@ def build(out: Path, tokenizer: str, data: str, stage: int, precision: str) -> P
     from pretrain.flops import device_description
     from pretrain.metrics import MetricsWriter
     from pretrain.model import build_model, build_model_config, padded_vocab_size
+    from pretrain.model_files import write_model_files
     from pretrain.export.verify import probe_metadata
 
     run_dir = out / f"mlm-zero{stage}-{precision}"
@@ -55,8 +56,9 @@ def build(out: Path, tokenizer: str, data: str, stage: int, precision: str) -> P
                                        "pad_token_id": tok.pad_token_id})
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    model_config.save_pretrained(str(run_dir / "model"))
-    engine = initialize_engine(build_model(model_config, cfg.seed), cfg, 1)
+    model = build_model(model_config, cfg.seed)
+    write_model_files(model, run_dir / "model")  # what the trainer records
+    engine = initialize_engine(model, cfg, 1)
     metrics = MetricsWriter(run_dir, True)
 
     def loss_on(ids: np.ndarray, seed: int):

@@ -191,6 +191,8 @@ def test_round_trip_reproduces_the_trained_model(exports, runs, name):
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
         tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == tok.eos_token_id
+    recorded = runs[name].parent.parent / "model"  # written by the trainer where the model existed (pretrain.model_files)
+    assert (out / "generation_config.json").read_bytes() == (recorded / "generation_config.json").read_bytes()
     state = json.loads((runs[name] / "lmforge_state.json").read_text())
     assert hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest() == state["fingerprints"]["tokenizer"]
 

@@ -1,10 +1,14 @@
 """The export's parts on small real inputs, in-process: torch.save structure without torch, the kernel and
-buffered copies, the streaming safetensors writer, the transformers files written without transformers, and
-when verification must be bit-exact. (Round trips of real checkpoints: test_export.py.)"""
+buffered copies, the streaming safetensors writer, the export bytes pinned on a hand-built ZeRO-3 checkpoint,
+the model files the trainer records, and when verification must be bit-exact. (Round trips of real
+checkpoints: test_export.py.)"""
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
+import math
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -12,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretrain.export.consolidate import Extent, TensorPlan, TensorReader
+from pretrain.export.consolidate import Extent, TensorPlan, TensorReader, plan_checkpoint
 from pretrain.errors import ExportError
 from pretrain.export.safetensors_writer import TensorSpec, write_sharded
 from pretrain.export.torch_archive import Opaque, TensorRef, load_structure
@@ -99,14 +103,65 @@ def test_kernel_and_buffered_copies_write_the_planned_bytes(tmp_path):
         reader.copy(short, fh.fileno(), 0)
 
 
+def _zero3_checkpoint(tag_dir: Path, world_size: int = 2) -> None:
+    """A ZeRO-3 checkpoint built by hand in DeepSpeed's layout (consolidate's docstring) from values that are
+    the same on every machine and torch version: each parameter split into world-size parts, the last padded."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    shapes = OrderedDict([("embed.weight", (11, 4)), ("layer.weight", (5, 3)), ("layer.bias", (7,)), ("norm.weight", (4,))])
+    values = {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        n = math.prod(shape)
+        values[name] = (torch.arange(n, dtype=torch.float64) * 0.3711 - 1.9 + i).to(torch.float32).view(shape)
+    flat = [[] for _ in range(world_size)]
+    for name, t in values.items():
+        part = math.ceil(t.numel() / world_size)
+        padded = torch.cat([t.reshape(-1), torch.zeros(part * world_size - t.numel())])
+        for r in range(world_size):
+            flat[r].append(padded[r * part:(r + 1) * part])
+    tag_dir.mkdir(parents=True)
+    buffers = {"rotary.inv_freq": torch.arange(6, dtype=torch.float32) / 7, "pos_ids": torch.arange(5)}
+    for r in range(world_size):
+        torch.save({"optimizer_state_dict": {"zero_stage": ZeroStageEnum.weights, "partition_count": world_size,
+                                             "fp32_flat_groups": [torch.cat(flat[r])]}},
+                   tag_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        torch.save({"module": buffers, "buffer_names": list(buffers), "param_shapes": [OrderedDict(
+            (k, torch.Size(v)) for k, v in shapes.items())], "frozen_param_shapes": None, "shared_params": {}},
+            tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+
+
+EXPORT_SHA256 = {
+    "fp32": {"model-00001-of-00003.safetensors": "0362e3c385a418fada94874b1776c3797d128903eb40649b9f4c0f2f703f814d",
+             "model-00002-of-00003.safetensors": "b08ebebcaa36b09d00a37bbf876155388e1a77146d49e257024da1f832d1f15e",
+             "model-00003-of-00003.safetensors": "9bd9ffe762344a7cc60ecb534c06be229e2a95c3621e74e3f7efb7736a70a509",
+             "model.safetensors.index.json": "7a365b73ce41a200cfe7e4a2fe4664d9c1ae6ef24118cb39b27bd8d441eb04a4"},
+    "bf16": {"model-00001-of-00002.safetensors": "16557550e80ce5080188adb5894adb08bc463cebddfa4dfb30792793647bde3e",
+             "model-00002-of-00002.safetensors": "7865a8534596c708e3ae6b5fb5ccb427d388790107d134574f9f99aa952fe75e",
+             "model.safetensors.index.json": "30fe271b384c573209ed23e8c26236f503e78b8c6e1c36c03f86122d07bebed0"},
+}
+"""sha256 of each file ``write_weights`` makes of :func:`_zero3_checkpoint` (200-byte shards), as the export
+wrote them at commit 96e389f; also equal to what the torch.load (mmap) path of commit b1ac10a writes."""
+
+
+@pytest.mark.parametrize("dtype", list(EXPORT_SHA256))
+def test_export_bytes_are_pinned(tmp_path, dtype):
+    from pretrain.export.core import write_weights
+
+    _zero3_checkpoint(tmp_path / "tag")
+    out = tmp_path / "out"
+    out.mkdir()
+    plan = plan_checkpoint(tmp_path / "tag")
+    files = write_weights(out, plan, dtype, 120)
+    got = {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in sorted(os.listdir(out))}
+    assert len(files) > 1 and got == EXPORT_SHA256[dtype], got
+
+
 def test_streamed_safetensors_load_with_safetensors(tmp_path):
     tensors = {"a": torch.randn(3, 5), "b": torch.arange(7), "c": torch.randn(4, 4).to(torch.bfloat16), "d": torch.ones(0)}
     specs = [TensorSpec(k, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in tensors.items()]
 
     def write(spec, fd, offset):
         data = tensors[spec.name].reshape(-1).view(torch.uint8).numpy().tobytes()
-        import os
-
         return os.pwrite(fd, data, offset)
 
     files = write_sharded(tmp_path, specs, write, 100, n_params=0)  # [a] [b c d]: the Hub's rule fills files in order
@@ -117,22 +172,26 @@ def test_streamed_safetensors_load_with_safetensors(tmp_path):
         write_sharded(tmp_path, specs[1:2], lambda s, fd, off: 0, 100, n_params=0)
 
 
-def test_config_files_match_what_transformers_writes(tmp_path):
-    from transformers import GenerationConfig
-    from transformers.models.auto import modeling_auto
+def test_model_files_name_the_class_and_hold_the_generation_config(tmp_path):
+    from transformers import AutoConfig, GenerationConfig
 
-    from pretrain.export.hf_config import MAPPINGS, _mapping_from_source, architecture, generation_config, write_json
+    from pretrain.export.run_info import _recorded_model_config
+    from pretrain.model import build_model, build_model_config
+    from pretrain.model_files import write_model_files
 
-    for objective, name in MAPPINGS.items():
-        assert _mapping_from_source(name) == dict(getattr(modeling_auto, name)), objective
-    assert (architecture("llama", "clm"), architecture("bert", "mlm")) == ("LlamaForCausalLM", "BertForMaskedLM")
-    with pytest.raises(ExportError, match="model_type 'llama' has no transformers MLM class"):
-        architecture("llama", "mlm")
-    for ids in ((0, 0, 1), (None, 2, 2)):
-        GenerationConfig(bos_token_id=ids[0], eos_token_id=ids[1], pad_token_id=ids[2]).save_pretrained(str(tmp_path))
-        theirs = (tmp_path / "generation_config.json").read_text()
-        write_json(tmp_path / "generation_config.json", generation_config(*ids))
-        assert (tmp_path / "generation_config.json").read_text() == theirs
+    for preset, cls, ids in (("llama-test", "LlamaForCausalLM", (0, 1, None)), ("bert-test", "BertForMaskedLM", (2, 3, 0))):
+        special = dict(zip(("bos_token_id", "eos_token_id", "pad_token_id"), ids))
+        model = build_model(build_model_config(preset, 128, 32, special), seed=0)
+        write_model_files(model, tmp_path / preset)
+        assert AutoConfig.from_pretrained(tmp_path / preset).architectures == [cls] and not model.config.architectures
+        generation = GenerationConfig.from_pretrained(tmp_path / preset)
+        assert (generation.bos_token_id, generation.eos_token_id) == ids[:2]
+        assert generation.pad_token_id == (ids[2] if ids[2] is not None else ids[1])  # pad falls back to eos
+        assert _recorded_model_config(tmp_path / preset)["architectures"] == [cls]
+    (tmp_path / "llama-test" / "generation_config.json").unlink()
+    with pytest.raises(ExportError, match=r"llama-test: no model class .* or generation_config.json; the run was "
+                                          "trained before lmforge recorded them"):
+        _recorded_model_config(tmp_path / "llama-test")
 
 
 def test_exact_verification_where_the_reload_computes_what_the_engine_did():
