@@ -82,10 +82,10 @@ def _raw_train(texts: list[str], family: str, vocab_size: int) -> Any:
 
 def throughput(corpus_dir: Path, work: Path, args) -> tuple[dict, dict]:
     """``(wall runs, details)``: alternating timed trainings of both sides in this process."""
+    from transformers import AutoTokenizer  # noqa: F401  (one-time imports, torch included, before any clock)
+
     from data_prep.reader import iter_documents
     from data_prep.tokenizer.train import train_tokenizer
-
-    from transformers import AutoTokenizer  # noqa: F401  (one-time imports, torch included, before any clock)
 
     texts = [d.text for d in iter_documents([str(corpus_dir)])]
     cpu: dict[str, list[float]] = {"lmforge": [], "peer": []}

@@ -80,8 +80,9 @@ def training_arguments(cfg, world_size: int, output_dir: str):
 
 def hf_worker(tok: Path, data: Path, steps: int, result_path: Path) -> int:
     """One rank of the Hugging Face Trainer side; rank 0 writes ``{tokens_per_s, step_end_s}``."""
-    import datasets
     from functools import partial
+
+    import datasets
     from transformers import Trainer, TrainerCallback
 
     from pretrain.model import build_model
@@ -122,7 +123,7 @@ def run_hf(tok: Path, data: Path, steps: int, tmp: Path) -> dict:
     result_path = tmp / f"hf-{time.monotonic_ns()}.json"
     worker = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", "--tokenizer", str(tok), "--data", str(data),
               "--steps", str(steps), "--result", str(result_path)]
-    launcher = "import sys; from launch.local import run_local; run_local(sys.argv[1:], %d)" % NPROC
+    launcher = f"import sys; from launch.local import run_local; run_local(sys.argv[1:], {NPROC})"
     res = common.run_child([sys.executable, "-c", launcher, *worker],
                            env=common.python_env(**common.CPU_ONLY_ENV))
     common.check_child(res, "the Hugging Face Trainer side")

@@ -151,7 +151,7 @@ class BlendedReader:
 
     @classmethod
     def from_dirs(cls, dirs: Sequence[str | Path], weights: Sequence[float], split: str = "train",
-                  num_samples: int | None = None, seed: int = 0) -> "BlendedReader":
+                  num_samples: int | None = None, seed: int = 0) -> BlendedReader:
         """Open ``split`` of each prepared folder and blend them."""
         return cls([ShardReader(d, split) for d in dirs], weights, num_samples, seed)
 

@@ -26,8 +26,7 @@ from data_prep.dedup import HASHES_PREFIX
 from data_prep.encode import SPLITS
 from data_prep.errors import InputError, UserError
 from data_prep.pack import Framing, StreamPacker
-from data_prep.shards import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, ShardWriter,
-                              write_datasets_metadata)
+from data_prep.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, ShardWriter, write_datasets_metadata
 from data_prep.stats import length_bin_edges
 from lmforge_common import write_json_atomic
 

@@ -45,12 +45,12 @@ class Rows:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def slice(self, a: int, b: int) -> "Rows":
+    def slice(self, a: int, b: int) -> Rows:
         lo, hi = int(self.offsets[a]), int(self.offsets[b])
         return Rows(self.ids[a:b], self.offsets[a:b + 1] - lo, self.starts[lo:hi], self.num_tokens[a:b])
 
     @staticmethod
-    def concat(parts: list["Rows"]) -> "Rows":
+    def concat(parts: list[Rows]) -> Rows:
         if len(parts) == 1:
             return parts[0]
         offsets = [np.zeros(1, dtype=np.int32)]

@@ -26,8 +26,17 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from data_prep.errors import InputError
-from data_prep.sources import (JSONL_SUFFIXES, KNOWN_SUFFIXES, PARQUET_SUFFIXES, TEXT_SUFFIXES,  # noqa: F401 (re-exported)
-                               Segment, Source, plan_segments, resolve_sources, stdlib_files)
+from data_prep.sources import (  # noqa: F401 (re-exported)
+    JSONL_SUFFIXES,
+    KNOWN_SUFFIXES,
+    PARQUET_SUFFIXES,
+    TEXT_SUFFIXES,
+    Segment,
+    Source,
+    plan_segments,
+    resolve_sources,
+    stdlib_files,
+)
 
 DEFAULT_BLOCK_BYTES = 1 << 20
 COUNT_CHUNK_BYTES = 1 << 24
@@ -281,7 +290,8 @@ def read_blocks(seg: Segment, text_column: str = "text", text_mode: str = "file"
     except InputError:
         raise
     except Exception as exc:  # gzip.BadGzipFile, zstd.ZstdError, EOFError, ArrowInvalid, OSError...
-        raise InputError(f"{src.path}: unreadable {src.kind} input ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})") from exc
+        detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+        raise InputError(f"{src.path}: unreadable {src.kind} input ({type(exc).__name__}: {detail})") from exc
 
 
 # ---------------------------------------------------------------- parsing (any process)

@@ -52,7 +52,7 @@ class HubSpec:
     split: str
 
     @classmethod
-    def parse(cls, item: str) -> "HubSpec":
+    def parse(cls, item: str) -> HubSpec:
         rest = item[len(HUB_PREFIX):]
         rest, _, split = rest.rpartition("@") if "@" in rest else (rest, "", "train")
         name, _, config = rest.partition(":")

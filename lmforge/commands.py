@@ -41,8 +41,8 @@ def add_train(sub) -> None:
 
 def _train(args) -> int:
     """Exit 0 when training finished, 75 (EX_TEMPFAIL) when it stopped for preemption after a save."""
-    from pretrain.config import load_config
     from lmforge_common import EXIT_PREEMPTED
+    from pretrain.config import load_config
     from pretrain.trainer import train
 
     extra = [f"checkpoint.resume={args.resume_from}"] if args.resume_from else []

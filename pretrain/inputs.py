@@ -149,7 +149,7 @@ class MaskedLMInputs:
 
     @classmethod
     def for_model(cls, tokenizer_dir: str, model_config, document_masking: bool, probability: float,
-                  mask_replace_prob: float, random_replace_prob: float, whole_word_mask: bool) -> "MaskedLMInputs":
+                  mask_replace_prob: float, random_replace_prob: float, whole_word_mask: bool) -> MaskedLMInputs:
         """The inputs for ``model_config``: RoBERTa's position offset and ModernBERT's sliding window taken from it."""
         offset = model_config.pad_token_id + 1 if model_config.model_type == "roberta" else 0
         window = getattr(model_config, "sliding_window", None) if "sliding_attention" in (

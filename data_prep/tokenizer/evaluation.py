@@ -23,9 +23,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data_prep.tokenizer.folder import fingerprint, load_tokenizer, read_metadata
 from data_prep.tokenizer.corpus import DEFAULT_BATCH_BYTES, CorpusStats, CorpusText
 from data_prep.tokenizer.families import ROUND_TRIP_NONE, ROUND_TRIP_NORMALIZED
+from data_prep.tokenizer.folder import fingerprint, load_tokenizer, read_metadata
 
 
 @dataclass
@@ -47,7 +47,7 @@ class _Scorer:
     """(vocab_size,) bool: ids seen so far."""
 
     @classmethod
-    def load(cls, tokenizer_dir: str) -> "_Scorer":
+    def load(cls, tokenizer_dir: str) -> _Scorer:
         tok = load_tokenizer(tokenizer_dir)
         meta = read_metadata(tokenizer_dir)
         promise = meta.get("round_trip", "unknown")

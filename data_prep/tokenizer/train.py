@@ -16,12 +16,29 @@ from typing import Any, Callable, Sequence
 
 from data_prep.errors import InputError, UserError
 from data_prep.fim import FIM_TOKENS
-from data_prep.tokenizer.folder import (TOKENIZER_FILE, TokenizerInfo, is_replaceable_output, load_tokenizer, read_metadata,
-                                 save_tokenizer_folder)
 from data_prep.tokenizer.corpus import DEFAULT_BATCH_BYTES, CorpusStats, CorpusText, prefetched
-from data_prep.tokenizer.families import (FAMILIES, UNIGRAM_ALPHABET_ERROR, WORDPIECE_PREFIX, FamilySpec, SpecialTokens,
-                                          alphabet_problem, build, decorated_symbols, finish, minimum_vocab_size,
-                                          release_seeds, special_token_problems)
+from data_prep.tokenizer.families import (
+    FAMILIES,
+    UNIGRAM_ALPHABET_ERROR,
+    WORDPIECE_PREFIX,
+    FamilySpec,
+    SpecialTokens,
+    alphabet_problem,
+    build,
+    decorated_symbols,
+    finish,
+    minimum_vocab_size,
+    release_seeds,
+    special_token_problems,
+)
+from data_prep.tokenizer.folder import (
+    TOKENIZER_FILE,
+    TokenizerInfo,
+    is_replaceable_output,
+    load_tokenizer,
+    read_metadata,
+    save_tokenizer_folder,
+)
 from data_prep.tokenizer.unigram import make_reproducible
 
 log = logging.getLogger(__name__)

@@ -294,7 +294,7 @@ class TensorReader:
         self.kernel_copy = hasattr(os, "copy_file_range")
         """Copy with ``os.copy_file_range``; cleared once the kernel refuses (then pread / pwrite)."""
 
-    def __enter__(self) -> "TensorReader":
+    def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc) -> None:

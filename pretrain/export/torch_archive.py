@@ -169,7 +169,7 @@ class _StorageType:
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, archive: "_Archive"):
+    def __init__(self, data: bytes, archive: _Archive):
         import io
 
         super().__init__(io.BytesIO(data))

@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from data_prep.encode import EncodeSpec, Encoder, split_points
+from data_prep.encode import Encoder, EncodeSpec, split_points
 from data_prep.errors import UserError
 from data_prep.prep import PrepConfig, prepare
 from data_prep.reader import iter_documents

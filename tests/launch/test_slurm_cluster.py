@@ -4,10 +4,10 @@ import subprocess
 import sys
 import time
 
-from tests.launch.conftest import CRED_EXPIRE_S
-from lmforge_common import EXIT_PREEMPTED, rendezvous_port
 from launch.sbatch_scripts import render_train_script
 from launch.slurm import SlurmOptions, submit, write_script
+from lmforge_common import EXIT_PREEMPTED, rendezvous_port
+from tests.launch.conftest import CRED_EXPIRE_S
 
 
 def test_two_node_training_runs_one_rank_per_node_and_completes(slurm_cluster, tiny_config, tmp_path):
@@ -112,6 +112,6 @@ def test_usr1_makes_the_real_trainer_save_then_slurm_requeues_and_it_resumes_to_
     job = slurm_cluster.wait_job(job_id, 240 + CRED_EXPIRE_S)  # the requeued job starts by itself after cred_expire
     rank0 = (run_dir / "slurm" / f"{job_id}-rank0.log").read_text()
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", (job, rank0[-2000:], slurm_cluster.log_tail(40))
-    assert f"stopping at step" in rank0 and f"exit code {EXIT_PREEMPTED}" in rank0
+    assert "stopping at step" in rank0 and f"exit code {EXIT_PREEMPTED}" in rank0
     assert re.search(r"resumed from step_\d{8}", rank0)
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 400

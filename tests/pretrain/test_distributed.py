@@ -1,8 +1,8 @@
 """Rank discovery from each launcher's environment, its precedence, and the errors when it is incomplete."""
 import pytest
 
-from pretrain.errors import DistributedError
 from pretrain.distributed import ENV_SCHEMES, discover_ranks
+from pretrain.errors import DistributedError
 
 ALL_VARS = sorted({v for scheme in ENV_SCHEMES for v in scheme[1:]} | {"SLURM_NTASKS"})
 
