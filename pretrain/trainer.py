@@ -22,7 +22,7 @@ import numpy as np
 
 from data_prep.errors import UserError
 from data_prep.shards import check_shard_files
-from lmforge_common import write_json_atomic
+from lmforge_common import EXIT_PREEMPTED, write_json_atomic
 from data_prep.tokenizer.folder import TokenizerInfo, load_tokenizer_info
 from pretrain import checkpoint
 from pretrain.checkpoint import TrainState
