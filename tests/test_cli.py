@@ -38,14 +38,6 @@ def test_vocabulary_that_does_not_fit_the_embedding(tmp_path, corpus_dirs):
     assert not (tmp_path / "out" / "run").exists()
 
 
-def test_trainer_and_launchers_agree_on_the_preempted_exit_code():
-    """launch/ imports nothing of pretrain/, so the shared exit code is a contract checked here."""
-    from launch.contract import EXIT_PREEMPTED as launcher_code
-    from pretrain.preemption import EXIT_PREEMPTED as trainer_code
-
-    assert launcher_code == trainer_code == 75
-
-
 def test_missing_shard_stops_training_before_step_1(tmp_path, tokenizer_dir, prepared_dir):
     """Shards open lazily, so rank 0 checks every shard's size at start (one stat each)."""
     import json
