@@ -39,14 +39,17 @@ def train_step(engine: Engine, batches: Iterator[MicroBatch], build_inputs: Inpu
 
     Returns ``(mean loss on this rank in nats per predicted token, step applied)``; DeepSpeed skips
     the step on every rank when the global gradient norm is not finite (see :mod:`pretrain.guard`).
+    The micro batches' losses are summed on the device in float64 and read once per step (one
+    host-device sync per optimizer step, not per micro batch); float64 sums the float32 losses as
+    Python floats would, so the result is the same to the bit.
     """
-    total = 0.0
+    total = None
     for _ in range(accumulation_steps):
         loss = engine(**to_device(build_inputs(next(batches)), engine.device)).loss
         engine.backward(loss)
         engine.step()
-        total += loss.float().item()
-    return total / accumulation_steps, engine.was_step_applied()
+        total = loss.detach().double() if total is None else total + loss.detach().double()
+    return total.item() / accumulation_steps, engine.was_step_applied()
 
 
 def logged_indices(batches: Iterator[MicroBatch], log: IO[str], first_step: int,
