@@ -6,10 +6,15 @@ import math
 import numpy as np
 
 from pretrain.distributed import all_reduce_sum, log_rank0
+from pretrain.errors import ConsistencyError
 from pretrain.inputs import IGNORE_INDEX
 from pretrain.metrics import MetricsWriter
 from pretrain.run import Run
 from pretrain.step import to_device
+
+VAL_DOCUMENTS_WANTED = 5
+"""Documents a suggested ``--val-fraction`` holds out on average: the split is drawn per document by hash,
+so with 5 expected the chance of none is e^-5, under 1 %."""
 
 
 def evaluate(run: Run) -> dict:
@@ -31,14 +36,38 @@ def evaluate(run: Run) -> dict:
                 inputs = run.inputs(mb)
                 labels = inputs["labels"][:, 1:] if run.objective == "clm" else inputs["labels"]
                 n = int((labels != IGNORE_INDEX).sum())
-                loss_sum += engine(**to_device(inputs, engine.device)).loss.float().item() * n
-                tokens += n
+                loss = engine(**to_device(inputs, engine.device)).loss  # every rank runs every forward (ZeRO-3)
+                if n:  # a batch of padding rows only (a split smaller than a micro batch per rank) has a NaN mean
+                    loss_sum += loss.float().item() * n
+                    tokens += n
     finally:
         np.random.set_state(rng_state)
         engine.train()
     loss_sum, tokens = all_reduce_sum([loss_sum, float(tokens)])
     loss = loss_sum / tokens if tokens else float("nan")
     return {"val_loss": loss, "val_ppl": math.exp(loss) if tokens else float("nan"), "val_tokens": int(tokens)}
+
+
+def require_validation_set(run: Run, manifest: dict | None) -> None:
+    """Refuse a run whose validation set is empty (its loss would be NaN), naming the fraction that would give one.
+
+    Raises:
+        ConsistencyError: ``data.eval_batches`` > 0 and the validation split holds no sequence.
+    """
+    data = run.cfg.data
+    if run.val_batches or not data.eval_batches:
+        return
+    if manifest is None:
+        raise ConsistencyError(f"{data.raw_inputs[0]}: no held-out document in the corpus at "
+                               f"data.raw_val_fraction={data.raw_val_fraction}, so validation loss would be NaN; "
+                               "raise data.raw_val_fraction, or set data.eval_batches=0 to train without validation")
+    documents = manifest["counts"]["documents"]
+    fraction = manifest.get("config", {}).get("val_fraction", "?")
+    suggest = min(0.5, max(0.005, VAL_DOCUMENTS_WANTED / max(documents, 1)))
+    raise ConsistencyError(f"{data.path or data.blend[0].path}: the validation split holds 0 sequences (prep "
+                           f"--val-fraction {fraction} of {documents} documents), so validation loss would be NaN; "
+                           f"rerun lmforge prep with --val-fraction {suggest:.2g} (about {VAL_DOCUMENTS_WANTED} "
+                           "documents held out), or set data.eval_batches=0 to train without validation")
 
 
 class Evaluator:

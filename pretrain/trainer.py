@@ -38,7 +38,7 @@ from pretrain.distributed import (
     log_rank0,
 )
 from pretrain.engine import build_ds_config, initialize_engine
-from pretrain.evaluator import Evaluator
+from pretrain.evaluator import Evaluator, require_validation_set
 from pretrain.faults import FaultInjector
 from pretrain.flops import flops_per_token, peak_flops_per_device
 from pretrain.guard import DivergenceGuard
@@ -142,13 +142,14 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     else:
         source = StreamingSource(list(cfg.data.raw_inputs), tok, seq_len, cfg.data.raw_text_column, cfg.data.raw_val_fraction)
     objective = objective_of(model_config)
-    run = Run(cfg=cfg, dist=dist, engine=engine, objective=objective, resume_from=resume_from, resume_universal=universal,
-              source=source, inputs=make_input_builder(cfg, objective),
+    run = Run(cfg=cfg, dist=dist, engine=engine, objective=objective, resume_from=resume_from,
+              resume_universal=universal, source=source, inputs=make_input_builder(cfg, objective),
               val_batches=source.val_batches(dist.rank, dist.world_size, ds.micro_batch_size, cfg.data.eval_batches),
               seq_len=seq_len,
               global_batch=ds.micro_batch_size * ds.gradient_accumulation_steps * dist.world_size,
               fingerprints={"tokenizer": tok.fingerprint, "data": data[1]},
               flops_per_token=fpt, peak_flops=peak_flops_per_device(cfg.peak_tflops))
+    require_validation_set(run, data[0])
     log_rank0("model %s: %.2fM parameters, vocab %d rows (tokenizer %d), seq_len %d", cfg.model.preset,
               n_params / 1e6, model_config.vocab_size, tok.vocab_size, seq_len)
     log_rank0("batch: micro batch %d x accumulation %d x world size %d = global batch %d sequences = %d tokens; "
