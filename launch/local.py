@@ -91,8 +91,8 @@ def _outcome(codes: list[int | None], command: Sequence[str], preempted_grace_s:
     saved = codes.index(EXIT_PREEMPTED)
     stuck = [r for r, c in enumerate(codes) if c is None]
     if stuck:
-        raise LaunchError(f"rank {stuck[0]} of {nproc} still ran {preempted_grace_s:g} s after rank {saved} saved and exited "
-                          f"{EXIT_PREEMPTED}; terminated: {cmd}")
+        raise LaunchError(f"rank {stuck[0]} of {nproc} still ran {preempted_grace_s:g} s after rank {saved} saved and "
+                          f"exited {EXIT_PREEMPTED}; terminated: {cmd}")
     raise RanksPreempted(f"{nproc} ranks saved a checkpoint and exited {EXIT_PREEMPTED} (preempted): {cmd}")
 
 

@@ -123,7 +123,8 @@ def run_mpi(command: Sequence[str], np: int, hostfile: str | None = None, master
     log.info("starting %d ranks: %s", np, " ".join(cmd))
     rc = subprocess.run(cmd).returncode
     if rc == EXIT_PREEMPTED:
-        raise RanksPreempted(f"{np} MPI ranks saved a checkpoint and exited {EXIT_PREEMPTED} (preempted): {' '.join(command)}")
+        raise RanksPreempted(f"{np} MPI ranks saved a checkpoint and exited {EXIT_PREEMPTED} (preempted): "
+                             f"{' '.join(command)}")
     if rc != 0:
         raise LaunchError(f"mpirun exited with code {rc} ({np} ranks of: {' '.join(command)}); the failing rank's "
                           "output is above")

@@ -100,19 +100,20 @@ class MetricsLogger:
         run, world_size = self.run, self.run.dist.world_size
         (loss_sum,) = all_reduce_sum([self._loss_sum / max(self._loss_steps, 1)])
         now = time.perf_counter()
+        tokens_per_s = (state.tokens - self._last_tokens) / (now - self._last_s)
         record = {"step": state.step, "loss": loss_sum / world_size if self._loss_steps else float("nan"),
-                  "lr": run.engine.get_lr()[0], "tokens_per_s": (state.tokens - self._last_tokens) / (now - self._last_s),
+                  "lr": run.engine.get_lr()[0], "tokens_per_s": tokens_per_s,
                   "consumed_samples": state.consumed_samples, "tokens": state.tokens,
                   "skipped_steps": state.skipped_steps, "loss_spikes": loss_spikes,
                   "peak_mem_gib": round(peak_memory_gib(), 3)}
         if run.peak_flops:  # model FLOPs utilization: achieved / peak FLOP/s over all devices
             record["mfu"] = record["tokens_per_s"] * run.flops_per_token / (world_size * run.peak_flops)
         self.writer.write(record)
-        self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{tokens_per_s:.0f}")
         self._loss_sum, self._loss_steps, self._last_s, self._last_tokens = 0.0, 0, now, state.tokens
 
     def throughput(self, state: TrainState) -> tuple[float, float]:
-        """``(seconds since the first step, tokens per second over them)`` of this start (not of a resumed run's past)."""
+        """``(seconds since the first step, tokens per second over them)`` of this start, not a resumed run's past."""
         elapsed_s = time.perf_counter() - self.start_s
         return elapsed_s, (state.tokens - self.start_tokens) / max(elapsed_s, 1e-9)
 

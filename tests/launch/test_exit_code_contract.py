@@ -36,8 +36,8 @@ def test_exit_preempted_is_defined_once_and_imported_from_lmforge_common_everywh
                 users.add(path)
     assert definitions == ["lmforge_common.py"] and EXIT_PREEMPTED == 75
     assert users - {ROOT / "lmforge_common.py"} <= importers, "uses the name without importing it"
-    expected = {ROOT / p for p in ("pretrain/preemption.py", "launch/local.py", "launch/mpi.py", "launch/sbatch_scripts.py",
-                                   "lmforge/commands.py")}
+    expected = {ROOT / p for p in ("pretrain/preemption.py", "launch/local.py", "launch/mpi.py",
+                                   "launch/sbatch_scripts.py", "lmforge/commands.py")}
     assert expected <= users, sorted(map(str, expected - users))
 
 

@@ -54,8 +54,10 @@ def test_usr1_to_the_launcher_reaches_every_rank(tmp_path):
             f"signal.signal(signal.SIGUSR1, lambda *a: sys.exit({EXIT_PREEMPTED})); "
             f"pathlib.Path(r'{tmp_path}', 'ready' + os.environ['RANK']).touch(); time.sleep(60)")
     launcher = ("import sys; from launch.errors import RanksPreempted; from launch.local import run_local\n"
-                f"try: run_local([sys.executable, '-c', {rank!r}], 2)\nexcept RanksPreempted: sys.exit({EXIT_PREEMPTED})")
-    proc = subprocess.Popen([sys.executable, "-c", launcher], env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+                f"try: run_local([sys.executable, '-c', {rank!r}], 2)\n"
+                f"except RanksPreempted: sys.exit({EXIT_PREEMPTED})")
+    root = str(Path(__file__).parents[2])
+    proc = subprocess.Popen([sys.executable, "-c", launcher], env={**os.environ, "PYTHONPATH": root})
     deadline = time.monotonic() + 60
     while len(list(tmp_path.glob("ready*"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -80,7 +82,8 @@ def test_launch_local_cli_refuses_before_starting_ranks(tiny_config, tmp_path):
 def test_launch_local_cli_preempted_exits_75_with_one_line_then_the_rerun_resumes_and_finishes(tiny_config, tmp_path):
     """The user's case: ``launch local`` with ``preemption.max_minutes`` must exit 75 with one line, not an error."""
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "lmforge", "launch", "local", "--nproc", "2", str(tiny_config), f"run_dir={run_dir}"]
+    command = [sys.executable, "-m", "lmforge", "launch", "local", "--nproc", "2", str(tiny_config),
+               f"run_dir={run_dir}"]
     proc = subprocess.run([*command, "preemption.max_minutes=0.0001"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-3000:]
     assert "error" not in proc.stderr, proc.stderr[-3000:]
