@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 
+from pretrain.config import TrainConfig
 from pretrain.distributed import all_reduce_sum, log_rank0
 from pretrain.errors import ConsistencyError
 from pretrain.inputs import IGNORE_INDEX
@@ -61,13 +62,30 @@ def require_validation_set(run: Run, manifest: dict | None) -> None:
         raise ConsistencyError(f"{data.raw_inputs[0]}: no held-out document in the corpus at "
                                f"data.raw_val_fraction={data.raw_val_fraction}, so validation loss would be NaN; "
                                "raise data.raw_val_fraction, or set data.eval_batches=0 to train without validation")
+    raise _empty_split(data.path or data.blend[0].path, manifest)
+
+
+def check_validation_split(cfg: TrainConfig, manifest: dict | None) -> None:
+    """Before any rank starts: refuse a prepared dataset whose validation split is empty (``splits.val.sequences``
+    of its manifest is 0) while ``data.eval_batches`` > 0. Blends and streamed corpora are checked by
+    :func:`require_validation_set` once the ranks have their batches.
+
+    Raises:
+        ConsistencyError: see above.
+    """
+    val = ((manifest or {}).get("splits") or {}).get("val") or {}
+    if cfg.data.eval_batches and cfg.data.path and val.get("sequences") == 0:
+        raise _empty_split(cfg.data.path, manifest)
+
+
+def _empty_split(path: str, manifest: dict) -> ConsistencyError:
     documents = manifest["counts"]["documents"]
     fraction = manifest.get("config", {}).get("val_fraction", "?")
     suggest = min(0.5, max(0.005, VAL_DOCUMENTS_WANTED / max(documents, 1)))
-    raise ConsistencyError(f"{data.path or data.blend[0].path}: the validation split holds 0 sequences (prep "
-                           f"--val-fraction {fraction} of {documents} documents), so validation loss would be NaN; "
-                           f"rerun lmforge prep with --val-fraction {suggest:.2g} (about {VAL_DOCUMENTS_WANTED} "
-                           "documents held out), or set data.eval_batches=0 to train without validation")
+    return ConsistencyError(f"{path}: the validation split holds 0 sequences (prep --val-fraction {fraction} of "
+                            f"{documents} documents), so validation loss would be NaN; rerun lmforge prep with "
+                            f"--val-fraction {suggest:.2g} (about {VAL_DOCUMENTS_WANTED} documents held out), or set "
+                            "data.eval_batches=0 to train without validation")
 
 
 class Evaluator:

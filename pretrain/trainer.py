@@ -38,7 +38,7 @@ from pretrain.distributed import (
     log_rank0,
 )
 from pretrain.engine import build_ds_config, initialize_engine
-from pretrain.evaluator import Evaluator, require_validation_set
+from pretrain.evaluator import Evaluator, check_validation_split, require_validation_set
 from pretrain.faults import FaultInjector
 from pretrain.flops import flops_per_token, peak_flops_per_device
 from pretrain.guard import DivergenceGuard
@@ -82,7 +82,8 @@ def preflight(cfg: TrainConfig, data: tuple[dict | None, str] | None = None) -> 
     the caller already has it.
 
     Raises:
-        ConsistencyError, ConfigError, InputError: see :func:`pretrain.checks.check_consistency`.
+        ConsistencyError, ConfigError, InputError: see :func:`pretrain.checks.check_consistency`; an empty
+            validation split (:func:`pretrain.evaluator.check_validation_split`).
     """
     tok = load_tokenizer_info(cfg.data.tokenizer)
     manifest = (data or describe_data(_data_dict(cfg)))[0]
@@ -95,6 +96,7 @@ def preflight(cfg: TrainConfig, data: tuple[dict | None, str] | None = None) -> 
         special = {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id}
         model_config = build_model_config(cfg.model.preset, rows, seq_len, special, overrides)
     check_consistency(tok, manifest, model_config, seq_len, objective_of(model_config))
+    check_validation_split(cfg, manifest)
     return tok, model_config, seq_len
 
 
