@@ -38,10 +38,13 @@ class StopPolicy:
     The clock starts when the policy is made (the budget covers set-up after that, evaluation and saves).
     """
 
-    def __init__(self, signal_names: list[str], max_minutes: float = 0.0, requeue: bool = False):
+    def __init__(self, signal_names: list[str], max_minutes: float = 0.0, requeue: bool = False,
+                 poll_every_steps: int = 1, max_steps: int = 0):
+        """``poll_every_steps``: steps between agreements (and at ``max_steps``, the last step)."""
         self.signalled = False
         self.signal_name = ""
         self.max_minutes, self.requeue = max_minutes, requeue
+        self.poll_every_steps, self.max_steps = poll_every_steps, max_steps
         self.start_s = time.monotonic()
         self._previous = {}
         for name in signal_names:
@@ -52,11 +55,15 @@ class StopPolicy:
         self.signalled = True
         self.signal_name = signal.Signals(signum).name
 
-    def poll(self, save_timer_due: bool = False) -> StopDecision:
-        """Collective (one all-reduce): whether any rank was signalled, ran out of its budget, or has
-        ``save_timer_due`` (this rank's clock says a time-based save is due)."""
+    def poll(self, step: int, save_timer_due: bool = False) -> StopDecision:
+        """After optimizer step ``step``: whether any rank was signalled, ran out of its budget, or has
+        ``save_timer_due`` (this rank's clock says a time-based save is due). Collective (one all-reduce) on
+        multiples of ``poll_every_steps`` and at ``max_steps``; elsewhere "go on" without communication,
+        so every rank stops at the same step."""
         from pretrain.distributed import all_reduce_sum
 
+        if step % self.poll_every_steps and step != self.max_steps:
+            return StopDecision()
         over_budget = self.max_minutes > 0 and (time.monotonic() - self.start_s) / 60 >= self.max_minutes
         signalled, over, due = all_reduce_sum([float(self.signalled), float(over_budget), float(save_timer_due)])
         return StopDecision("signal" if signalled else "time budget" if over else "", due > 0)

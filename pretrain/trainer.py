@@ -177,7 +177,8 @@ def _train(run: Run) -> dict:
     with contextlib.ExitStack() as closing:
         writer = MetricsWriter(cfg.run_dir, dist.is_main, cfg.wandb_project, {"config_yaml": to_yaml(cfg)})
         closing.callback(writer.close)
-        stop = StopPolicy(list(cfg.preemption.signals), cfg.preemption.max_minutes, cfg.preemption.requeue)
+        pre = cfg.preemption
+        stop = StopPolicy(list(pre.signals), pre.max_minutes, pre.requeue, pre.poll_every_steps, cfg.max_steps)
         closing.callback(stop.restore)
         faults = FaultInjector(cfg.debug, dist.is_main, run.engine)
         checkpointer = Checkpointer(run, saved_step=state.step, crash_point=faults.crash_in_save)
@@ -195,7 +196,7 @@ def _train(run: Run) -> dict:
             faults.after_step(state.step)
             metrics.after_step(state, loss, applied, guard.spikes)
             evaluator.after_step(state.step)
-            decision = stop.poll(checkpointer.timer_due())
+            decision = stop.poll(state.step, checkpointer.timer_due())
             saved = checkpointer.after_step(state, extras, decision)
             if decision.reason:
                 return stop.stopped(state.step, decision.reason, saved, dist.is_main)
