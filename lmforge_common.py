@@ -11,9 +11,14 @@ Three contracts live here, each defined once:
   whole new one, never half of it. Manifests, checkpoint state and markers are written this way.
 - **The launcher <-> rank exit-code contract.** A rank that caught the preemption signal (or ran out
   of its time budget) and saved a checkpoint together with every other rank exits
-  :data:`EXIT_PREEMPTED`. Every launcher (local, MPI, the Slurm batch script) passes that code on
-  as "saved, resumable": the Slurm script requeues the job, the local and MPI launchers exit with it
-  and print the command to rerun. The rendezvous port of a Slurm job (:func:`rendezvous_port`) is
+  :data:`EXIT_PREEMPTED`, and only after the save's last barrier, so when any rank has exited with
+  it the checkpoint is complete. Every launcher (local, MPI, the Slurm batch script) passes that
+  code on as "saved, resumable": the Slurm script requeues the job; ``launch.local.run_local`` and
+  ``launch.mpi.run_mpi`` raise ``launch.errors.RanksPreempted``, on which ``lmforge launch
+  local|mpi`` print one line naming the step and the checkpoint and exit with the code. The step and
+  checkpoint are not part of what a rank reports: the CLI (which may import ``pretrain``) reads the
+  run dir's newest complete checkpoint, so ``launch`` needs no knowledge of the checkpoint layout
+  and ranks print nothing machine-readable. The rendezvous port of a Slurm job (:func:`rendezvous_port`) is
   part of the same contract: the batch script computes it in bash, an srun task in Python.
 
 Why a top-level module: ``launch`` may import neither ``data_prep`` nor ``pretrain``, and

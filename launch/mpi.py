@@ -7,6 +7,12 @@ of the hostfile (127.0.0.1 without one), ``MASTER_PORT`` a free local port (``ma
 on a hostfile). No ssh launcher of our own and no MPI communication: torch.distributed (gloo or
 NCCL) carries the traffic, MPI only starts the ranks. ``--bind-to none`` lets each rank's intra-op
 threads use the cores it is given (OpenMPI otherwise pins each rank to one core).
+
+Preemption (the contract of :mod:`lmforge_common`): mpirun exits with the code of the first rank
+that exited non-zero and stops the others; when that code is :data:`~lmforge_common.EXIT_PREEMPTED`
+the ranks had saved a checkpoint together (they exit only after the save's last barrier), so
+:func:`run_mpi` raises :class:`~launch.errors.RanksPreempted`. mpirun passes SIGUSR1 on to the
+ranks (OpenMPI forwards SIGUSR1 / SIGUSR2), so ``kill -USR1 <mpirun pid>`` asks for a save.
 """
 from __future__ import annotations
 
@@ -17,8 +23,8 @@ import subprocess
 from pathlib import Path
 from typing import Sequence
 
-from launch.errors import LaunchError
-from lmforge_common import free_port
+from launch.errors import LaunchError, RanksPreempted
+from lmforge_common import EXIT_PREEMPTED, free_port
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +116,15 @@ def run_mpi(command: Sequence[str], np: int, hostfile: str | None = None, master
     """Run ``np`` ranks of ``command`` under mpirun and wait; mpirun stops all ranks when one fails.
 
     Raises:
-        LaunchError: see :func:`find_openmpi` and :func:`mpirun_command`; mpirun exited non-zero.
+        RanksPreempted: mpirun exited ``EXIT_PREEMPTED``: the ranks saved a checkpoint (resumable).
+        LaunchError: see :func:`find_openmpi` and :func:`mpirun_command`; mpirun exited with another non-zero code.
     """
     cmd = mpirun_command(command, np, find_openmpi(), hostfile, master_addr, master_port)
     log.info("starting %d ranks: %s", np, " ".join(cmd))
     rc = subprocess.run(cmd).returncode
+    if rc == EXIT_PREEMPTED:
+        raise RanksPreempted(f"{np} MPI ranks saved a checkpoint and exited {EXIT_PREEMPTED} (preempted): "
+                             f"{' '.join(command)}")
     if rc != 0:
         raise LaunchError(f"mpirun exited with code {rc} ({np} ranks of: {' '.join(command)}); the failing rank's "
                           "output is above")

@@ -9,7 +9,7 @@ splitting them between gloo ranks.
 
 Rendezvous: ``MASTER_ADDR`` is the first host of ``SLURM_JOB_NODELIST`` (``scontrol show
 hostnames``) at the address Slurm itself uses for it (its ``NodeAddr``, which defaults to the node
-name); ``MASTER_PORT`` is derived from the job id (:func:`launch.contract.rendezvous_port`).
+name); ``MASTER_PORT`` is derived from the job id (:func:`lmforge_common.rendezvous_port`).
 
 Preemption (when on): ``#SBATCH --signal=USR1@grace`` and ``--requeue``; the ranks catch the
 signal, save together and exit ``EXIT_PREEMPTED``; the script then runs ``scontrol requeue`` and

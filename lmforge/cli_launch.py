@@ -9,6 +9,11 @@ per-rank variables (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE
 ``MASTER_PORT``), plus the failing rank named in the error, the others stopped at once, and the
 cores split between ranks (``OMP_NUM_THREADS``), with no elastic agent process in between.
 ``torchrun --nproc-per-node N -m lmforge train CONFIG`` works as well.
+
+Preempted ranks (a signal or ``preemption.max_minutes``; they save together and exit
+:data:`~lmforge_common.EXIT_PREEMPTED`) make ``launch local`` and ``launch mpi`` print one line with
+the step and the checkpoint, read here from the run dir's newest complete checkpoint, and exit with
+that code: rerunning the same command resumes.
 """
 from __future__ import annotations
 
@@ -103,22 +108,47 @@ def _default_ranks(value: int | None) -> int:
     return value if value is not None else default_nproc()
 
 
+def _preempted(cfg) -> int:
+    """After the ranks exited ``EXIT_PREEMPTED``: print one line naming the step and the checkpoint they saved
+    (the run dir's newest complete one), and return that code for this process to exit with."""
+    from lmforge_common import EXIT_PREEMPTED
+    from pretrain.checkpoint import latest_complete, read_state
+    from pretrain.layout import CHECKPOINT_DIR
+
+    checkpoint_dir = Path(cfg.run_dir).resolve() / CHECKPOINT_DIR
+    newest = latest_complete(checkpoint_dir)
+    if newest is None:  # a hostfile run whose run dir is not shared with this host
+        where = f"the checkpoint is on rank 0's host (none complete in {checkpoint_dir} here)"
+    else:
+        where = f"at step {read_state(newest)['step']} of {cfg.max_steps}, checkpoint {newest} saved"
+    print(f"lmforge: preempted {where} (exit code {EXIT_PREEMPTED}); rerun the same command to resume")
+    return EXIT_PREEMPTED
+
+
 def _local(args) -> int:
+    from launch.errors import RanksPreempted
     from launch.local import run_local
 
     command, cfg = _train_command(args, check=True)
     nproc = _default_ranks(args.nproc)
-    run_local(command, nproc)
+    try:
+        run_local(command, nproc)
+    except RanksPreempted:
+        return _preempted(cfg)
     print(f"trained on {nproc} local ranks: {cfg.run_dir}")
     return 0
 
 
 def _mpi(args) -> int:
+    from launch.errors import RanksPreempted
     from launch.mpi import run_mpi
 
     command, cfg = _train_command(args, check=True)
     np = _default_ranks(args.np)
-    run_mpi(command, np, args.hostfile, args.master_addr, args.master_port)
+    try:
+        run_mpi(command, np, args.hostfile, args.master_addr, args.master_port)
+    except RanksPreempted:
+        return _preempted(cfg)
     print(f"trained on {np} MPI ranks: {cfg.run_dir}")
     return 0
 

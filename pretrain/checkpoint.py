@@ -48,6 +48,13 @@ class TrainState:
     skipped_steps: int = 0
     """Optimizer steps skipped because the loss or gradient norm was not finite."""
 
+    def advance(self, sequences: int, tokens: int, applied: bool) -> None:
+        """Count one optimizer step of ``sequences`` sequences and ``tokens`` tokens (all ranks together)."""
+        self.step += 1
+        self.consumed_samples += sequences
+        self.tokens += tokens
+        self.skipped_steps += int(not applied)
+
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"

@@ -167,6 +167,10 @@ class PreemptionConfig:
     """Under Slurm, run ``scontrol requeue $SLURM_JOB_ID`` after the preemption save."""
     max_minutes: float = 0.0
     """Wall-clock budget in minutes; when spent, save and exit with code 75 as on a signal. 0 = none."""
+    poll_every_steps: int = 1
+    """Optimizer steps between the all-reduces that agree on a stop (signal, time budget) and a time-based
+    save; the last step always polls. Above 1 saves a collective and a host-device sync per step, and
+    reacts up to that many steps later (keep the signal's grace time above that many steps plus a save)."""
 
 
 @dataclass
@@ -245,6 +249,7 @@ class TrainConfig:
                                 ("checkpoint.export_every_steps", self.checkpoint.export_every_steps, 0),
                                 ("guard.max_consecutive_nonfinite", self.guard.max_consecutive_nonfinite, 1),
                                 ("guard.spike_window", self.guard.spike_window, 1),
+                                ("preemption.poll_every_steps", self.preemption.poll_every_steps, 1),
                                 ("seq_len", self.seq_len, 0), ("optim.warmup_steps", opt.warmup_steps, 0),
                                 ("data.eval_batches", self.data.eval_batches, 0), ("model.vocab_size", self.model.vocab_size, 0),
                                 ("model.loss_chunk_tokens", self.model.loss_chunk_tokens, 0)]:

@@ -23,7 +23,7 @@ class MicroBatch:
     input_ids: np.ndarray
     """``(B, T)`` int64 token ids."""
     sample_indices: np.ndarray
-    """``(B,)`` indices of the sequences in their split."""
+    """``(B,)`` indices of the sequences in their split; -1 marks a padding row of a validation batch."""
     document_starts: list[list[int]]
     """Per sequence, the positions where a document begins."""
     num_tokens: np.ndarray | None = None
@@ -62,15 +62,38 @@ def _read(reader, idx: np.ndarray) -> tuple:
     return ids, idx, starts, nums
 
 
-def eval_batches(reader: ShardReader, rank: int, world_size: int, micro_batch_size: int,
-                 max_batches: int) -> Iterator[MicroBatch]:
-    """The fixed validation set: micro batches of the split's first sequences, in order.
+def eval_indices(num_sequences: int, rank: int, world_size: int, micro_batch_size: int,
+                 max_batches: int) -> Iterator[np.ndarray]:
+    """Per validation micro batch of ``rank``: ``(micro_batch_size,)`` int64 positions in the split, in
+    order, ``-1`` for a padding row.
 
-    Every rank gets the same number of batches (ZeRO-3 forwards are collective), at most
-    ``max_batches``; sequences past ``world_size * micro_batch_size * n`` are not evaluated.
+    Every rank gets the same number of batches of the same shape (ZeRO-3 forwards are collective), at
+    most ``max_batches``, covering the split's first ``max_batches * world_size * micro_batch_size``
+    sequences. When the split ends inside a batch, that batch is filled up with padding rows, so a
+    split smaller than one micro batch per rank is evaluated too (ranks past its end evaluate padding
+    only); an empty split gives no batch.
     """
     per_step = world_size * micro_batch_size
-    n = min(max_batches, len(reader) // per_step)
-    for b in range(n):
+    for b in range(min(max_batches, -(-num_sequences // per_step))):
         idx = np.arange(b * per_step + rank * micro_batch_size, b * per_step + (rank + 1) * micro_batch_size)
-        yield MicroBatch(*_read(reader, idx))
+        yield np.where(idx < num_sequences, idx, -1)
+
+
+def padded(idx: np.ndarray, ids: np.ndarray, starts: list[list[int]], nums: np.ndarray | None) -> MicroBatch:
+    """A validation MicroBatch whose rows with ``idx == -1`` are padding: ``num_tokens`` 0, so they carry no
+    label and no attention (pretrain.inputs) and add nothing to the validation loss. ``ids`` of those rows
+    are any real sequence's (a forward of them is well defined)."""
+    real = idx >= 0
+    if real.all():
+        return MicroBatch(ids, idx, starts, nums)
+    nums = np.full(len(idx), ids.shape[1], dtype=np.int64) if nums is None else np.asarray(nums, dtype=np.int64)
+    return MicroBatch(ids, idx, starts, np.where(real, nums, 0))
+
+
+def eval_batches(reader: ShardReader, rank: int, world_size: int, micro_batch_size: int,
+                 max_batches: int) -> Iterator[MicroBatch]:
+    """The fixed validation set: micro batches of the split's first sequences, in order (see
+    :func:`eval_indices`; a last partial batch is padded with masked rows, see :func:`padded`)."""
+    for idx in eval_indices(len(reader), rank, world_size, micro_batch_size, max_batches):
+        ids, starts, nums = reader.read_batch(np.where(idx >= 0, idx, 0))
+        yield padded(idx, ids, starts, nums)

@@ -14,6 +14,7 @@ from collections import deque
 import torch
 
 from data_prep.errors import UserError
+from pretrain.distributed import log_rank0
 
 
 class TrainingDiverged(UserError):
@@ -68,3 +69,13 @@ class DivergenceGuard:
         self.spikes += int(spike)
         self._window.append(loss)
         return spike
+
+    def after_step(self, step: int, step_applied: bool, loss: float) -> None:
+        """:meth:`update`, logging a spike on rank 0.
+
+        Raises:
+            TrainingDiverged: see :meth:`update`.
+        """
+        if self.update(step, step_applied, loss):
+            log_rank0("step %d: loss spike %.4f (> %.1fx the mean of the last %d steps)", step, loss, self.spike_factor,
+                      self._window.maxlen)

@@ -13,18 +13,39 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from lmforge_common import EXIT_PREEMPTED
 
 log = logging.getLogger(__name__)
 
 
-class StopPolicy:
-    """Signal flag, wall-clock budget and time-based save cadence, agreed on by all ranks each step."""
+@dataclass(frozen=True)
+class StopDecision:
+    """What every rank agreed on after one step (:meth:`StopPolicy.poll`)."""
 
-    def __init__(self, signal_names: list[str], max_minutes: float = 0.0, save_every_minutes: float = 0.0):
+    reason: Literal["", "signal", "time budget"] = ""
+    """"" to go on, else ``"signal"`` or ``"time budget"``: save and exit ``EXIT_PREEMPTED``."""
+    save_due: bool = False
+    """The checkpointer's time cadence (``checkpoint.save_every_minutes``) is due on some rank."""
+
+
+class StopPolicy:
+    """Signal flag and wall-clock budget, agreed on by all ranks at each step boundary.
+
+    The clock starts when the policy is made (the budget covers set-up after that, evaluation and saves).
+    """
+
+    def __init__(self, signal_names: list[str], max_minutes: float = 0.0, requeue: bool = False,
+                 poll_every_steps: int = 1, max_steps: int = 0):
+        """``poll_every_steps``: steps between agreements (and at ``max_steps``, the last step)."""
         self.signalled = False
         self.signal_name = ""
-        self.max_minutes, self.save_every_minutes = max_minutes, save_every_minutes
-        self.start_s = self.last_save_s = time.monotonic()
+        self.max_minutes, self.requeue = max_minutes, requeue
+        self.poll_every_steps, self.max_steps = poll_every_steps, max_steps
+        self.start_s = time.monotonic()
         self._previous = {}
         for name in signal_names:
             signum = getattr(signal, name)
@@ -34,20 +55,29 @@ class StopPolicy:
         self.signalled = True
         self.signal_name = signal.Signals(signum).name
 
-    def poll(self) -> tuple[str, bool]:
-        """Collective. Returns ``(stop_reason, save_due)``: ``stop_reason`` is "" to go on, else
-        ``"signal"`` or ``"time budget"``; ``save_due`` when ``save_every_minutes`` have passed on any rank."""
+    def poll(self, step: int, save_timer_due: bool = False) -> StopDecision:
+        """After optimizer step ``step``: whether any rank was signalled, ran out of its budget, or has
+        ``save_timer_due`` (this rank's clock says a time-based save is due). Collective (one all-reduce) on
+        multiples of ``poll_every_steps`` and at ``max_steps``; elsewhere "go on" without communication,
+        so every rank stops at the same step."""
         from pretrain.distributed import all_reduce_sum
 
-        now = time.monotonic()
-        over_budget = self.max_minutes > 0 and (now - self.start_s) / 60 >= self.max_minutes
-        save_due = self.save_every_minutes > 0 and (now - self.last_save_s) / 60 >= self.save_every_minutes
-        signalled, over, due = all_reduce_sum([float(self.signalled), float(over_budget), float(save_due)])
-        reason = "signal" if signalled else "time budget" if over else ""
-        return reason, due > 0
+        if step % self.poll_every_steps and step != self.max_steps:
+            return StopDecision()
+        over_budget = self.max_minutes > 0 and (time.monotonic() - self.start_s) / 60 >= self.max_minutes
+        signalled, over, due = all_reduce_sum([float(self.signalled), float(over_budget), float(save_timer_due)])
+        return StopDecision("signal" if signalled else "time budget" if over else "", due > 0)
 
-    def mark_saved(self) -> None:
-        self.last_save_s = time.monotonic()
+    def stopped(self, step: int, reason: str, checkpoint: Path | None, is_main: bool) -> dict:
+        """After the stop's save: log it, requeue the Slurm job (rank 0, with ``requeue``) and return the
+        summary of a preempted run (``{"preempted": True, ...}``; the CLI exits ``EXIT_PREEMPTED``)."""
+        from pretrain.distributed import log_rank0
+
+        log_rank0("stopping at step %d on %s: checkpoint %s saved, exit code %d; rerun the same command to resume",
+                  step, reason, checkpoint.name if checkpoint else "(none)", EXIT_PREEMPTED)
+        if self.requeue and is_main:
+            requeue_slurm_job()
+        return {"preempted": True, "reason": reason, "steps": step}
 
     def restore(self) -> None:
         """Reinstate the signal handlers that were there before."""

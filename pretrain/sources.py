@@ -25,7 +25,7 @@ from data_prep.reader import JSONL_SUFFIXES, PARQUET_SUFFIXES, resolve_inputs
 from data_prep.blend import BlendedReader
 from data_prep.shards import ShardReader
 from data_prep.tokenizer.folder import TOKENIZER_FILE, TokenizerInfo
-from pretrain.data import MicroBatch, eval_batches, micro_batches
+from pretrain.data import MicroBatch, eval_batches, eval_indices, micro_batches, padded
 
 
 class ShardSource:
@@ -153,10 +153,8 @@ class StreamingSource:
         """The first held-out sequences of the whole stream (read unsplit), sliced per rank like the shard path."""
         need = max_batches * world_size * micro_batch_size
         seqs = list(islice(self._sequences(0, 1, "val"), need))
-        per_step = world_size * micro_batch_size
         out = []
-        for b in range(len(seqs) // per_step):
-            lo = b * per_step + rank * micro_batch_size
-            chunk = seqs[lo:lo + micro_batch_size]
-            out.append(MicroBatch(np.stack([s for s, _ in chunk]), np.arange(lo, lo + micro_batch_size), [d for _, d in chunk]))
+        for idx in eval_indices(len(seqs), rank, world_size, micro_batch_size, max_batches):
+            chunk = [seqs[i] for i in np.where(idx >= 0, idx, 0)]
+            out.append(padded(idx, np.stack([s for s, _ in chunk]), [d for _, d in chunk], None))
         return out

@@ -38,19 +38,6 @@ def test_vocabulary_that_does_not_fit_the_embedding(tmp_path, corpus_dirs):
     assert not (tmp_path / "out" / "run").exists()
 
 
-def test_the_preempted_exit_code_is_defined_once():
-    """Trainer, sbatch script and launchers take the code from lmforge_common; no package defines its own."""
-    import re
-    from pathlib import Path
-
-    import lmforge_common
-
-    root = Path(__file__).resolve().parents[1]
-    definitions = [str(p.relative_to(root)) for pkg in ("data_prep", "pretrain", "launch", "lmforge")
-                   for p in (root / pkg).rglob("*.py") if re.search(r"^\s*EXIT_PREEMPTED\s*=", p.read_text(), re.M)]
-    assert definitions == [] and lmforge_common.EXIT_PREEMPTED == 75
-
-
 def test_missing_shard_stops_training_before_step_1(tmp_path, tokenizer_dir, prepared_dir):
     """Shards open lazily, so rank 0 checks every shard's size at start (one stat each)."""
     import json

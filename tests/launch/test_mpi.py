@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from launch.errors import LaunchError
-from launch.mpi import DEFAULT_MASTER_PORT, mpirun_command
+from launch.errors import LaunchError, RanksPreempted
+from launch.mpi import DEFAULT_MASTER_PORT, mpirun_command, run_mpi
+from lmforge_common import EXIT_PREEMPTED
 from tests.launch.conftest import require, which
 
 
@@ -42,11 +43,27 @@ def _require_mpirun():
     require(None if which("mpirun") else "OpenMPI's mpirun is not installed (make system-deps installs openmpi-bin)")
 
 
-def test_two_rank_training_under_mpirun(tiny_config, tmp_path):
+def test_ranks_exiting_75_under_mpirun_raise_ranks_preempted():
+    _require_mpirun()
+    code = f"import os, sys, time; time.sleep(int(os.environ['OMPI_COMM_WORLD_RANK'])); sys.exit({EXIT_PREEMPTED})"
+    with pytest.raises(RanksPreempted, match=f"2 MPI ranks saved a checkpoint and exited {EXIT_PREEMPTED}"):
+        run_mpi([sys.executable, "-c", code], 2)
+    with pytest.raises(LaunchError, match="mpirun exited with code 3") as failed:
+        run_mpi([sys.executable, "-c", "import sys; sys.exit(3)"], 2)
+    assert not isinstance(failed.value, RanksPreempted)
+
+
+def test_two_rank_training_under_mpirun_preempted_then_resumed(tiny_config, tmp_path):
     _require_mpirun()
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "lmforge", "launch", "mpi", "--np", "2", str(tiny_config),
-                           f"run_dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True)
+    command = [sys.executable, "-m", "lmforge", "launch", "mpi", "--np", "2", str(tiny_config), f"run_dir={run_dir}"]
+    proc = subprocess.run([*command, "preemption.max_minutes=0.0001"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == EXIT_PREEMPTED, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1] == (  # the budget runs out after the first step
+        f"lmforge: preempted at step 1 of 5, checkpoint {run_dir / 'checkpoints' / 'step_00000001'} saved "
+        f"(exit code {EXIT_PREEMPTED}); rerun the same command to resume"), proc.stdout
+    assert "lmforge: error" not in proc.stderr, proc.stderr[-3000:]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "trained on 2 MPI ranks" in proc.stdout
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000005"

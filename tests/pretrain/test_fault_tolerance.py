@@ -113,3 +113,20 @@ def test_export_every_steps_writes_verified_folders_in_the_background(start_run,
     assert (hf / "step_00000002" / "config.json").is_file()
     # the step-2 checkpoint outlived keep_last=1 only while its export was running; the newest is kept
     assert [s for s, _ in complete_checkpoints(tmp_path / "exporting" / "checkpoints")][-1] == 4
+
+
+def test_stop_is_polled_every_n_steps_and_at_the_last_step():
+    """In-process, a world of one (the all-reduce is the identity): a signal is acted on at the next poll step."""
+    import os
+
+    from pretrain.preemption import StopPolicy
+
+    stop = StopPolicy(["SIGUSR1"], poll_every_steps=4, max_steps=10)
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.signalled
+        assert [stop.poll(s).reason for s in (1, 2, 3, 4)] == ["", "", "", "signal"]
+        assert [stop.poll(s, save_timer_due=True).save_due for s in (5, 8)] == [False, True]
+        assert [stop.poll(s).reason for s in (9, 10)] == ["", "signal"]  # 10 is the last step
+    finally:
+        stop.restore()

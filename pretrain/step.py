@@ -1,0 +1,68 @@
+"""One optimizer step, and what feeds it: model inputs on the device, the micro batch stream, its index log."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import IO, Iterator
+
+import numpy as np
+
+from pretrain.config import TrainConfig
+from pretrain.data import MicroBatch
+from pretrain.inputs import MaskedLMInputs, causal_lm_inputs
+from pretrain.run import Engine, InputBuilder
+
+INDEX_LOG_DIR = "data-indices"
+"""Run-dir folder of the per-rank sample index logs (``data.save_data_indices``)."""
+
+
+def to_device(arrays: dict[str, np.ndarray | bool], device) -> dict:
+    """numpy arrays -> torch tensors on ``device``; other values (flags) pass through."""
+    import torch
+
+    return {k: torch.from_numpy(v).to(device) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
+
+
+def make_input_builder(cfg: TrainConfig, objective: str) -> InputBuilder:
+    """MicroBatch -> model inputs for ``objective`` (clm or mlm; see pretrain.inputs)."""
+    if objective == "mlm":
+        m = cfg.mlm
+        return MaskedLMInputs(cfg.data.tokenizer, m.probability, m.mask_replace_prob, m.random_replace_prob,
+                              m.whole_word_mask)
+    document_masking = cfg.data.document_masking
+    # no KV cache: transformers derives the per-document mask from position_ids only without one
+    return lambda mb: {**causal_lm_inputs(mb, document_masking), "use_cache": False}
+
+
+def train_step(engine: Engine, batches: Iterator[MicroBatch], build_inputs: InputBuilder,
+               accumulation_steps: int) -> tuple[float, bool]:
+    """One optimizer step over ``accumulation_steps`` micro batches.
+
+    Returns ``(mean loss on this rank in nats per predicted token, step applied)``; DeepSpeed skips
+    the step on every rank when the global gradient norm is not finite (see :mod:`pretrain.guard`).
+    The micro batches' losses are summed on the device in float64 and read once per step (one
+    host-device sync per optimizer step, not per micro batch); float64 sums the float32 losses as
+    Python floats would, so the result is the same to the bit.
+    """
+    total = None
+    for _ in range(accumulation_steps):
+        loss = engine(**to_device(build_inputs(next(batches)), engine.device)).loss
+        engine.backward(loss)
+        engine.step()
+        total = loss.detach().double() if total is None else total + loss.detach().double()
+    return total.item() / accumulation_steps, engine.was_step_applied()
+
+
+def logged_indices(batches: Iterator[MicroBatch], log: IO[str], first_step: int,
+                   accumulation_steps: int) -> Iterator[MicroBatch]:
+    """``batches``, writing ``step<TAB>comma-separated sample indices`` to ``log`` for each micro batch;
+    ``step`` counts optimizer steps done before it (``first_step`` for the first)."""
+    for i, mb in enumerate(batches):
+        log.write(f"{first_step + i // accumulation_steps}\t{','.join(map(str, mb.sample_indices.tolist()))}\n")
+        yield mb
+
+
+def index_log_path(run_dir: str | Path, rank: int) -> Path:
+    """This rank's sample index log; the folder is created."""
+    folder = Path(run_dir) / INDEX_LOG_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"rank{rank}.tsv"
