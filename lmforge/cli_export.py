@@ -16,6 +16,11 @@ def add_export(sub) -> None:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB; KB/MB/GB/TB are powers of 10)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     p.add_argument("--no-verify", action="store_true", help="skip the fresh-process reload and logits check (not for releases)")
+    ev = p.add_argument_group("release evaluation (lm-evaluation-harness; pip install 'lmforge[eval]')")
+    ev.add_argument("--eval-tasks", default="", help="comma-separated harness tasks run on the verified folder; results go into "
+                                                  "the card's model-index")
+    ev.add_argument("--eval-limit", type=int, default=None, help="documents per task (default: all)")
+    ev.add_argument("--eval-include-path", default=None, help="a folder of local task YAMLs")
     card = p.add_argument_group("model card")
     card.add_argument("--license", default="other", help="Hub license id (default other)")
     card.add_argument("--language", nargs="+", default=["en"], help="ISO 639-1 codes of the training text (default en)")
@@ -45,12 +50,15 @@ def add_eval(sub) -> None:
     p.set_defaults(handler=_eval)
 
 
+def _tasks(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def _eval(args) -> int:
     from lmforge_common import write_json_atomic
     from pretrain.export.harness import evaluate_folder
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    result = evaluate_folder(args.hf_dir, tasks, limit=args.limit, include_path=args.include_path,
+    result = evaluate_folder(args.hf_dir, _tasks(args.tasks), limit=args.limit, include_path=args.include_path,
                              batch_size=args.batch_size, device=args.device, num_fewshot=args.num_fewshot)
     for task, metrics in sorted(result.tasks.items()):
         shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if not k.endswith("_stderr"))
@@ -73,7 +81,8 @@ def _export(args) -> int:
                        repo_id=args.push_to_hub or "")
     record = export(args.checkpoint, args.output, ExportOptions(dtype=args.dtype, max_shard_size=args.max_shard_size,
                                                                verify=not args.no_verify, overwrite=args.overwrite,
-                                                               card=card, push=push))
+                                                               card=card, push=push, eval_tasks=_tasks(args.eval_tasks),
+                                                               eval_limit=args.eval_limit, eval_include_path=args.eval_include_path))
     v = record["verification"]
     status = f"verified: {_logits_summary(v)}" if v else "NOT verified"
     print(f"exported {record['tag']} (step {record['step']}, ZeRO stage {record['zero_stage']}, {record['world_size']} rank(s)) "

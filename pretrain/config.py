@@ -75,7 +75,8 @@ class DataConfig:
     document_masking: bool = True
     """Causal LMs: block-diagonal attention per document in packed sequences, and no loss on the
     EOS -> next document transition. False trains on packed sequences as one stream (GPT-2 style).
-    Masked LMs always attend across the separators of a packed sequence (RoBERTa's FULL-SENTENCES)."""
+    Masked LMs: each token attends within its document (ModernBERT's packed recipe, block-diagonal mask);
+    False attends across the separators of a packed sequence (RoBERTa's FULL-SENTENCES)."""
     save_data_indices: bool = False
     """Write the sample indices each rank trained on to ``run_dir/data-indices/rank{r}.tsv`` (as OLMo does)."""
 
@@ -137,6 +138,9 @@ class MLMConfig:
     """Of the selected, the fraction replaced by the mask token."""
     random_replace_prob: float = 0.1
     """Of the selected, the fraction replaced by a random token (the rest stay unchanged)."""
+    eval_probability: float = 0.0
+    """Fraction of non-special tokens masked in validation; 0 = ``probability``. ModernBERT trains at 0.3 and
+    evaluates at 0.15 (Warner et al. 2024), so its validation loss compares with BERT's."""
     whole_word_mask: bool = False
     """Select whole words (every sub-token); transformers then always uses the mask token."""
 
@@ -266,6 +270,8 @@ class TrainConfig:
                 or m.mask_replace_prob + m.random_replace_prob > 1:
             p.append(f"mlm.probability={m.probability}, mask_replace_prob={m.mask_replace_prob}, random_replace_prob="
                      f"{m.random_replace_prob} (allowed: probability in (0, 1), the two replace fractions sum to <= 1)")
+        if not 0 <= m.eval_probability < 1:
+            p.append(f"mlm.eval_probability={m.eval_probability} (allowed: [0, 1); 0 = mlm.probability)")
         if not 0 < opt.decay_fraction <= 1:
             p.append(f"optim.decay_fraction={opt.decay_fraction} (allowed: (0, 1])")
         if ds.offload_optimizer and ds.zero_stage == 0:

@@ -21,8 +21,10 @@ so with 5 expected the chance of none is e^-5, under 1 %."""
 def evaluate(run: Run) -> dict:
     """Mean validation loss (nats per predicted token) and perplexity over the fixed held-out set. Collective.
 
-    Returns ``{"val_loss", "val_ppl", "val_tokens"}``; NaN loss and perplexity when no rank has a
-    validation token.
+    Returns ``{"val_loss", "val_ppl", "val_tokens"}`` and, for a causal LM whose data records the split's text
+    bytes, ``val_bpb``: bits per UTF-8 byte, ``val_loss / ln 2 * tokens / bytes`` of the validation split
+    (The Pile, Gao et al. 2020; nanochat), which does not depend on the tokenizer. NaN loss and perplexity when no
+    rank has a validation token.
     """
     import torch
 
@@ -34,7 +36,7 @@ def evaluate(run: Run) -> dict:
     try:
         with torch.no_grad():
             for mb in run.val_batches:
-                inputs = run.inputs(mb)
+                inputs = (run.eval_inputs or run.inputs)(mb)
                 labels = inputs["labels"][:, 1:] if run.objective == "clm" else inputs["labels"]
                 n = int((labels != IGNORE_INDEX).sum())
                 loss = engine(**to_device(inputs, engine.device)).loss  # every rank runs every forward (ZeRO-3)
@@ -46,7 +48,10 @@ def evaluate(run: Run) -> dict:
         engine.train()
     loss_sum, tokens = all_reduce_sum([loss_sum, float(tokens)])
     loss = loss_sum / tokens if tokens else float("nan")
-    return {"val_loss": loss, "val_ppl": math.exp(loss) if tokens else float("nan"), "val_tokens": int(tokens)}
+    result = {"val_loss": loss, "val_ppl": math.exp(loss) if tokens else float("nan"), "val_tokens": int(tokens)}
+    if run.val_tokens_per_byte:
+        result["val_bpb"] = loss / math.log(2) * run.val_tokens_per_byte
+    return result
 
 
 def require_validation_set(run: Run, manifest: dict | None) -> None:
@@ -88,6 +93,20 @@ def _empty_split(path: str, manifest: dict) -> ConsistencyError:
                             "data.eval_batches=0 to train without validation")
 
 
+def _bpb(result: dict) -> str:
+    return f", {result['val_bpb']:.4f} bits per byte" if "val_bpb" in result else ""
+
+
+def tokens_per_byte(manifest: dict | None, objective: str) -> float | None:
+    """The validation split's tokens per UTF-8 byte of text, from the manifest (prep records both); None for a
+    masked LM (its loss covers only the masked tokens, so a per-byte figure would not mean bits per byte) or
+    data without the record (raw corpora, older prepared data)."""
+    val = ((manifest or {}).get("splits") or {}).get("val") or {}
+    if objective != "clm" or not val.get("text_bytes") or not val.get("tokens"):
+        return None
+    return val["tokens"] / val["text_bytes"]
+
+
 class Evaluator:
     """Owns the evaluation cadence: once at the start of a run (not again on resume), every
     ``eval_every_steps`` before the last step, and at the end. Each result becomes a metrics record."""
@@ -106,7 +125,7 @@ class Evaluator:
         if saved is not None:
             return saved
         result = self._record(step)
-        log_rank0("validation at start: loss %.4f, perplexity %.2f", result["val_loss"], result["val_ppl"])
+        log_rank0("validation at start: loss %.4f, perplexity %.2f%s", result["val_loss"], result["val_ppl"], _bpb(result))
         return result
 
     def after_step(self, step: int) -> None:
@@ -116,6 +135,6 @@ class Evaluator:
 
     def at_end(self, step: int, start: dict) -> dict:
         result = self._record(step)
-        log_rank0("validation at end: loss %.4f, perplexity %.2f (start %.2f)", result["val_loss"], result["val_ppl"],
-                  start["val_ppl"])
+        log_rank0("validation at end: loss %.4f, perplexity %.2f%s (start %.2f)", result["val_loss"], result["val_ppl"],
+                  _bpb(result), start["val_ppl"])
         return result

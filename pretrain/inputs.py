@@ -157,10 +157,3 @@ class MaskedLMInputs:
         return cls(tokenizer_dir, probability, mask_replace_prob, random_replace_prob, whole_word_mask,
                    document_masking=document_masking, position_offset=offset, sliding_window=window)
 
-
-def to_tensors(inputs: dict, device) -> dict:
-    """numpy arrays (also inside a nested dict, such as a per-layer-type attention mask) as tensors on ``device``."""
-    import torch
-
-    return {k: to_tensors(v, device) if isinstance(v, dict) else torch.from_numpy(v).to(device)
-            if isinstance(v, np.ndarray) else v for k, v in inputs.items()}

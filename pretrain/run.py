@@ -96,6 +96,10 @@ class Run:
     """Complete checkpoint to resume from, or None for a fresh start."""
     resume_universal: bool
     """The resume checkpoint was saved at another world size (load through the universal format)."""
+    eval_inputs: InputBuilder | None = None
+    """Inputs of validation batches when they differ from training's (MLM ``eval_probability``); None = ``inputs``."""
+    val_tokens_per_byte: float | None = None
+    """Validation split's tokens per UTF-8 byte of text (manifest), for bits per byte; None = unknown or masked LM."""
 
     @property
     def checkpoint_dir(self) -> Path:

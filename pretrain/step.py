@@ -15,19 +15,26 @@ INDEX_LOG_DIR = "data-indices"
 """Run-dir folder of the per-rank sample index logs (``data.save_data_indices``)."""
 
 
-def to_device(arrays: dict[str, np.ndarray | bool], device) -> dict:
-    """numpy arrays -> torch tensors on ``device``; other values (flags) pass through."""
+def to_device(arrays: dict, device) -> dict:
+    """numpy arrays -> torch tensors on ``device``, also inside a nested dict (a per-layer-type attention mask);
+    other values (flags) pass through."""
     import torch
 
-    return {k: torch.from_numpy(v).to(device) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
+    return {k: to_device(v, device) if isinstance(v, dict) else torch.from_numpy(v).to(device)
+            if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
 
 
-def make_input_builder(cfg: TrainConfig, objective: str) -> InputBuilder:
-    """MicroBatch -> model inputs for ``objective`` (clm or mlm; see pretrain.inputs)."""
+def make_input_builder(cfg: TrainConfig, objective: str, model_config=None, evaluation: bool = False) -> InputBuilder:
+    """MicroBatch -> model inputs for ``objective`` (clm or mlm; see pretrain.inputs).
+
+    Masked LMs mask ``mlm.probability`` of the tokens in training and ``mlm.eval_probability`` (when set) in
+    validation; with ``data.document_masking`` each token attends within its document only.
+    """
     if objective == "mlm":
         m = cfg.mlm
-        return MaskedLMInputs(cfg.data.tokenizer, m.probability, m.mask_replace_prob, m.random_replace_prob,
-                              m.whole_word_mask)
+        probability = m.eval_probability if evaluation and m.eval_probability else m.probability
+        return MaskedLMInputs.for_model(cfg.data.tokenizer, model_config, cfg.data.document_masking, probability,
+                                        m.mask_replace_prob, m.random_replace_prob, m.whole_word_mask)
     document_masking = cfg.data.document_masking
     # no KV cache: transformers derives the per-document mask from position_ids only without one
     return lambda mb: {**causal_lm_inputs(mb, document_masking), "use_cache": False}

@@ -38,7 +38,7 @@ from pretrain.distributed import (
     log_rank0,
 )
 from pretrain.engine import build_ds_config, initialize_engine
-from pretrain.evaluator import Evaluator, check_validation_split, require_validation_set
+from pretrain.evaluator import Evaluator, check_validation_split, require_validation_set, tokens_per_byte
 from pretrain.faults import FaultInjector
 from pretrain.flops import flops_per_token, peak_flops_per_device
 from pretrain.guard import DivergenceGuard
@@ -148,7 +148,10 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
         source = StreamingSource(list(cfg.data.raw_inputs), tok, seq_len, cfg.data.raw_text_column, cfg.data.raw_val_fraction)
     objective = objective_of(model_config)
     run = Run(cfg=cfg, dist=dist, engine=engine, objective=objective, resume_from=resume_from,
-              resume_universal=universal, source=source, inputs=make_input_builder(cfg, objective),
+              resume_universal=universal, source=source, inputs=make_input_builder(cfg, objective, model_config),
+              eval_inputs=make_input_builder(cfg, objective, model_config, evaluation=True)
+              if objective == "mlm" and cfg.mlm.eval_probability else None,
+              val_tokens_per_byte=tokens_per_byte(data[0], objective),
               val_batches=source.val_batches(dist.rank, dist.world_size, ds.micro_batch_size, cfg.data.eval_batches),
               seq_len=seq_len,
               global_batch=ds.micro_batch_size * ds.gradient_accumulation_steps * dist.world_size,
@@ -232,7 +235,9 @@ def _summary(run: Run, state: TrainState, elapsed_s: float, tokens_per_s: float,
             "skipped_steps": state.skipped_steps, "elapsed_s": round(elapsed_s, 3), "tokens_per_s": tokens_per_s,
             "world_size": run.dist.world_size, "checkpoint_tag": final.name, "flops_per_token": run.flops_per_token,
             "val_loss_start": start_eval["val_loss"], "val_ppl_start": start_eval["val_ppl"],
-            "val_loss_end": end_eval["val_loss"], "val_ppl_end": end_eval["val_ppl"]}
+            "val_loss_end": end_eval["val_loss"], "val_ppl_end": end_eval["val_ppl"],
+            **({"val_bpb_start": start_eval["val_bpb"], "val_bpb_end": end_eval["val_bpb"]} if "val_bpb" in end_eval
+               and "val_bpb" in start_eval else {})}
 
 
 def read_summary(run_dir: str | Path) -> dict:

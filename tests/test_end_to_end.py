@@ -31,6 +31,20 @@ def test_loss_and_validation_perplexity_fall(demo):
     assert result["val_ppl_end"] < result["val_ppl_start"] / 3
 
 
+def test_bits_per_byte_is_the_loss_per_byte_of_held_out_text(demo):
+    import math
+
+    out, _ = demo
+    val = json.loads((out / "data" / "manifest.json").read_text())["splits"]["val"]
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_loss" in r]
+    assert len(evals) >= 2 and all(r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) * val["tokens"] / val["text_bytes"])
+                                   for r in evals)
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    assert summary["val_bpb_end"] < summary["val_bpb_start"] and 0 < summary["val_bpb_end"] < 8
+    assert "bits per byte" in (out / "hf" / "README.md").read_text()
+
+
 def test_ranks_read_disjoint_samples(demo):
     out, _ = demo
     per_rank = []

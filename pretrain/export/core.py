@@ -65,6 +65,12 @@ class ExportOptions:
     card: CardOptions = field(default_factory=CardOptions)
     push: PushOptions | None = None
     """Push to the Hub after a successful export; None = local only."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks run on the verified folder; their figures go into the card's model-index."""
+    eval_limit: int | None = None
+    """Documents per eval task (None = all)."""
+    eval_include_path: str | None = None
+    """A folder of local lm-eval task YAMLs."""
 
     @property
     def max_shard_bytes(self) -> int:
@@ -224,10 +230,14 @@ def export(checkpoint: str | Path, output: str | Path, options: ExportOptions | 
                  verification["pipeline"])
     else:
         log.warning("%s: exported WITHOUT verification (--no-verify)", output)
+    harness = _evaluate(tmp, options) if options.eval_tasks else None
+    if harness is not None:
+        (tmp / "README.md").write_text(render_card(*card_args, verification, harness), encoding="utf-8")
     record = {"checkpoint": str(tag_dir.resolve()), "tag": tag_dir.name, "step": info.step, "tokens": int(info.state["tokens"]),
               "zero_stage": plan.zero_stage, "world_size": plan.world_size, "dtype": options.dtype,
               "n_params": plan.n_params, "weights": files, "tied": plan.aliases, "tokenizer_files": tokenizer_files,
-              "verified": verification is not None, "verification": verification, "created_unix_s": round(time.time(), 3)}
+              "verified": verification is not None, "verification": verification,
+              "evaluation": harness.to_json() if harness else None, "created_unix_s": round(time.time(), 3)}
     (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     if output.exists():
         shutil.rmtree(output)
@@ -236,6 +246,17 @@ def export(checkpoint: str | Path, output: str | Path, options: ExportOptions | 
     if options.push is not None:
         record["pushed"] = push_folder(output, options.push, info.step, tag_dir.name)
     return record
+
+
+def _evaluate(folder: Path, options: ExportOptions):
+    """lm-evaluation-harness on the export folder (before it is renamed into place)."""
+    from pretrain.export.harness import evaluate_folder
+
+    result = evaluate_folder(folder, list(options.eval_tasks), limit=options.eval_limit,
+                             include_path=options.eval_include_path)
+    log.info("lm-eval: %s", "; ".join(f"{task} " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(m.items()) if not k.endswith("_stderr"))
+                                     for task, m in sorted(result.tasks.items())))
+    return result
 
 
 def spawn_export(checkpoint_dir: str | Path, out_dir: str | Path, extra_args: tuple[str, ...] = (),

@@ -3,7 +3,7 @@
 ``lmforge eval HF_DIR --tasks T[,T...]`` and ``lmforge export --eval-tasks ...`` call
 :func:`evaluate_folder`: the harness's own Hugging Face backend (``model="hf"``) loads the folder with
 ``AutoModelForCausalLM`` and scores the tasks; lmforge only finds the tasks, runs it and keeps the
-figures (``{task: {metric: value}}``) for ``--json`` and the model card's ``model-index``.
+figures (``{task: {metric: value}}``) for ``--json`` and the model card's ``model-index`` (:func:`pretrain.export.model_card.harness_results`).
 
 Tasks are the harness's registry plus any folder of task YAMLs given as ``include_path``. A local
 task may name its data as ``dataset_path: json`` with ``data_files`` relative to the YAML's folder:
@@ -149,15 +149,3 @@ def _metrics(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
         out[task] = metrics
     return out
 
-
-def model_index_results(result: HarnessResult) -> list[dict]:
-    """The model card's ``model-index`` ``results`` entries (Hub model-card metadata spec), one per task."""
-    entries = []
-    for task, metrics in sorted(result.tasks.items()):
-        values = [{"type": name, "value": round(value, 4), "name": f"{name} (lm-eval {result.lm_eval_version}"
-                   + (f", limit {result.limit}" if result.limit else "") + ")"}
-                  for name, value in sorted(metrics.items()) if not name.endswith("_stderr")]
-        entries.append({"task": {"type": "text-generation"}, "dataset": {"name": task, "type": task},
-                        "metrics": values, "source": {"name": "lm-evaluation-harness",
-                                                      "url": "https://github.com/EleutherAI/lm-evaluation-harness"}})
-    return entries

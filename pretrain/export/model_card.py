@@ -59,8 +59,9 @@ def latest_validation(info: RunInfo) -> dict | None:
     return info.val_records[-1] if info.val_records else None
 
 
-def card_metadata(info: RunInfo, options: CardOptions, export_name: str):
-    """``huggingface_hub.ModelCardData`` of the export; model-index holds the validation perplexity."""
+def card_metadata(info: RunInfo, options: CardOptions, export_name: str, harness=None):
+    """``huggingface_hub.ModelCardData`` of the export; model-index holds the validation perplexity and, with
+    ``harness`` (a :class:`~pretrain.export.harness.HarnessResult`), each lm-evaluation-harness metric."""
     from huggingface_hub import EvalResult, ModelCardData
 
     pipeline_tag = PIPELINE_TAGS[info.objective]
@@ -71,6 +72,7 @@ def card_metadata(info: RunInfo, options: CardOptions, export_name: str):
         results.append(EvalResult(task_type=pipeline_tag, dataset_type="lmforge-prepared", dataset_name=f"{data_name} (held out)",
                                   dataset_split="validation", metric_type="perplexity", metric_value=round(val["val_ppl"], 4),
                                   metric_name=f"validation perplexity (step {val['step']})"))
+    results += harness_results(harness, pipeline_tag) if harness is not None else []
     ds = info.config["deepspeed"]
     return ModelCardData(
         library_name="transformers", license=options.license, language=list(options.language),
@@ -78,6 +80,19 @@ def card_metadata(info: RunInfo, options: CardOptions, export_name: str):
         tags=["lmforge", "pretrained-from-scratch", "causal-lm" if info.objective == "clm" else "masked-lm",
               info.model_config.get("model_type", "unknown"), f"zero-stage-{ds['zero_stage']}"],
         model_name=options.model_name or options.repo_id or export_name, eval_results=results or None)
+
+
+def harness_results(harness, pipeline_tag: str) -> list:
+    """One ``EvalResult`` per task and metric of an lm-eval run (standard errors left out), named with the
+    harness version and the document limit, as the Hub's model-index expects."""
+    from huggingface_hub import EvalResult
+
+    limit = f", first {harness.limit} documents" if harness.limit else ""
+    return [EvalResult(task_type=pipeline_tag, dataset_type=task, dataset_name=task, metric_type=name,
+                       metric_value=round(value, 4), metric_name=f"{name} (lm-eval {harness.lm_eval_version}{limit})",
+                       source_name="lm-evaluation-harness", source_url="https://github.com/EleutherAI/lm-evaluation-harness")
+            for task, metrics in sorted(harness.tasks.items()) for name, value in sorted(metrics.items())
+            if not name.endswith("_stderr")]
 
 
 def _architecture(info: RunInfo, n_params: int) -> list[str]:
@@ -140,11 +155,20 @@ def _training(info: RunInfo, zero_stage: int) -> list[str]:
 
 
 def _evaluation(info: RunInfo, verification: dict | None) -> list[str]:
-    lines = ["| step | validation loss (nats/token) | perplexity |", "|---|---|---|"]
+    bpb = any("val_bpb" in r for r in info.val_records)
+    lines = ["| step | validation loss (nats/token) | perplexity |" + (" bits per byte |" if bpb else ""),
+             "|---|---|---|" + ("---|" if bpb else "")]
     shown = info.val_records if len(info.val_records) <= 12 else info.val_records[:1] + info.val_records[-11:]
-    lines += [f"| {r['step']} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} |" for r in shown]
+    lines += [f"| {r['step']} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} |" + (f" {r['val_bpb']:.4f} |" if bpb else "")
+              for r in shown]
     if not info.val_records:
         lines = ["No validation record in metrics.jsonl up to this step."]
+    elif bpb:
+        lines.append("\nBits per byte: the validation loss in bits per UTF-8 byte of the held-out text (loss / ln 2 x "
+                     "tokens / bytes of the split), comparable across tokenizers (The Pile, Gao et al. 2020).")
+    elif info.objective == "mlm":
+        lines.append("\nNo bits per byte for a masked LM: its loss covers only the masked tokens, so loss per byte of "
+                     "text is not a compression rate and does not compare with a causal LM's.")
     if verification and verification.get("max_abs_logit_diff") is not None:
         same = ("bit-identical to" if verification.get("exact") and verification["max_abs_logit_diff"] == 0
                 else f"within {verification['max_abs_logit_diff']:.3g} of")
@@ -171,7 +195,7 @@ def _dtype(info: RunInfo) -> str:
 
 
 def card_body(info: RunInfo, n_params: int, zero_stage: int, options: CardOptions, export_name: str,
-              has_curve: bool, verification: dict | None = None) -> str:
+              has_curve: bool, verification: dict | None = None, harness=None) -> str:
     """The Markdown body of the card (everything after the YAML front matter)."""
     tok = info.tokenizer
     kind = "causal (next-token)" if info.objective == "clm" else "masked"
@@ -184,7 +208,7 @@ def card_body(info: RunInfo, n_params: int, zero_stage: int, options: CardOption
              f"- fingerprint (sha256 of tokenizer.json): `{tok['fingerprint']}`", "",
              "## Training data", *_data(info), "",
              "## Training", *_training(info, zero_stage), "",
-             "## Evaluation", *_evaluation(info, verification), ""]
+             "## Evaluation", *_evaluation(info, verification), *_harness_lines(harness), ""]
     if has_curve:
         parts += [f"![training and validation loss]({LOSS_CURVE_FILE})", ""]
     parts += ["## Intended use and limitations",
@@ -195,6 +219,23 @@ def card_body(info: RunInfo, n_params: int, zero_stage: int, options: CardOption
               "Do not use it for decisions about people or where wrong output causes harm.", "",
               "## How to load", *_usage(info, options, export_name), ""]
     return "\n".join(parts)
+
+
+def _harness_lines(harness) -> list[str]:
+    if harness is None:
+        return []
+    s = harness.settings
+    lines = ["", f"lm-evaluation-harness {harness.lm_eval_version} (backend `{s.get('model')}`, dtype {s.get('dtype')}, "
+                 f"batch size {s.get('batch_size')}, {s.get('device')}"
+                 + (f", first {harness.limit} documents per task" if harness.limit else "") + "):", "",
+             "| task | metric | value | stderr | documents |", "|---|---|---|---|---|"]
+    for task, metrics in sorted(harness.tasks.items()):
+        for name, value in sorted(metrics.items()):
+            if not name.endswith("_stderr"):
+                err = metrics.get(f"{name}_stderr")
+                lines.append(f"| {task} | {name} | {value:.4f} | {'' if err is None else f'{err:.4f}'} | "
+                             f"{harness.samples.get(task, '')} |")
+    return lines
 
 
 def plot_loss_curve(info: RunInfo, path: Path) -> bool:
@@ -229,11 +270,11 @@ def plot_loss_curve(info: RunInfo, path: Path) -> bool:
 
 
 def render_card(info: RunInfo, n_params: int, zero_stage: int, options: CardOptions, export_name: str,
-                has_curve: bool, verification: dict | None = None) -> str:
+                has_curve: bool, verification: dict | None = None, harness=None) -> str:
     """The full ``README.md``: YAML front matter and body, validated with :func:`validate_card`."""
-    meta = card_metadata(info, options, export_name)
+    meta = card_metadata(info, options, export_name, harness)
     text = (f"---\n{meta.to_yaml()}\n---\n\n"
-            + card_body(info, n_params, zero_stage, options, export_name, has_curve, verification))
+            + card_body(info, n_params, zero_stage, options, export_name, has_curve, verification, harness))
     validate_card(text, "README.md")
     return text
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from data_prep.tokenizer.folder import TOKENIZER_FILE, fingerprint
 from pretrain import checkpoint
-from pretrain.sources import describe_data
 from pretrain.errors import ExportError
+from pretrain.layout import CHECKPOINT_DIR, MODEL_CONFIG_DIR, SUMMARY_FILE
 from pretrain.metrics import METRICS_FILE
 from pretrain.model import MASKED_LM_TYPES
-from pretrain.layout import CHECKPOINT_DIR, MODEL_CONFIG_DIR, SUMMARY_FILE
 from pretrain.model_files import CONFIG_FILE, GENERATION_CONFIG_FILE
+from pretrain.sources import describe_data
 
 log = logging.getLogger(__name__)
 

@@ -45,6 +45,7 @@ EXACT_RUNS = {"clm-zero0-bf16", "clm-zero3-bf16", "mlm-zero0-bf16", "mlm-zero2-f
 SHARD_BYTES = 100_000
 UNREACHABLE = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_dummy_token_for_tests", "HF_HUB_OFFLINE": "0"}
 MAX_CONCURRENT_EXPORTS = 4
+EVAL_TASKS = Path(__file__).resolve().parents[1] / "assets" / "lm_eval_tasks"
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,8 @@ def exports(runs, tmp_path_factory) -> dict[str, dict]:
     jobs["clm-zero0-bf16"] = ([str(runs["clm-zero0-bf16"]), "--max-shard-size", f"{SHARD_BYTES // 1000}KB"], {})
     jobs["clm-zero2-fp16"] = ([str(runs["clm-zero2-fp16"]), "--dtype", "bf16", "--push-to-hub", "me/tiny", "--private",
                                "--revision", "step-{step}"], UNREACHABLE)
+    jobs["clm-zero3-bf16"] = ([str(runs["clm-zero3-bf16"]), "--eval-tasks", "lmforge_code_mc", "--eval-limit", "4",
+                               "--eval-include-path", str(EVAL_TASKS)], {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     jobs["corrupted"] = ([str(bad_run)], {})
     pending, running, results = list(jobs), {}, {}
     while pending or running:
@@ -335,3 +338,20 @@ def test_bad_input_is_one_line_naming_the_problem(runs, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         f"lmforge: error: {tmp_path / 'nowhere'}: checkpoint folder not found")
+
+
+def test_export_eval_tasks_put_harness_results_in_the_model_index(exports):
+    """--eval-tasks: lm-evaluation-harness on the verified folder, figures in the card's model-index and body."""
+    from huggingface_hub import ModelCard
+
+    out = exports["clm-zero3-bf16"]["out"]
+    record = json.loads((out / "lmforge_export.json").read_text())
+    evaluation = record["evaluation"]
+    assert evaluation["samples"] == {"lmforge_code_mc": 4} and evaluation["limit"] == 4
+    acc = evaluation["tasks"]["lmforge_code_mc"]["acc"]
+    card = ModelCard.load(out / "README.md")
+    results = {(r.dataset_name, r.metric_type): r for r in card.data.eval_results}
+    assert results[("lmforge_code_mc", "acc")].metric_value == round(acc, 4) and acc in (0, 0.25, 0.5, 0.75, 1)
+    assert "lm-eval 0.4" in results[("lmforge_code_mc", "acc")].metric_name
+    assert any(r.metric_type == "perplexity" for r in card.data.eval_results)  # the validation figure stays
+    assert "| lmforge_code_mc | acc |" in card.text

@@ -56,3 +56,19 @@ def test_mlm_loss_falls_at_zero_stage(mlm_data, tmp_path, stage):
     losses, summary = _train(tmp_path / "run", data, "max_steps=20", f"deepspeed.zero_stage={stage}")
     assert _mean(losses, range(16, 21)) < _mean(losses, range(1, 6)) - 0.3
     assert summary["val_loss_end"] < summary["val_loss_start"]
+
+
+def test_modernbert_recipe_document_masked_with_its_own_eval_rate(mlm_data, tmp_path):
+    """ModernBERT (local attention) on packed documents with block-diagonal masks, 30% masking in training and
+    15% in validation: the loss falls, and validation masks half as many tokens per sequence as training."""
+    data = f"data:\n  tokenizer: {mlm_data / 'wordpiece'}\n  path: {mlm_data / 'a'}\n"
+    small = ["model.preset=modernbert-base", "model.overrides.num_hidden_layers=3", "model.overrides.hidden_size=64",
+             "model.overrides.intermediate_size=96", "model.overrides.num_attention_heads=4",
+             "model.overrides.local_attention=16", "mlm.probability=0.3", "mlm.eval_probability=0.15"]
+    losses, summary = _train(tmp_path / "run", data, "max_steps=20", *small)
+    assert _mean(losses, range(16, 21)) < _mean(losses, range(1, 6)) - 0.3
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val_tokens = [r["val_tokens"] for r in records if "val_tokens" in r]
+    sequences = 4 * 2 * 1  # micro batch x ranks x data.eval_batches (TINY): 64 tokens, at most 62 of them not special
+    assert 0.10 < val_tokens[0] / (sequences * 62) < 0.20, val_tokens  # ~15% of the non-special tokens, not 30%
+    assert "val_bpb" not in records[0] and "val_bpb_end" not in summary  # no bits per byte for a masked LM
