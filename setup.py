@@ -28,6 +28,7 @@ setup(
         "numpy>=1.26",
         "zstandard>=0.22",
         "huggingface_hub>=0.25",
+        "accelerate>=1.1",  # transformers' HfDeepSpeedConfig (ZeRO-3 partitioned model construction) needs it
         "matplotlib>=3.7",
     ],
     extras_require={

@@ -148,13 +148,14 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        write_json_atomic(run_dir / "ds_config.json", build_ds_config(cfg, dist.world_size))
+        write_json_atomic(run_dir / "ds_config.json", build_ds_config(cfg, dist.world_size, model_config=model_config))
         model_config.save_pretrained(str(run_dir / MODEL_CONFIG_DIR))
     resume_from = resume_point(cfg)
     universal = resume_from is not None and checkpoint.read_state(resume_from)["world_size"] != dist.world_size
-    model = build_model(model_config, cfg.seed, cfg.model.init_from)
+    model = build_model(model_config, cfg.seed, cfg.model.init_from,
+                        build_ds_config(cfg, dist.world_size, universal, model_config))  # ZeRO-3: built partitioned
     _use_fused_loss(model, cfg)
-    fpt, n_params = flops_per_token(model, model_config, seq_len), count_parameters(model)  # before ZeRO-3 partitions them
+    fpt, n_params = flops_per_token(model_config, seq_len), count_parameters(model_config)
     engine = initialize_engine(model, cfg, dist.world_size, load_universal=universal)
     ds = cfg.deepspeed
     if cfg.data.path or cfg.data.blend:
