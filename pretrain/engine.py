@@ -15,6 +15,32 @@ OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 """lmforge schedule -> ``transformers.get_scheduler`` name (all with linear warmup)."""
 
 
+M_MMAP_THRESHOLD = -3
+"""glibc's ``mallopt`` parameter number of the mmap threshold (malloc.h)."""
+MMAP_THRESHOLD_BYTES = 2**20
+"""Allocations from this size up are mmapped, and unmapped when freed (lmforge's choice: every parameter
+matrix, gradient bucket and gathered ZeRO-3 parameter of the presets from llama-125m up is larger)."""
+
+
+def return_large_frees_to_os() -> bool:
+    """Make glibc mmap every allocation of :data:`MMAP_THRESHOLD_BYTES` or more, so that freeing it returns it.
+
+    By default glibc raises its mmap threshold after the first large free, up to 32 MiB (mallopt(3), "dynamic
+    mmap threshold"); tensors of a few MiB then come from the heap, whose holes never go back to the OS. On CPU
+    ranks the parameters ZeRO-3 gathers and frees, layer after layer, thus kept each rank's resident set
+    several GB above its live tensors (issue 14). Setting the threshold fixes it and turns that adjustment
+    off, as ``MALLOC_MMAP_THRESHOLD_`` in the environment would. Returns False (nothing done) off glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
 def build_ds_config(cfg: TrainConfig, world_size: int, load_universal: bool = False, model_config=None) -> dict:
     """The DeepSpeed config for ``cfg`` on ``world_size`` data-parallel ranks.
 

@@ -31,7 +31,7 @@ from pretrain.config import TrainConfig, to_yaml
 from pretrain.data import ORDER_NAME
 from pretrain.inputs import IGNORE_INDEX, MaskedLMInputs, causal_lm_inputs
 from pretrain.distributed import DistInfo, all_reduce_sum, destroy_distributed, init_distributed, log_rank0
-from pretrain.engine import build_ds_config, initialize_engine
+from pretrain.engine import build_ds_config, initialize_engine, return_large_frees_to_os
 from pretrain.errors import ConsistencyError
 from pretrain.flops import device_description, flops_per_token, peak_flops_per_device, peak_memory_gib
 from pretrain.guard import DivergenceGuard
@@ -87,6 +87,7 @@ def train(cfg: TrainConfig) -> dict:
     The summary has ``preempted: True`` when a signal or the time budget stopped the run after a
     save; the CLI then exits with :data:`~lmforge_common.EXIT_PREEMPTED`.
     """
+    return_large_frees_to_os()  # before any tensor: freed parameters leave the resident set (CPU ranks)
     dist = init_distributed()
     try:
         return _train(_setup(cfg, dist))

@@ -81,3 +81,30 @@ def test_stage3_buckets_sized_from_hidden_size_and_user_file_wins(tmp_path):
     assert zero["stage3_max_live_parameters"] == 12345 and zero["reduce_bucket_size"] == h * h
     cfg.deepspeed.zero_stage = 2
     assert "stage3_prefetch_bucket_size" not in build_ds_config(cfg, 4, model_config=model_config)["zero_optimization"]
+
+
+HEAP_PROBE = """
+import sys
+import torch
+from pretrain.engine import return_large_frees_to_os
+if sys.argv[1] == "on":
+    assert return_large_frees_to_os()
+def heap():
+    lines = [ln.split()[0] for ln in open("/proc/self/maps") if ln.rstrip().endswith("[heap]")]
+    return sum(int(b, 16) - int(a, 16) for a, b in (ln.split("-") for ln in lines))
+x = torch.ones(2**21)
+del x  # an 8 MiB free: glibc's dynamic mmap threshold rises to 8 MiB
+base = heap()
+pairs = [(torch.ones(2**19), torch.ones(16)) for _ in range(32)]  # 2 MiB tensors, a small one after each
+print((heap() - base) / 2**20)  # MiB the heap grew: the 2 MiB tensors came from it (holes stay when freed)
+"""
+
+
+def test_large_tensors_are_mmapped_not_taken_from_the_heap():
+    import subprocess
+    import sys
+
+    grown = {mode: float(subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True,
+                                        check=True).stdout) for mode in ("on", "off")}
+    assert grown["on"] < 8, grown  # mmapped: unmapped again when freed
+    assert grown["off"] >= 60, grown  # glibc's default after a large free: 64 MiB more heap
