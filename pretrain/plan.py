@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pretrain.config import TrainConfig
 from pretrain.errors import ConfigError
 
-FIXED_OVERHEAD_BYTES = 611 * 2**20
-"""Peak RSS of one rank of a model too small to matter (llama-test, 0.3M parameters: under 6 MB of model
-states and activations; ZeRO 3, 4 CPU ranks, micro batch 1, seq_len 256): the largest of the 4 ranks, 640.7e6
-bytes, measured with bench/memory_plan.py on the 2-core dev box (BENCHMARKS.md, "Memory plan")."""
+FIXED_OVERHEAD_BYTES = 590_557_184
+"""Peak RSS of one rank of a model too small to matter (llama-test, 0.36M parameters: under 10 MB of model
+states and activations; ZeRO 3, 4 CPU ranks, micro batch 1, seq_len 256, 3 steps): the largest of the 4 ranks,
+measured with bench/memory_plan.py on the 2-core dev box (BENCHMARKS.md, "Memory plan")."""
 GPU_OVERHEAD_BYTES = 2**30
 """Device memory outside the model on GPU (CUDA context, allocator caching): an estimate, not measured here."""
 THIS_MACHINE = "this machine"
