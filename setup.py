@@ -32,6 +32,7 @@ setup(
         "zstandard>=0.22",
         "huggingface_hub>=0.25",
         "xxhash>=3",  # checkpoint file checksums (pretrain.integrity)
+        "accelerate>=1.1",  # transformers' HfDeepSpeedConfig (ZeRO-3 partitioned model construction) needs it
         "matplotlib>=3.7",
     ],
     extras_require={

@@ -284,14 +284,10 @@ def flops_per_token(model_config, seq_len: int) -> tuple[float, int]:
 
     The model is built on the meta device: no memory, no initialisation time.
     """
-    import torch
-
     from pretrain.flops import flops_per_token as fpt
-    from pretrain.model import auto_model_class, count_parameters
+    from pretrain.model import count_parameters
 
-    with torch.device("meta"):
-        model = auto_model_class(model_config).from_config(model_config)
-    return fpt(model, model_config, seq_len), count_parameters(model)
+    return fpt(model_config, seq_len), count_parameters(model_config)
 
 
 def bench_data(name: str = "stdlib", corpus: Sequence[str] = ("stdlib",), vocab_size: int = 8192,

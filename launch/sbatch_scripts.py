@@ -21,9 +21,9 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
-from lmforge_common import EXIT_PREEMPTED, PREEMPT_SIGNAL, RENDEZVOUS_PORT_BASE, RENDEZVOUS_PORT_SPAN
 from launch.errors import LaunchError
 from launch.slurm import SlurmOptions, sbatch_header
+from lmforge_common import EXIT_PREEMPTED, PREEMPT_SIGNAL, RENDEZVOUS_PORT_BASE, RENDEZVOUS_PORT_SPAN
 
 SLURM_DIR = "slurm"
 """Folder (inside the run dir, or the prepared-data dir) holding the scripts and every Slurm log."""
@@ -94,7 +94,7 @@ def render_train_script(opts: SlurmOptions, command: Sequence[str], run_dir: str
               f"    {_q(command)} || rc=$?"]
     if opts.preemption:
         lines += ["",
-                  f'if [ -e "$PREEMPTED_MARKER" ]; then',
+                  'if [ -e "$PREEMPTED_MARKER" ]; then',
                   f"    # the ranks caught SIG{PREEMPT_SIGNAL}, saved a checkpoint together and exited {EXIT_PREEMPTED}: back to the",
                   "    # queue; the requeued job reruns this script and training resumes from that checkpoint",
                   '    echo "lmforge: preempted, checkpoint saved; requeueing job $SLURM_JOB_ID"',

@@ -13,9 +13,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Pretrain language models: tokenizer, prep, train, export.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (commands.add_demo, cli_tokenizer.add_tokenizer, cli_prep.add_prep, commands.add_train,
-                cli_export.add_export, cli_export.add_verify, cli_export.add_eval, cli_checkpoint.add_checkpoint, cli_launch.add_launch):
+                cli_export.add_export, cli_export.add_verify, cli_export.add_eval, cli_checkpoint.add_checkpoint, cli_launch.add_launch,
+                add_plan):
         add(sub)
     return parser
+
+
+def add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="memory per rank (parameters, gradients, optimizer states, activations) and "
+                                    "whether it fits; exit 2 when it does not")
+    p.add_argument("config", help="YAML training config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. deepspeed.zero_stage=3")
+    p.add_argument("--nproc", type=int, default=None, help="ranks per node (default: one per GPU, or 2 on CPU)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1); world size = nproc x nodes")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes)")
+    p.set_defaults(handler=_plan)
+
+
+def _plan(args) -> int:
+    """Print the memory plan (pretrain.plan); a plan that does not fit raises its one-line refusal (exit 2)."""
+    import json
+
+    from lmforge.commands import default_nproc
+    from pretrain.config import load_config
+    from pretrain.plan import MemoryPlanError, check_memory, render
+
+    nproc = args.nproc or default_nproc()
+    cfg = load_config(args.config, args.overrides)
+    try:
+        plan = check_memory(cfg, nproc * args.nodes, nproc)
+    except MemoryPlanError as exc:
+        plan = exc.plan
+        print(json.dumps(plan.to_dict(), indent=1) if args.json else render(plan), end="\n" if args.json else "")
+        raise
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else render(plan), end="\n" if args.json else "")
+    return 0
 
 
 def env_rank() -> str | None:

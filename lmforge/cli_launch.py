@@ -63,6 +63,7 @@ def add_launch(sub) -> None:
 
 
 def _add_train_args(p) -> None:
+    p.add_argument("--force", action="store_true", help="start even when the memory plan (lmforge plan) says it does not fit")
     p.add_argument("config", help="YAML training config")
     p.add_argument("overrides", nargs="*", help="dotted overrides passed to every rank, e.g. max_steps=100")
 
@@ -86,8 +87,8 @@ def _slurm_options(args, batch_log: bool = True):
     return SlurmOptions(nodes=getattr(args, "nodes", 1), gpus_per_node=getattr(args, "gpus_per_node", 0),
                         cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account, qos=args.qos,
                         time=args.time, constraint=args.constraint, exclusive=args.exclusive, mem=args.mem,
-                        output=getattr(args, "output", None) if batch_log else None, job_name=args.job_name, preemption=getattr(args, "preemption", False),
-                        signal_grace_s=getattr(args, "signal_grace_s", 300), socket_ifname=getattr(args, "socket_ifname", None))
+                        output=getattr(args, "output", None) if batch_log else None, job_name=args.job_name,
+                        preemption=getattr(args, "preemption", False), signal_grace_s=getattr(args, "signal_grace_s", 300), socket_ifname=getattr(args, "socket_ifname", None))
 
 
 def _train_command(args, check: bool):
@@ -125,10 +126,53 @@ def _preempted(cfg) -> int:
     return EXIT_PREEMPTED
 
 
+def memory_preflight(args, world_size: int, ranks_per_node: int, device: str | None = None,
+                     available_bytes: int | str | None = "this machine") -> None:
+    """Refuse before any rank starts when the memory plan (pretrain.plan) does not fit; ``--force`` only warns.
+
+    ``available_bytes`` per rank: ``"this machine"`` (measured here), a number, or None (unknown: only printed).
+
+    Raises:
+        MemoryPlanError: one line: needed and available bytes per rank, and the knob that would fit.
+    """
+    from pretrain.config import load_config
+    from pretrain.plan import MemoryPlanError, check_memory
+
+    try:
+        plan = check_memory(load_config(args.config, args.overrides), world_size, ranks_per_node, device,
+                            available_bytes)
+    except MemoryPlanError as exc:
+        if not args.force:
+            raise
+        print(f"lmforge: warning (--force): {exc}", file=sys.stderr)
+        return
+    verdict = "fits" if plan.fits else "not checked (available memory unknown)"
+    print(f"memory plan: {plan.per_rank_bytes / 2**30:.2f} GiB per rank of "
+          f"{(plan.available_bytes or 0) / 2**30:.2f} GiB available: {verdict}", file=sys.stderr)
+
+
+def _hosts(hostfile: str | None) -> int:
+    """Hosts named in an OpenMPI hostfile (one per non-comment line); 1 without one."""
+    if not hostfile:
+        return 1
+    lines = [ln.split("#")[0].strip() for ln in Path(hostfile).read_text(encoding="utf-8").splitlines()]
+    return max(1, sum(1 for ln in lines if ln))
+
+
+def _mem_bytes(mem: str | None) -> int | None:
+    """sbatch ``--mem`` (default unit MiB; K, M, G, T suffixes) in bytes; None when absent or 0 (all)."""
+    if not mem or mem.strip() in ("0", "0M", "0G"):
+        return None
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    text = mem.strip().upper()
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(float(text) * 2**20)
+
+
 def _local(args) -> int:
     from launch.errors import RanksPreempted
     from launch.local import run_local
 
+    memory_preflight(args, _default_ranks(args.nproc), _default_ranks(args.nproc))
     command, cfg = _train_command(args, check=True)
     nproc = _default_ranks(args.nproc)
     try:
@@ -143,6 +187,7 @@ def _mpi(args) -> int:
     from launch.errors import RanksPreempted
     from launch.mpi import run_mpi
 
+    memory_preflight(args, _default_ranks(args.np), -(-_default_ranks(args.np) // _hosts(args.hostfile)))
     command, cfg = _train_command(args, check=True)
     np = _default_ranks(args.np)
     try:
@@ -158,6 +203,11 @@ def _slurm(args) -> int:
     from launch.slurm import submit, write_script
 
     opts = _slurm_options(args)
+    if not args.dry_run:  # the nodes' memory: --mem on CPU; unknown on GPU nodes (the plan is printed, not enforced)
+        per_node = max(opts.gpus_per_node, 1)
+        node_mem = _mem_bytes(args.mem) if not opts.gpus_per_node else None
+        memory_preflight(args, opts.world_size, per_node, "gpu" if opts.gpus_per_node else "cpu",
+                         node_mem // per_node if node_mem else None)
     command, cfg = _train_command(args, check=not args.dry_run)
     run_dir = os.path.abspath(cfg.run_dir)
     script = render_train_script(opts, command, run_dir, os.getcwd())

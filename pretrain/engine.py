@@ -1,11 +1,10 @@
 """The DeepSpeed engine: ds_config generated from the lmforge config, and the one ``deepspeed.initialize`` call."""
 from __future__ import annotations
 
-from pretrain.config import TrainConfig
-
 import json
 from pathlib import Path
 
+from pretrain.config import TrainConfig
 from pretrain.errors import ConfigError
 
 SCHEDULER_NAMES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup",
@@ -15,10 +14,38 @@ OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 """lmforge schedule -> ``transformers.get_scheduler`` name (all with linear warmup)."""
 
 
-def build_ds_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict:
+M_MMAP_THRESHOLD = -3
+"""glibc's ``mallopt`` parameter number of the mmap threshold (malloc.h)."""
+MMAP_THRESHOLD_BYTES = 2**20
+"""Allocations from this size up are mmapped, and unmapped when freed (lmforge's choice: every parameter
+matrix, gradient bucket and gathered ZeRO-3 parameter of the presets from llama-125m up is larger)."""
+
+
+def return_large_frees_to_os() -> bool:
+    """Make glibc mmap every allocation of :data:`MMAP_THRESHOLD_BYTES` or more, so that freeing it returns it.
+
+    By default glibc raises its mmap threshold after the first large free, up to 32 MiB (mallopt(3), "dynamic
+    mmap threshold"); tensors of a few MiB then come from the heap, whose holes never go back to the OS. On CPU
+    ranks the parameters ZeRO-3 gathers and frees, layer after layer, thus kept each rank's resident set
+    several GB above its live tensors (issue 14). Setting the threshold fixes it and turns that adjustment
+    off, as ``MALLOC_MMAP_THRESHOLD_`` in the environment would. Returns False (nothing done) off glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int, load_universal: bool = False, model_config=None) -> dict:
     """The DeepSpeed config for ``cfg`` on ``world_size`` data-parallel ranks.
 
     ``load_universal``: the engine will load a universal checkpoint (resume at another world size).
+    ``model_config``: the transformers config; at ZeRO stage 3 it sizes the buckets (:func:`zero3_sizes`).
+    A user's ``deepspeed.config_file`` is merged last and wins over every generated key but the owned ones.
 
     ``train_batch_size`` (the global batch, in sequences) = micro batch x accumulation x world size.
     """
@@ -42,11 +69,38 @@ def build_ds_config(cfg: TrainConfig, world_size: int, load_universal: bool = Fa
     if ds.offload_optimizer:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
         config["zero_force_ds_cpu_optimizer"] = False  # lmforge's AdamW param groups run on the CPU as given
+    if ds.zero_stage == 3 and model_config is not None:
+        config["zero_optimization"].update(zero3_sizes(model_config))
     if ds.offload_params:
         config["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": False}
     if ds.config_file:
         config = merge_user_ds_config(config, ds.config_file)
     return config
+
+
+def zero3_sizes(model_config) -> dict:
+    """Stage-3 buckets and thresholds (in parameters, i.e. elements) sized from the model's hidden size ``h``.
+
+    DeepSpeed's defaults (``reduce_bucket_size`` and ``stage3_prefetch_bucket_size`` 5e8, both
+    ``stage3_max_live_parameters`` and ``stage3_max_reuse_distance`` 1e9) exceed a 1B model, so every
+    gathered parameter may stay resident and stage 3 saved no memory (issue 14). Sources:
+
+    - ``reduce_bucket_size = h*h``, ``stage3_prefetch_bucket_size = 0.9*h*h`` and
+      ``stage3_param_persistence_threshold = 10*h``: the Hugging Face Trainer's ``"auto"`` values
+      (``transformers.integrations.deepspeed.HfTrainerDeepSpeedConfig.trainer_config_finalize``).
+    - ``stage3_max_live_parameters = stage3_max_reuse_distance`` = two transformer layers' parameters (the
+      layer computing and the one prefetched), at least the prefetch bucket: lmforge's choice, as DeepSpeed's
+      tuning guide advises lowering both when memory is short (docs: "ZeRO-3 Offload", max_live_parameters).
+    """
+    from pretrain.model import count_parameters, hidden_size, num_layers
+
+    h = hidden_size(model_config)
+    embeddings = model_config.vocab_size * h * (1 if getattr(model_config, "tie_word_embeddings", False) else 2)
+    per_layer = max(count_parameters(model_config) - embeddings, 0) // num_layers(model_config)
+    live = max(2 * per_layer, int(0.9 * h * h))
+    return {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+            "stage3_param_persistence_threshold": 10 * h, "stage3_max_live_parameters": live,
+            "stage3_max_reuse_distance": live}
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -88,9 +142,10 @@ def build_optimizer(model, cfg: TrainConfig):
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
+    ndims = [len(getattr(p, "ds_shape", p.shape)) for p in params]  # ZeRO-3 built partitioned: p is 1-D and empty
     groups = [
-        {"params": [p for p in params if optimizer_group(p.ndim) == 0], "weight_decay": cfg.optim.weight_decay},
-        {"params": [p for p in params if optimizer_group(p.ndim) == 1], "weight_decay": 0.0},
+        {"params": [p for p, n in zip(params, ndims) if optimizer_group(n) == 0], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p, n in zip(params, ndims) if optimizer_group(n) == 1], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
 
@@ -110,8 +165,7 @@ def build_scheduler(optimizer, cfg: TrainConfig):
 def initialize_engine(model, cfg: TrainConfig, world_size: int, load_universal: bool = False):
     """Wrap ``model`` in a DeepSpeed engine with the generated config, optimizer and schedule."""
     import deepspeed
-    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
 
     # Declares the checkpoint convertible to DeepSpeed's universal format (no tensor-parallel
     # patterns: lmforge is data parallel), so a resume can change the world size.
@@ -121,5 +175,5 @@ def initialize_engine(model, cfg: TrainConfig, world_size: int, load_universal: 
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_ds_config(cfg, world_size, load_universal))
+                                           config=build_ds_config(cfg, world_size, load_universal, model.config))
     return engine

@@ -11,15 +11,17 @@ PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0,
 """Dense bf16 tensor-core peak per device, TFLOP/s (vendor data sheets, SXM parts)."""
 
 
-def flops_per_token(model, config, seq_len: int) -> float:
-    """6 N + 12 L H Q T training FLOPs per token (see the module docstring)."""
+def flops_per_token(config, seq_len: int) -> float:
+    """6 N + 12 L H Q T training FLOPs per token (see the module docstring) of ``config``'s model, counted
+    on the meta device (no weights are materialised: at ZeRO-3 no rank holds the whole model)."""
+    from pretrain.model import hidden_size, meta_model, num_layers
+
+    model = meta_model(config)
     n_params = sum(p.numel() for p in model.parameters())
     embedding = model.get_input_embeddings().weight.numel()
-    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     heads = getattr(config, "num_attention_heads", None) or config.n_head
-    hidden = getattr(config, "hidden_size", None) or config.n_embd
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    return 6.0 * (n_params - embedding) + 12.0 * layers * heads * head_dim * seq_len
+    head_dim = getattr(config, "head_dim", None) or hidden_size(config) // heads
+    return 6.0 * (n_params - embedding) + 12.0 * num_layers(config) * heads * head_dim * seq_len
 
 
 def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:

@@ -138,19 +138,89 @@ def load_model_config(path: str, overrides: dict[str, Any] | None = None):
     return _apply_overrides(AutoConfig.from_pretrained(path, local_files_only=True), overrides)
 
 
-def build_model(config, seed: int, init_from: str = ""):
-    """A causal or masked LM for ``config`` (float32 weights): randomly initialised, seeded identically on
-    every rank, or loaded from the local folder ``init_from`` for continued pretraining."""
+def build_model(config, seed: int, init_from: str = "", ds_config: dict | None = None):
+    """A causal or masked LM for ``config`` (float32 weights), randomly initialised by :func:`seeded_init`
+    (the same weights for a seed whatever the world size or ZeRO stage), or loaded from the local folder
+    ``init_from`` for continued pretraining.
+
+    ``ds_config``: the generated DeepSpeed config. At ZeRO stage 3 the parameters are partitioned as
+    they are created, so no rank ever holds the whole model: transformers' ``HfDeepSpeedConfig`` (its
+    supported door to DeepSpeed) makes ``from_config`` / ``from_pretrained`` build under
+    ``deepspeed.zero.Init`` and load checkpoints shard by shard into the partitions. The config object is
+    kept alive on the model (transformers holds only a weak reference to it). Needs torch.distributed
+    initialised at stage 3.
+    """
     import torch
 
     torch.manual_seed(seed)
     cls = auto_model_class(config)
+    if ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 (kept alive while building)
     if init_from:
-        return cls.from_pretrained(init_from, config=config, dtype=torch.float32, local_files_only=True,
-                                   attn_implementation="sdpa")
-    return cls.from_config(config, attn_implementation="sdpa")
+        model = cls.from_pretrained(init_from, config=config, dtype=torch.float32, local_files_only=True,
+                                    attn_implementation="sdpa")
+    else:
+        model = cls.from_config(config, attn_implementation="sdpa")
+        seeded_init(model, seed)
+    return model
 
 
-def count_parameters(model) -> int:
-    """Number of parameters (elements), embeddings included."""
-    return sum(p.numel() for p in model.parameters())
+def seeded_init(model, seed: int) -> None:
+    """Draw every module's weights with the model's own rule (``PreTrainedModel._init_weights``, e.g. normal(0,
+    ``initializer_range``) for linear and embedding weights, ones for norms), seeding torch per module with
+    ``seed + its index in model.modules()``, children before parents as transformers does.
+
+    The weights then depend on ``seed`` alone: transformers' ZeRO-3 path draws them in another stream
+    (no torch default init first, rank 0 only), so without this the first step at stage 3 differed from
+    stages 0-2. At stage 3 each module's partitions are gathered, rank 0 draws the full tensors and
+    DeepSpeed scatters them back (``deepspeed.zero.GatheredParameters(modifier_rank=0)``), one module at a time.
+    """
+    import contextlib
+
+    import torch
+
+    modules = list(model.modules())
+    partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+    drawing = not partitioned or torch.distributed.get_rank() == 0
+    with torch.no_grad():
+        for index in reversed(range(len(modules))):  # every module after its descendants
+            module = modules[index]
+            params = [p for m in (module, *module.children()) for p in m.parameters(recurse=False)]
+            if not params:
+                continue
+            if partitioned:
+                import deepspeed
+
+                gather = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+            else:
+                gather = contextlib.nullcontext()
+            with gather:
+                if drawing:
+                    torch.manual_seed(seed + index)
+                    model._init_weights(module)
+
+
+def meta_model(config):
+    """``config``'s model built on the meta device: shapes only, no memory, no initialisation time."""
+    import torch
+
+    with torch.device("meta"):
+        return auto_model_class(config).from_config(config)
+
+
+def count_parameters(config) -> int:
+    """Number of parameters (elements) of ``config``'s model, embeddings included, tied weights once;
+    counted on the meta device (nothing is allocated)."""
+    return sum(p.numel() for p in meta_model(config).parameters())
+
+
+def hidden_size(config) -> int:
+    """Model width (``hidden_size``, GPT-2's ``n_embd``)."""
+    return getattr(config, "hidden_size", None) or config.n_embd
+
+
+def num_layers(config) -> int:
+    """Transformer layers (``num_hidden_layers``, GPT-2's ``n_layer``)."""
+    return getattr(config, "num_hidden_layers", None) or config.n_layer

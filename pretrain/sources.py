@@ -18,11 +18,11 @@ from typing import Iterator
 
 import numpy as np
 
+from data_prep.blend import BlendedReader
 from data_prep.errors import InputError
 from data_prep.pack import Packer
 from data_prep.prep import is_validation
 from data_prep.reader import JSONL_SUFFIXES, PARQUET_SUFFIXES, resolve_inputs
-from data_prep.blend import BlendedReader
 from data_prep.shards import ShardReader
 from data_prep.tokenizer.folder import TOKENIZER_FILE, TokenizerInfo
 from pretrain.data import MicroBatch, eval_batches, eval_indices, micro_batches, padded

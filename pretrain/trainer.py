@@ -37,7 +37,7 @@ from pretrain.distributed import (
     init_distributed,
     log_rank0,
 )
-from pretrain.engine import build_ds_config, initialize_engine
+from pretrain.engine import build_ds_config, initialize_engine, return_large_frees_to_os
 from pretrain.evaluator import Evaluator, check_validation_split, require_validation_set, tokens_per_byte
 from pretrain.faults import FaultInjector
 from pretrain.flops import flops_per_token, peak_flops_per_device
@@ -68,6 +68,7 @@ def train(cfg: TrainConfig) -> dict:
     The summary has ``preempted: True`` when a signal or the time budget stopped the run after a
     save; the CLI then exits with :data:`~lmforge_common.EXIT_PREEMPTED`.
     """
+    return_large_frees_to_os()  # before any tensor: freed parameters leave the resident set (CPU ranks)
     dist = init_distributed()
     try:
         return _train(_setup(cfg, dist))
@@ -131,15 +132,16 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        write_json_atomic(run_dir / "ds_config.json", build_ds_config(cfg, dist.world_size))
+        write_json_atomic(run_dir / "ds_config.json", build_ds_config(cfg, dist.world_size, model_config=model_config))
         model_config.save_pretrained(str(run_dir / MODEL_CONFIG_DIR))
     resume_from = resume_point(cfg)
     universal = resume_from is not None and checkpoint.read_state(resume_from)["world_size"] != dist.world_size
-    model = build_model(model_config, cfg.seed, cfg.model.init_from)
+    model = build_model(model_config, cfg.seed, cfg.model.init_from,
+                        build_ds_config(cfg, dist.world_size, universal, model_config))  # ZeRO-3: built partitioned
     if dist.is_main:  # config.json again, now naming the model's class, and generation_config.json
         write_model_files(model, run_dir / MODEL_CONFIG_DIR)
     _use_fused_loss(model, cfg)
-    fpt, n_params = flops_per_token(model, model_config, seq_len), count_parameters(model)  # before ZeRO-3 partitions them
+    fpt, n_params = flops_per_token(model_config, seq_len), count_parameters(model_config)
     engine = initialize_engine(model, cfg, dist.world_size, load_universal=universal)
     ds = cfg.deepspeed
     if cfg.data.path or cfg.data.blend:

@@ -38,11 +38,11 @@ def build(out: Path, tokenizer: str, data: str, stage: int, precision: str) -> P
     from pretrain import checkpoint
     from pretrain.config import load_config, to_yaml
     from pretrain.engine import initialize_engine
+    from pretrain.export.verify import probe_metadata
     from pretrain.flops import device_description
     from pretrain.metrics import MetricsWriter
     from pretrain.model import build_model, build_model_config, padded_vocab_size
     from pretrain.model_files import write_model_files
-    from pretrain.export.verify import probe_metadata
 
     run_dir = out / f"mlm-zero{stage}-{precision}"
     cfg = load_config(None, [f"run_dir={run_dir}", f"data.path={data}", f"data.tokenizer={tokenizer}",

@@ -24,7 +24,6 @@ from pretrain.export.verify import LOGIT_TOLERANCE
 from tests.pretrain.conftest import TINY, Ranks
 
 
-
 def _fp16_trains_here() -> bool:
     """DeepSpeed's CPU accelerator trains fp16 only where the CPU has fp16 arithmetic (e.g. AVX512-FP16)."""
     from deepspeed.accelerator import get_accelerator
@@ -316,8 +315,8 @@ def test_push_to_an_unreachable_endpoint_fails_cleanly(exports):
 
 
 def test_bad_input_is_one_line_naming_the_problem(runs, tmp_path):
-    from pretrain.export.consolidate import plan_checkpoint
     from pretrain.errors import ExportError
+    from pretrain.export.consolidate import plan_checkpoint
     from pretrain.export.core import ExportOptions, export
     from pretrain.export.hub import PushOptions
 

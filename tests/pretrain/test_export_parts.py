@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretrain.export.consolidate import Extent, TensorPlan, TensorReader, plan_checkpoint
 from pretrain.errors import ExportError
+from pretrain.export.consolidate import Extent, TensorPlan, TensorReader, plan_checkpoint
 from pretrain.export.safetensors_writer import TensorSpec, write_sharded
 from pretrain.export.torch_archive import Opaque, TensorRef, load_structure
 from pretrain.export.verify import EXACT_KEYS, inexact_reason, probe_metadata

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from pretrain.checkpoint import complete_checkpoints, latest_complete, read_state
 from lmforge_common import EXIT_PREEMPTED
+from pretrain.checkpoint import complete_checkpoints, latest_complete, read_state
 from tests.pretrain.conftest import losses_by_step, samples_by_step
 
 FP32_ZERO2 = ["deepspeed.precision=fp32", "deepspeed.zero_stage=2", "max_steps=12", "checkpoint.save_every_steps=4",

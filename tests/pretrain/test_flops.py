@@ -1,5 +1,5 @@
 from pretrain.flops import flops_per_token, peak_flops_per_device, peak_memory_gib
-from pretrain.model import build_model, build_model_config
+from pretrain.model import build_model, build_model_config, count_parameters
 
 
 def test_flops_per_token_is_6n_plus_attention_term():
@@ -8,7 +8,8 @@ def test_flops_per_token_is_6n_plus_attention_term():
     # llama-test: hidden 64, 2 layers, 4 heads of 16, MLP 172, untied 512-row embedding and head
     per_layer = 4 * 64 * 64 + 3 * 64 * 172 + 2 * 64
     n_matmul = 2 * per_layer + 64 + 512 * 64  # layers, final norm, lm head (the input embedding is a lookup)
-    assert flops_per_token(model, config, 64) == 6 * n_matmul + 12 * 2 * 4 * 16 * 64
+    assert count_parameters(config) == sum(p.numel() for p in model.parameters())
+    assert flops_per_token(config, 64) == 6 * n_matmul + 12 * 2 * 4 * 16 * 64
 
 
 def test_peak_flops_unknown_on_cpu_unless_given():
