@@ -42,7 +42,7 @@ def build_checkpoint(src_run: Path, dst_run: Path, layers: int) -> tuple[Path, i
 
     Built in a child process: a child's ``ru_maxrss`` starts from its parent's resident set at fork, so the
     timed exports must be started by a small parent."""
-    src_tag, tag = src_run / "checkpoints" / STEP, dst_run / "checkpoints" / STEP
+    tag = dst_run / "checkpoints" / STEP
     if not (tag / "lmforge_state.json").is_file():
         common.check_child(common.run_child([sys.executable, __file__, "--build", str(src_run), str(dst_run), str(layers)],
                                             env=common.python_env(**common.CPU_ONLY_ENV)), "building the checkpoint")

@@ -88,7 +88,8 @@ def _slurm_options(args, batch_log: bool = True):
                         cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account, qos=args.qos,
                         time=args.time, constraint=args.constraint, exclusive=args.exclusive, mem=args.mem,
                         output=getattr(args, "output", None) if batch_log else None, job_name=args.job_name,
-                        preemption=getattr(args, "preemption", False), signal_grace_s=getattr(args, "signal_grace_s", 300), socket_ifname=getattr(args, "socket_ifname", None))
+                        preemption=getattr(args, "preemption", False), signal_grace_s=getattr(args, "signal_grace_s", 300),
+                        socket_ifname=getattr(args, "socket_ifname", None))
 
 
 def _train_command(args, check: bool):

@@ -114,7 +114,7 @@ def _zero3_checkpoint(tag_dir: Path, world_size: int = 2) -> None:
         n = math.prod(shape)
         values[name] = (torch.arange(n, dtype=torch.float64) * 0.3711 - 1.9 + i).to(torch.float32).view(shape)
     flat = [[] for _ in range(world_size)]
-    for name, t in values.items():
+    for t in values.values():
         part = math.ceil(t.numel() / world_size)
         padded = torch.cat([t.reshape(-1), torch.zeros(part * world_size - t.numel())])
         for r in range(world_size):
