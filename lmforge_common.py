@@ -86,3 +86,22 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 def write_json_atomic(path: str | Path, obj: object) -> None:
     """Write ``obj`` as indented UTF-8 JSON (trailing newline) to ``path`` with :func:`write_bytes_atomic`."""
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+HEARTBEAT_DIR = "heartbeat"
+"""Run-dir folder of the ranks' heartbeats: ``heartbeat/rank{r}.json`` = ``{"rank", "host", "pid", "step",
+"time_unix_s"}``, rewritten atomically by each rank after every optimizer step (``step`` = optimizer steps
+completed). Launchers read it (without importing pretrain) to say which step a dead or hung rank last finished."""
+
+
+def heartbeat_path(run_dir: str | Path, rank: int) -> Path:
+    """Where rank ``rank`` of the run in ``run_dir`` writes its heartbeat."""
+    return Path(run_dir) / HEARTBEAT_DIR / f"rank{rank}.json"
+
+
+def read_heartbeat(run_dir: str | Path, rank: int) -> dict | None:
+    """Rank ``rank``'s last heartbeat, or None when it wrote none (or it cannot be read)."""
+    try:
+        return json.loads(heartbeat_path(run_dir, rank).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
