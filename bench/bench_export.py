@@ -100,7 +100,9 @@ def build_checkpoint(work: Path, preset: str) -> Path:
     run_local([sys.executable, "-m", "lmforge", "train", str(config), f"model.preset={preset}", "deepspeed.zero_stage=3",
                "deepspeed.precision=fp32", "deepspeed.micro_batch_size=1", "max_steps=1", "data.eval_batches=1",
                "show_progress=false"], 2, env={**common.python_env(), "DS_ACCELERATOR": "cpu"})
-    return latest_complete(run / "checkpoints")
+    tag = latest_complete(run / "checkpoints")
+    assert tag is not None, f"{run}: the training run saved no checkpoint"
+    return tag
 
 
 def identical(a: Path, b: Path) -> bool:

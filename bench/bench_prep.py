@@ -35,6 +35,7 @@ copy to ``--json`` when given) and ``bench_prep_fixed.json``. ``--child`` is the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -106,6 +107,7 @@ def _child_lmforge(corpus: str, tok_dir: str, out: str) -> dict:
     manifest = prepare(PrepConfig(inputs=[corpus], tokenizer=tok_dir, output=out, seq_len=SEQ_LEN, overwrite=True,
                                   show_progress=False))
     elapsed, cpu = time.perf_counter() - start, common.cpu_seconds(True) - cpu
+    assert manifest is not None  # one task: prepare merges and returns the manifest
     return {"seconds": elapsed, "cpu_seconds": cpu, "tokens": manifest["counts"]["tokens"]}
 
 
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         return r["seconds"]
 
     # alternate, so drifting machine load hits every method alike
-    common.alternate({m: (lambda m=m: trial(m)) for m in CHILDREN}, args.reps)
+    common.alternate({m: functools.partial(trial, m) for m in CHILDREN}, args.reps)
     seconds = {m: [t["seconds"] for t in ts] for m, ts in trials.items()}
     cpu = {m: [t["cpu_seconds"] for t in ts] for m, ts in trials.items()}
     peak_mib = {m: [t["peak_rss_bytes"] / 2**20 for t in ts] for m, ts in trials.items()}

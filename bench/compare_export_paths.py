@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import functools
 import json
 import math
 import os
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return result.wall_s
 
     try:
-        wall = common.alternate({side: (lambda s=side: run(s)) for side in sides}, args.repeats)
+        wall = common.alternate({side: functools.partial(run, side) for side in sides}, args.repeats)
         same = filecmp.cmp(outs["parser"] / "model.safetensors", outs["torch.load"] / "model.safetensors", shallow=False)
     finally:
         for out in outs.values():

@@ -6,7 +6,7 @@ Each rank's ``VmHWM`` (the kernel's peak resident set size of the process, bytes
 from ``/proc/<pid>/status`` every ``--interval-s`` seconds for every ``lmforge train`` process below the
 launcher (its rank read from ``/proc/<pid>/environ``); the last ``VmHWM`` seen before a rank exits is its
 peak (growth within the last interval is missed). The run: micro batch 1, ``--max-steps`` steps, fp32... as
-given, on the stdlib slice prepared by :func:`bench.common.bench_data` (a 2048-token byte-level BPE, 256-token
+given, on the stdlib slice prepared by :func:`common.bench_data` (a 2048-token byte-level BPE, 256-token
 sequences). ``--force`` is passed so that a run the memory plan refuses is measured anyway. Prints one JSON
 object (and writes it to ``--out``): per-rank peaks in bytes, the plan's per-rank figure, the exit code.
 """
@@ -22,9 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench import common
+import common  # noqa: E402  (bench/ is on sys.path when a bench script runs, as for the others)
 
 CORPUS = tuple(str(Path(sysconfig.get_paths()["stdlib"]) / name) for name in ("json", "email", "asyncio"))
 """About 0.9 MB of the standard library: enough sequences for a few steps."""

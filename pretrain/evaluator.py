@@ -30,14 +30,15 @@ def evaluate(run: Run) -> dict:
 
     engine = run.engine
     engine.eval()
-    loss_sum, tokens = 0.0, 0
+    loss_sum, tokens = 0.0, 0.0
     rng_state = np.random.get_state()
     np.random.seed(run.cfg.seed)  # the same MLM masks at every evaluation, without disturbing training's RNG
     try:
         with torch.no_grad():
             for mb in run.val_batches:
                 inputs = (run.eval_inputs or run.inputs)(mb)
-                labels = inputs["labels"][:, 1:] if run.objective == "clm" else inputs["labels"]
+                labels = np.asarray(inputs["labels"])
+                labels = labels[:, 1:] if run.objective == "clm" else labels
                 n = int((labels != IGNORE_INDEX).sum())
                 loss = engine(**to_device(inputs, engine.device)).loss  # every rank runs every forward (ZeRO-3)
                 if n:  # a batch of padding rows only (a split smaller than a micro batch per rank) has a NaN mean
@@ -46,7 +47,7 @@ def evaluate(run: Run) -> dict:
     finally:
         np.random.set_state(rng_state)
         engine.train()
-    loss_sum, tokens = all_reduce_sum([loss_sum, float(tokens)])
+    loss_sum, tokens = all_reduce_sum([loss_sum, tokens])
     loss = loss_sum / tokens if tokens else float("nan")
     result = {"val_loss": loss, "val_ppl": math.exp(loss) if tokens else float("nan"), "val_tokens": int(tokens)}
     if run.val_tokens_per_byte:
@@ -79,7 +80,7 @@ def check_validation_split(cfg: TrainConfig, manifest: dict | None) -> None:
         ConsistencyError: see above.
     """
     val = ((manifest or {}).get("splits") or {}).get("val") or {}
-    if cfg.data.eval_batches and cfg.data.path and val.get("sequences") == 0:
+    if manifest is not None and cfg.data.eval_batches and cfg.data.path and val.get("sequences") == 0:
         raise _empty_split(cfg.data.path, manifest)
 
 

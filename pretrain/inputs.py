@@ -124,6 +124,7 @@ class MaskedLMInputs:
         self.document_masking, self.position_offset, self.sliding_window = document_masking, position_offset, sliding_window
 
     def _offsets(self, input_ids: np.ndarray) -> np.ndarray:
+        assert self.word_starts is not None  # built with whole_word_mask
         starts = self.word_starts[np.clip(input_ids, 0, len(self.word_starts) - 1)]
         begin = np.cumsum(1 + starts.astype(np.int64), axis=1)  # a gap of one before each word start
         return np.stack([begin, begin + 1], axis=-1)

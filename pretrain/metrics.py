@@ -29,10 +29,10 @@ class MetricsWriter:
             self._fh = open(run_dir / METRICS_FILE, "a", encoding="utf-8")
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional at run time; metrics.jsonl is not
-                SummaryWriter = None
-            if SummaryWriter is not None:
+
                 self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional at run time; metrics.jsonl is not
+                self._tb = None
             if wandb_project:
                 import wandb  # checked at config validation time
 
@@ -44,6 +44,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        assert self._fh is not None  # opened when enabled
         self._fh.write(json.dumps(clean) + "\n")
         self._fh.flush()
         scalars = {k: v for k, v in clean.items() if k != "step" and isinstance(v, (int, float))}

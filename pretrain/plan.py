@@ -183,14 +183,15 @@ def plan_memory(cfg: TrainConfig, model_config, seq_len: int, world_size: int, r
     acts = activation_bytes(cfg, model_config, seq_len, fused)
     overhead = FIXED_OVERHEAD_BYTES if device == "cpu" else GPU_OVERHEAD_BYTES
     total = params + grads + optimizer + host + acts + overhead
-    if available_bytes == THIS_MACHINE:
-        available_bytes = available_per_rank(device, ranks_per_node)
+    available = available_per_rank(device, ranks_per_node) if available_bytes == THIS_MACHINE else available_bytes
+    if isinstance(available, str):
+        raise ValueError(f"available_bytes={available!r}: a byte count, None, or THIS_MACHINE")
     return MemoryPlan(preset=cfg.model.init_from or cfg.model.preset, n_params=n, largest_layer_params=largest,
                       zero_stage=ds.zero_stage, precision=ds.precision, world_size=world_size,
                       ranks_per_node=ranks_per_node, device=device, estimator=estimator, params_bytes=params,
                       grads_bytes=grads, optimizer_bytes=optimizer, host_model_bytes=host, activations_bytes=acts,
-                      overhead_bytes=overhead, per_rank_bytes=total, available_bytes=available_bytes,
-                      fits=None if available_bytes is None else total <= available_bytes)
+                      overhead_bytes=overhead, per_rank_bytes=total, available_bytes=available,
+                      fits=None if available is None else total <= available)
 
 
 def available_per_rank(device: str, ranks_per_node: int) -> int | None:
@@ -265,7 +266,7 @@ def check_memory(cfg: TrainConfig, world_size: int, ranks_per_node: int, device:
         device = "gpu" if torch.cuda.is_available() else "cpu"
     _, model_config, seq_len = preflight(cfg)
     plan = plan_memory(cfg, model_config, seq_len, world_size, ranks_per_node, device, available_bytes)
-    if plan.fits is False:
+    if plan.fits is False and plan.available_bytes is not None:
         knob = fitting_knob(cfg, model_config, seq_len, world_size, ranks_per_node, device, plan.available_bytes)
         raise MemoryPlanError(refusal_line(plan, knob), plan)
     return plan

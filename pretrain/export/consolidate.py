@@ -241,7 +241,10 @@ def _plan_stage0(tag_dir: Path) -> CheckpointPlan:
     path = tag_dir / MODEL_STATES_FILE
     ms = load_structure(path)
     module, buffer_names = ms["module"], set(ms.get("buffer_names") or [])
-    seen, aliases, params, buffers = {}, {}, [], []
+    seen: dict = {}
+    aliases: dict[str, str] = {}
+    params: list = []
+    buffers: list = []
     for name, t in module.items():  # tied parameters share one storage in the module state dict
         key = (t.storage.data_offset, t.storage_offset, t.shape) if isinstance(t, TensorRef) else id(t)
         if key in seen:
@@ -363,7 +366,7 @@ class TensorReader:
 
         dtype, item = getattr(torch, plan.dtype), ITEMSIZE[plan.dtype]
         out = torch.empty(plan.numel, dtype=dtype) if into is None else into[:plan.numel * item].view(dtype)
-        view = memoryview(out.view(torch.uint8).numpy())
+        view = memoryview(out.view(torch.uint8).numpy())  # type: ignore[arg-type]
         pos = 0
         for ext in plan.extents:
             _pread_exact(self._fd(ext.path), view[pos:pos + ext.numel * item], ext.offset_bytes, ext.path)

@@ -30,6 +30,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pretrain.errors import ExportError
 
@@ -109,6 +110,9 @@ class Opaque(dict):
     """
 
     qualname = "?"
+    args: tuple
+    state: Any
+    items: list  # type: ignore[assignment]  # shadows dict.items on purpose: the pickle's APPEND target
 
     def __new__(cls, *args, **kwargs):
         obj = super().__new__(cls)
@@ -137,7 +141,7 @@ class Opaque(dict):
     def __repr__(self) -> str:
         return f"<{self.qualname}{self.args!r}>"
 
-    __hash__ = object.__hash__
+    __hash__ = object.__hash__  # type: ignore[assignment]
 
 
 def _rebuild_parameter(data, *rest):

@@ -234,7 +234,7 @@ def verify_export(hf_dir: str | Path, probe: str | Path | None = None, prompt: s
         result.update(compare_logits(got, expected, rtol, atol, hf_dir, what))
     if prompt is None:
         ids = inputs["input_ids"][0, :8].tolist() if inputs else []
-        prompt = tok.decode(ids, skip_special_tokens=True) or "The"
+        prompt = str(tok.decode(ids, skip_special_tokens=True)) or "The"
     result["prompt"] = prompt
     result.update(_run_pipeline(model, tok, objective_of(config), prompt, max_new_tokens, seed))
     return result

@@ -69,8 +69,8 @@ def samples_by_step(run_dir: Path) -> dict[int, set[int]]:
     for path in sorted((run_dir / "data-indices").glob("rank*.tsv")):
         seen_here: dict[int, set[int]] = {}
         for line in path.read_text().splitlines():
-            step, ids = line.split("\t")
-            seen_here.setdefault(int(step), set()).update(int(i) for i in ids.split(","))
+            step_text, ids_text = line.split("\t")
+            seen_here.setdefault(int(step_text), set()).update(int(i) for i in ids_text.split(","))
         for step, ids in seen_here.items():
             out.setdefault(step, set()).update(ids)
     return out

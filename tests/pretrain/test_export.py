@@ -98,7 +98,7 @@ def runs(tmp_path_factory, tokenizer_dir, prepared_dir, mlm_data) -> dict[str, P
 
     found = {p.name: latest_complete(p / "checkpoints") for p in root.iterdir() if (p / "checkpoints").is_dir()}
     assert set(found) == {*CLM_RUNS, *(f"mlm-zero{v.replace(':', '-')}" for v in MLM_RUNS)} and all(found.values())
-    return found
+    return {name: tag for name, tag in found.items() if tag is not None}
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +110,15 @@ def exports(runs, tmp_path_factory) -> dict[str, dict]:
     bad_run = out / "corrupted-run"
     shutil.copytree(runs["clm-zero3-bf16"].parent.parent, bad_run, ignore=shutil.ignore_patterns("rank*.log"))
     _corrupt(bad_run / "checkpoints" / runs["clm-zero3-bf16"].name, "model.layers.0.self_attn.q_proj.weight")
-    jobs = {name: ([str(tag)], {}) for name, tag in runs.items()}
+    jobs: dict[str, tuple[list[str], dict[str, str]]] = {name: ([str(tag)], {}) for name, tag in runs.items()}
     jobs["clm-zero0-bf16"] = ([str(runs["clm-zero0-bf16"]), "--max-shard-size", f"{SHARD_BYTES // 1000}KB"], {})
     jobs["clm-zero2-fp16"] = ([str(runs["clm-zero2-fp16"]), "--dtype", "bf16", "--push-to-hub", "me/tiny", "--private",
                                "--revision", "step-{step}"], UNREACHABLE)
     jobs["clm-zero3-bf16"] = ([str(runs["clm-zero3-bf16"]), "--eval-tasks", "lmforge_code_mc", "--eval-limit", "4",
                                "--eval-include-path", str(EVAL_TASKS)], {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     jobs["corrupted"] = ([str(bad_run)], {})
-    pending, running, results = list(jobs), {}, {}
+    pending, results = list(jobs), {}
+    running: dict = {}
     while pending or running:
         while pending and len(running) < MAX_CONCURRENT_EXPORTS:
             name = pending.pop(0)

@@ -113,7 +113,7 @@ def _zero3_checkpoint(tag_dir: Path, world_size: int = 2) -> None:
     for i, (name, shape) in enumerate(shapes.items()):
         n = math.prod(shape)
         values[name] = (torch.arange(n, dtype=torch.float64) * 0.3711 - 1.9 + i).to(torch.float32).view(shape)
-    flat = [[] for _ in range(world_size)]
+    flat: list[list] = [[] for _ in range(world_size)]
     for t in values.values():
         part = math.ceil(t.numel() / world_size)
         padded = torch.cat([t.reshape(-1), torch.zeros(part * world_size - t.numel())])
