@@ -110,11 +110,14 @@ class BlendOrder:
 
 
 class BlendedReader:
-    """Sequences drawn from ``readers`` by ``weights`` (:class:`BlendOrder`); the interface of :class:`ShardReader`.
+    """Sequences drawn from ``readers`` by ``weights`` (:class:`BlendOrder`), optionally under per-source
+    repetition caps and a weight schedule (:class:`data_prep.mixture.MixtureOrder`); the interface of
+    :class:`ShardReader`.
 
     The blend is endless (any index >= 0 reads; datasets wrap in fresh orders) and already shuffled
     (``ordered``): the trainer reads blend index ``k`` at global position ``k``. ``len()`` is
-    ``num_samples``, one nominal pass, whose per-dataset counts the manifest lists.
+    ``num_samples``, one nominal pass (capped sources counted up to their cap), whose per-dataset counts
+    the manifest lists.
 
     Args:
         readers: readers of the same split of datasets prepared with the same tokenizer,
@@ -122,6 +125,8 @@ class BlendedReader:
         weights: relative weights (> 0), normalised here.
         num_samples: sequences in one nominal pass; default ``sum(len(r))``.
         seed: seeds the blend (:class:`BlendOrder`).
+        max_epochs: per reader, the most passes over it (0 = no cap); None: no caps.
+        schedule: ``[(start sample, weights)]`` of later phases; one starting at 0 replaces ``weights``.
 
     Raises:
         UserError: weights and readers differ in number, a weight is not > 0, a dataset is empty,
@@ -132,28 +137,51 @@ class BlendedReader:
     """Indices are already the training order: read position ``k`` as index ``k``."""
 
     def __init__(self, readers: Sequence[ShardReader], weights: Sequence[float], num_samples: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, max_epochs: Sequence[float] | None = None,
+                 schedule: Sequence[tuple[int, Sequence[float]]] = ()):
+        from data_prep.mixture import MixtureOrder  # imports this module's BlendOrder
+
         self.readers, self.seed = list(readers), seed
         self._check(weights)
         first = self.readers[0]
         self.seq_len: int = first.seq_len
-        self.num_samples = int(num_samples if num_samples is not None else sum(len(r) for r in self.readers))
-        self.order = BlendOrder([len(r) for r in self.readers], weights, seed)
+        phases = list(schedule) if schedule and schedule[0][0] == 0 else [(0, weights), *schedule]
+        caps = [float(c) for c in max_epochs] if max_epochs is not None else [0.0] * len(self.readers)
+        self.order = MixtureOrder([len(r) for r in self.readers], phases, caps, seed)
+        pass_size = sum(len(r) if m is None else min(len(r), m) for r, m in zip(self.readers, self.order.max_draws))
+        self.num_samples = int(num_samples if num_samples is not None else pass_size)
         counts = self.order.counts(self.num_samples)
+        w = np.asarray(phases[0][1], dtype=np.float64)
         self.manifest = {
             **{k: first.manifest[k] for k in ("format", "format_version", "seq_len", "token_dtype", "tokenizer") if k in first.manifest},
             "objective": first.manifest.get("objective", "clm"),
-            "blend": [{"path": str(r.dir), "split": r.split, "weight": float(w), "sequences": len(r), "samples": int(n)}
-                      for r, w, n in zip(self.readers, self.order.weights, counts)],
+            "blend": [{"path": str(r.dir), "split": r.split, "weight": float(x), "sequences": len(r), "samples": int(n),
+                       **({"max_epochs": c} if c else {})}
+                      for r, x, n, c in zip(self.readers, w / w.sum(), counts, caps)],
             "blend_order": BLEND_ORDER_NAME,
             "seed": seed,
         }
+        if len(phases) > 1:
+            self.manifest["blend_schedule"] = [{"start_sample": s, "weights": list(ws)} for s, ws in self.order.phases]
+
+    def mixture(self, num_samples: int) -> list[dict]:
+        """Per source over blend samples ``[0, num_samples)``: ``path``, ``samples`` (sequences read),
+        ``tokens`` (``samples * seq_len`` token positions), ``epochs`` (``samples / sequences``) and
+        ``share`` (``samples / num_samples``, the effective weight after caps and schedule).
+
+        Raises:
+            UserError: ``num_samples`` reaches past the point where every source reached its cap.
+        """
+        counts = self.order.counts(num_samples)
+        return [{"path": str(r.dir), "samples": int(n), "tokens": int(n) * self.seq_len, "epochs": int(n) / len(r),
+                 "share": int(n) / max(1, num_samples)} for r, n in zip(self.readers, counts)]
 
     @classmethod
     def from_dirs(cls, dirs: Sequence[str | Path], weights: Sequence[float], split: str = "train",
-                  num_samples: int | None = None, seed: int = 0) -> BlendedReader:
-        """Open ``split`` of each prepared folder and blend them."""
-        return cls([ShardReader(d, split) for d in dirs], weights, num_samples, seed)
+                  num_samples: int | None = None, seed: int = 0, max_epochs: Sequence[float] | None = None,
+                  schedule: Sequence[tuple[int, Sequence[float]]] = ()) -> BlendedReader:
+        """Open ``split`` of each prepared folder and blend them (caps and schedule: :class:`MixtureOrder`)."""
+        return cls([ShardReader(d, split) for d in dirs], weights, num_samples, seed, max_epochs, schedule)
 
     def _check(self, weights: Sequence[float]) -> None:
         problems = []
