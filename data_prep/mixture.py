@@ -1,4 +1,5 @@
-"""A blend whose weights change at given positions (a schedule) and whose sources stop at a repetition cap.
+"""The blend order (:class:`BlendOrder`, described in :mod:`data_prep.blend`), and a blend whose weights
+change at given positions (a schedule) and whose sources stop at a repetition cap (:class:`MixtureOrder`).
 
 OLMo-core's source mixtures cap how often a small source repeats; curricula and annealing phases change
 the weights during a run. Both are a list of *segments* of the blend stream, each an ordinary
@@ -27,9 +28,86 @@ from typing import Sequence
 
 import numpy as np
 
-from data_prep.blend import BlendOrder
 from data_prep.errors import UserError
 from data_prep.order import GlobalOrder
+
+BLEND_ORDER_NAME = "beatty-feistel-v1"
+"""Recorded in a blend's manifest: the order in this module's docstring."""
+SHARE_BITS = 31
+"""Each level's share is an integer over ``2**SHARE_BITS`` (resolution 4.7e-10)."""
+_PHASE_KEY = 0xB1E4D
+"""Mixed into the seed of the levels' phases so that they differ from the datasets' permutation keys."""
+
+
+class BlendOrder:
+    """Blend position -> ``(dataset, sequence)`` from dataset lengths and weights only; O(datasets) memory.
+
+    Args:
+        lengths: sequences per dataset (counts, each > 0), e.g. a manifest's split counts.
+        weights: relative weights (each > 0), normalised here.
+        seed: seeds the interleave's phases and the datasets' permutations.
+
+    Raises:
+        UserError: lengths and weights differ in number, or a length or weight is not > 0.
+    """
+
+    def __init__(self, lengths: Sequence[int], weights: Sequence[float], seed: int = 0):
+        if not lengths or len(lengths) != len(weights):
+            raise UserError(f"blend: {len(lengths)} datasets but {len(weights)} weights")
+        bad = [f"dataset {d}: length {n}, weight {w}" for d, (n, w) in enumerate(zip(lengths, weights))
+               if not (n > 0 and w > 0)]
+        if bad:
+            raise UserError(f"blend: lengths and weights must be > 0 ({'; '.join(bad)})")
+        self.lengths = [int(n) for n in lengths]
+        w = np.asarray(weights, dtype=np.float64)
+        rest = np.cumsum(w[::-1])[::-1]  # w_l + ... + w_{D-1}
+        scale = 1 << SHARE_BITS
+        self._share = np.clip(np.rint(w[:-1] / rest[:-1] * scale), 1, scale - 1).astype(np.uint64)
+        self._phase = np.random.default_rng([seed, _PHASE_KEY]).integers(0, scale, size=len(w) - 1, dtype=np.uint64)
+        self._perms = [GlobalOrder(n, seed, stream=d) for d, n in enumerate(self.lengths)]
+        self.weights = w / w.sum()
+
+    def _taken(self, level: int, x: np.ndarray) -> np.ndarray:
+        """``f_level(x)``: positions of ``[0, x)`` of the level's stream that go to dataset ``level`` (uint64)."""
+        p, bits = self._share[level], np.uint64(SHARE_BITS)
+        low = x & np.uint64((1 << SHARE_BITS) - 1)
+        return (x >> bits) * p + ((low * p + self._phase[level]) >> bits)
+
+    def assign(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(dataset, draw)`` of blend ``positions`` (any shape, ints in ``[0, 2**63)``): both int64, same shape;
+        ``draw`` counts the earlier positions that went to the same dataset."""
+        x = np.asarray(positions, dtype=np.uint64).reshape(-1)
+        dataset = np.full(x.shape, len(self.lengths) - 1, dtype=np.int64)
+        draw = np.empty(x.shape, dtype=np.int64)
+        open_ = np.arange(x.size)  # positions not yet assigned, and their index in the current level's stream
+        for level in range(len(self.lengths) - 1):
+            before = self._taken(level, x)
+            hit = self._taken(level, x + np.uint64(1)) > before
+            dataset[open_[hit]], draw[open_[hit]] = level, before[hit].astype(np.int64)
+            open_, x = open_[~hit], (x - before)[~hit]
+        draw[open_] = x.astype(np.int64)
+        shape = np.shape(positions)
+        return dataset.reshape(shape), draw.reshape(shape)
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(dataset, sequence)`` that blend ``positions`` read: both int64, the shape of ``positions``."""
+        dataset, draw = self.assign(positions)
+        sequence = np.empty_like(draw)
+        for d in np.unique(dataset):
+            sel = dataset == d
+            sequence[sel] = self._perms[int(d)].at(draw[sel])
+        return dataset, sequence
+
+    def counts(self, num_samples: int) -> np.ndarray:
+        """``(D,)`` int64: how many of blend positions ``[0, num_samples)`` go to each dataset (they sum to
+        ``num_samples``)."""
+        out, left = [], np.uint64(num_samples)
+        for level in range(len(self.lengths) - 1):
+            taken = self._taken(level, left)
+            out.append(int(taken))
+            left = left - taken
+        return np.array(out + [int(left)], dtype=np.int64)
+
 
 MAX_POSITION = 1 << 62
 """Positions searched for a cap's exhaustion point (a blend never gets that far)."""

@@ -99,3 +99,23 @@ def test_config_schedule_is_typed_checked_and_fingerprinted(prepared_dir, tmp_pa
     plain = {**data, "blend_schedule": [], "blend": [{**b, "max_epochs": 0.0} for b in data["blend"]]}
     legacy = {**plain, "blend": [{"path": b["path"], "weight": b["weight"]} for b in plain["blend"]]}
     assert describe_data(plain)[1] == describe_data(legacy)[1]  # plain blends keep their fingerprint
+
+
+def test_model_card_shows_tokens_and_epochs_per_source():
+    from types import SimpleNamespace
+
+    from pretrain.export.model_card import _mixture
+
+    blend = [{"path": "big", "weight": 3.0, "max_epochs": 0.0}, {"path": "small", "weight": 1.0, "max_epochs": 2.0}]
+    info = SimpleNamespace(
+        manifest={"seq_len": 64, "blend": [{"sequences": 1000}, {"sequences": 50}]},
+        config={"seed": 0, "data": {"blend": blend, "blend_schedule": []},
+                "deepspeed": {"micro_batch_size": 4, "gradient_accumulation_steps": 2}},
+        state={"consumed_samples": 2000, "world_size": 2})
+    lines = _mixture(info)
+    assert "2,000 sequences trained on" in lines[0]
+    # 1/4 of 2,000 would be 500 = 10 epochs of the small source; capped at 2 epochs = 100 sequences, the rest from big
+    assert lines[2] == "  - `small`: 100 sequences = 6,400 tokens (5.0%), 2.00 epochs of its 50 sequences, capped at 2.0 epochs"
+    assert lines[1].startswith("  - `big`: 1,900 sequences = 121,600 tokens (95.0%), 1.90 epochs")
+    single = SimpleNamespace(manifest={"seq_len": 64, "splits": {"train": {"sequences": 400}}}, config={"data": {}}, state={"consumed_samples": 1000})
+    assert _mixture(single) == ["- trained on: 1,000 sequences = 64,000 tokens, 2.50 epochs of the data"]
