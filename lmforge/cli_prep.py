@@ -43,6 +43,12 @@ def add_prep(sub) -> None:
                    help="clm: EOS after each document; mlm: sequences framed by the tokenizer's post-processor")
     p.add_argument("--no-dedup", action="store_true",
                    help="keep exact duplicates (by default a document whose normalised text came earlier is dropped)")
+    p.add_argument("--near-dedup", action="store_true",
+                   help="also drop near duplicates (datatrove MinHash; pip install 'lmforge[dedup]')")
+    p.add_argument("--near-dedup-ngrams", type=int, default=5, help="near dedup: words per shingle (default 5)")
+    p.add_argument("--near-dedup-buckets", type=int, default=14, help="near dedup: LSH buckets (default 14)")
+    p.add_argument("--near-dedup-hashes-per-bucket", type=int, default=8,
+                   help="near dedup: MinHashes per bucket (default 8; threshold ~ (1/buckets)**(1/hashes))")
     p.add_argument("--tail", choices=("drop", "pad"), default="drop", help="the last partial sequence per split")
     p.add_argument("--fim-rate", type=float, default=0.0,
                    help="fraction of documents rearranged for fill-in-the-middle (needs a tokenizer trained with --fim)")
@@ -76,7 +82,9 @@ def _prep(args) -> int:
     task_id, num_tasks = slurm_array_task(os.environ) or (0, 1)
     cfg = PrepConfig(inputs=args.input, tokenizer=args.tokenizer, output=args.output, seq_len=args.seq_len,
                      val_fraction=args.val_fraction, text_column=args.text_column, text_mode=args.text_mode,
-                     objective=args.objective, dedup=not args.no_dedup, tail=args.tail,
+                     objective=args.objective, dedup=not args.no_dedup, near_dedup=args.near_dedup,
+                     near_dedup_ngrams=args.near_dedup_ngrams, near_dedup_buckets=args.near_dedup_buckets,
+                     near_dedup_hashes_per_bucket=args.near_dedup_hashes_per_bucket, tail=args.tail,
                      fim_rate=args.fim_rate, fim_spm_rate=args.fim_spm_rate, workers=args.workers,
                      num_tasks=args.num_tasks if args.num_tasks is not None else num_tasks,
                      task_id=args.task_id if args.task_id is not None else task_id,
