@@ -122,3 +122,16 @@ def format_report(report: dict) -> str:
                      + (f": {by_source}" if by_source else ""))
     lines.append("(document lengths in tokens, read from quarter-octave bins: upper bin edges)")
     return "\n".join(lines)
+
+
+def format_mixture(rows: list[dict], planned_samples: int, schedule_phases: int = 0) -> str:
+    """A blend's effective mixture as a table: per source its sequences, configured weight and ``max_epochs``,
+    and over ``planned_samples`` the sequences and tokens read, the epochs and the effective share
+    (rows as :meth:`data_prep.blend.BlendedReader.mixture` gives them, plus ``weight``, ``max_epochs``, ``sequences``)."""
+    lines = [f"mixture over {planned_samples:,} planned samples" + (f" ({schedule_phases} schedule phases)" if schedule_phases else ""),
+             f"{'source':<40} {'sequences':>10} {'weight':>7} {'cap':>6} {'samples':>12} {'tokens':>15} {'epochs':>7} {'share':>6}"]
+    for r in rows:
+        cap = f"{r['max_epochs']:g}" if r.get("max_epochs") else "-"
+        lines.append(f"{str(r['path'])[-40:]:<40} {r['sequences']:>10,} {r['weight']:>7.3g} {cap:>6} {r['samples']:>12,} "
+                     f"{r['tokens']:>15,} {r['epochs']:>7.2f} {r['share']:>6.1%}")
+    return "\n".join(lines)

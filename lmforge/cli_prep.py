@@ -66,10 +66,14 @@ def add_prep(sub) -> None:
     m.add_argument("dir", help="prepared dataset folder")
     m.set_defaults(handler=_merge)
     s = actions.add_parser("stats", help="document / token counts and a document-length histogram PNG")
-    s.add_argument("dir", help="prepared dataset folder")
+    s.add_argument("dir", nargs="?", help="prepared dataset folder (optional with --blend)")
+    s.add_argument("--blend", metavar="TRAIN_YAML", default=None,
+                   help="also show the effective mixture of this training config's data.blend (caps, schedule) over its "
+                        "max_steps x global batch")
+    s.add_argument("--world-size", type=int, default=1, help="with --blend: data-parallel ranks of the run (default 1)")
     s.add_argument("--png", default=None, help="histogram path (default DIR/doc_lengths.png)")
     s.add_argument("--json", default=None, help="also write the statistics to this JSON file")
-    s.set_defaults(handler=_stats)
+    s.set_defaults(handler=_stats, parser=s)
 
 
 def _prep(args) -> int:
@@ -105,12 +109,39 @@ def _merge(args) -> int:
     return 0
 
 
+def _mixture_report(config_path: str, world_size: int) -> str:
+    """The effective mixture of a training config's blend over its planned samples (data_prep.stats.format_mixture)."""
+    from data_prep.blend import BlendedReader
+    from data_prep.stats import format_mixture
+    from pretrain.config import load_config
+    from pretrain.sources import schedule_samples
+
+    cfg = load_config(config_path)
+    if not cfg.data.blend:
+        return f"{config_path}: data.blend is empty: no mixture"
+    ds = cfg.deepspeed
+    global_batch = ds.micro_batch_size * ds.gradient_accumulation_steps * world_size
+    reader = BlendedReader.from_dirs([b.path for b in cfg.data.blend], [b.weight for b in cfg.data.blend], seed=cfg.seed,
+                                     max_epochs=[b.max_epochs for b in cfg.data.blend],
+                                     schedule=schedule_samples(cfg.data, global_batch))
+    planned = cfg.max_steps * global_batch
+    rows = [{**m, "weight": b.weight, "max_epochs": b.max_epochs, "sequences": len(r)}
+            for b, m, r in zip(cfg.data.blend, reader.mixture(planned), reader.readers)]
+    return format_mixture(rows, planned, len(cfg.data.blend_schedule))
+
+
 def _stats(args) -> int:
     from pathlib import Path
 
     from data_prep.shards import read_manifest
     from data_prep.stats import HISTOGRAM_PNG, format_report, plot_histogram, summarize
 
+    if args.blend:
+        print(_mixture_report(args.blend, args.world_size))
+    if not args.dir:
+        if not args.blend:
+            args.parser.error("prep stats needs DIR or --blend TRAIN_YAML")
+        return 0
     manifest = read_manifest(args.dir)
     report = summarize(manifest)
     png = plot_histogram(manifest, args.png or Path(args.dir) / HISTOGRAM_PNG)
