@@ -73,7 +73,7 @@ class ShardSource:
 
 def schedule_samples(data: DataConfig | dict, global_batch: int) -> list[tuple[int, list[float]]]:
     """``data.blend_schedule`` as ``[(start blend sample = step * global_batch, weights)]`` (a config or its dict)."""
-    phases = data["blend_schedule"] if isinstance(data, dict) else [vars(p) for p in data.blend_schedule]
+    phases = data.get("blend_schedule") if isinstance(data, dict) else [vars(p) for p in data.blend_schedule]
     return [(int(p["step"]) * global_batch, [float(w) for w in p["weights"]]) for p in phases or []]
 
 
