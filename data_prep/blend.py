@@ -28,93 +28,20 @@ from typing import Sequence
 import numpy as np
 
 from data_prep.errors import UserError
-from data_prep.order import GlobalOrder
+from data_prep.mixture import BLEND_ORDER_NAME, BlendOrder, MixtureOrder
 from data_prep.shards import ShardReader
 
-BLEND_ORDER_NAME = "beatty-feistel-v1"
-"""Recorded in a blend's manifest: the order in this module's docstring."""
-SHARE_BITS = 31
-"""Each level's share is an integer over ``2**SHARE_BITS`` (resolution 4.7e-10)."""
-_PHASE_KEY = 0xB1E4D
-"""Mixed into the seed of the levels' phases so that they differ from the datasets' permutation keys."""
-
-
-class BlendOrder:
-    """Blend position -> ``(dataset, sequence)`` from dataset lengths and weights only; O(datasets) memory.
-
-    Args:
-        lengths: sequences per dataset (counts, each > 0), e.g. a manifest's split counts.
-        weights: relative weights (each > 0), normalised here.
-        seed: seeds the interleave's phases and the datasets' permutations.
-
-    Raises:
-        UserError: lengths and weights differ in number, or a length or weight is not > 0.
-    """
-
-    def __init__(self, lengths: Sequence[int], weights: Sequence[float], seed: int = 0):
-        if not lengths or len(lengths) != len(weights):
-            raise UserError(f"blend: {len(lengths)} datasets but {len(weights)} weights")
-        bad = [f"dataset {d}: length {n}, weight {w}" for d, (n, w) in enumerate(zip(lengths, weights))
-               if not (n > 0 and w > 0)]
-        if bad:
-            raise UserError(f"blend: lengths and weights must be > 0 ({'; '.join(bad)})")
-        self.lengths = [int(n) for n in lengths]
-        w = np.asarray(weights, dtype=np.float64)
-        rest = np.cumsum(w[::-1])[::-1]  # w_l + ... + w_{D-1}
-        scale = 1 << SHARE_BITS
-        self._share = np.clip(np.rint(w[:-1] / rest[:-1] * scale), 1, scale - 1).astype(np.uint64)
-        self._phase = np.random.default_rng([seed, _PHASE_KEY]).integers(0, scale, size=len(w) - 1, dtype=np.uint64)
-        self._perms = [GlobalOrder(n, seed, stream=d) for d, n in enumerate(self.lengths)]
-        self.weights = w / w.sum()
-
-    def _taken(self, level: int, x: np.ndarray) -> np.ndarray:
-        """``f_level(x)``: positions of ``[0, x)`` of the level's stream that go to dataset ``level`` (uint64)."""
-        p, bits = self._share[level], np.uint64(SHARE_BITS)
-        low = x & np.uint64((1 << SHARE_BITS) - 1)
-        return (x >> bits) * p + ((low * p + self._phase[level]) >> bits)
-
-    def assign(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(dataset, draw)`` of blend ``positions`` (any shape, ints in ``[0, 2**63)``): both int64, same shape;
-        ``draw`` counts the earlier positions that went to the same dataset."""
-        x = np.asarray(positions, dtype=np.uint64).reshape(-1)
-        dataset = np.full(x.shape, len(self.lengths) - 1, dtype=np.int64)
-        draw = np.empty(x.shape, dtype=np.int64)
-        open_ = np.arange(x.size)  # positions not yet assigned, and their index in the current level's stream
-        for level in range(len(self.lengths) - 1):
-            before = self._taken(level, x)
-            hit = self._taken(level, x + np.uint64(1)) > before
-            dataset[open_[hit]], draw[open_[hit]] = level, before[hit].astype(np.int64)
-            open_, x = open_[~hit], (x - before)[~hit]
-        draw[open_] = x.astype(np.int64)
-        shape = np.shape(positions)
-        return dataset.reshape(shape), draw.reshape(shape)
-
-    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(dataset, sequence)`` that blend ``positions`` read: both int64, the shape of ``positions``."""
-        dataset, draw = self.assign(positions)
-        sequence = np.empty_like(draw)
-        for d in np.unique(dataset):
-            sel = dataset == d
-            sequence[sel] = self._perms[int(d)].at(draw[sel])
-        return dataset, sequence
-
-    def counts(self, num_samples: int) -> np.ndarray:
-        """``(D,)`` int64: how many of blend positions ``[0, num_samples)`` go to each dataset (they sum to
-        ``num_samples``)."""
-        out, left = [], np.uint64(num_samples)
-        for level in range(len(self.lengths) - 1):
-            taken = self._taken(level, left)
-            out.append(int(taken))
-            left = left - taken
-        return np.array(out + [int(left)], dtype=np.int64)
-
+__all__ = ["BLEND_ORDER_NAME", "BlendOrder", "BlendedReader", "MixtureOrder"]
 
 class BlendedReader:
-    """Sequences drawn from ``readers`` by ``weights`` (:class:`BlendOrder`); the interface of :class:`ShardReader`.
+    """Sequences drawn from ``readers`` by ``weights`` (:class:`BlendOrder`), optionally under per-source
+    repetition caps and a weight schedule (:class:`data_prep.mixture.MixtureOrder`); the interface of
+    :class:`ShardReader`.
 
     The blend is endless (any index >= 0 reads; datasets wrap in fresh orders) and already shuffled
     (``ordered``): the trainer reads blend index ``k`` at global position ``k``. ``len()`` is
-    ``num_samples``, one nominal pass, whose per-dataset counts the manifest lists.
+    ``num_samples``, one nominal pass (capped sources counted up to their cap), whose per-dataset counts
+    the manifest lists.
 
     Args:
         readers: readers of the same split of datasets prepared with the same tokenizer,
@@ -122,6 +49,8 @@ class BlendedReader:
         weights: relative weights (> 0), normalised here.
         num_samples: sequences in one nominal pass; default ``sum(len(r))``.
         seed: seeds the blend (:class:`BlendOrder`).
+        max_epochs: per reader, the most passes over it (0 = no cap); None: no caps.
+        schedule: ``[(start sample, weights)]`` of later phases; one starting at 0 replaces ``weights``.
 
     Raises:
         UserError: weights and readers differ in number, a weight is not > 0, a dataset is empty,
@@ -132,28 +61,49 @@ class BlendedReader:
     """Indices are already the training order: read position ``k`` as index ``k``."""
 
     def __init__(self, readers: Sequence[ShardReader], weights: Sequence[float], num_samples: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, max_epochs: Sequence[float] | None = None,
+                 schedule: Sequence[tuple[int, Sequence[float]]] = ()):
         self.readers, self.seed = list(readers), seed
         self._check(weights)
         first = self.readers[0]
         self.seq_len: int = first.seq_len
-        self.num_samples = int(num_samples if num_samples is not None else sum(len(r) for r in self.readers))
-        self.order = BlendOrder([len(r) for r in self.readers], weights, seed)
+        phases = list(schedule) if schedule and schedule[0][0] == 0 else [(0, weights), *schedule]
+        caps = [float(c) for c in max_epochs] if max_epochs is not None else [0.0] * len(self.readers)
+        self.order = MixtureOrder([len(r) for r in self.readers], phases, caps, seed)
+        pass_size = sum(len(r) if m is None else min(len(r), m) for r, m in zip(self.readers, self.order.max_draws))
+        self.num_samples = int(num_samples if num_samples is not None else pass_size)
         counts = self.order.counts(self.num_samples)
+        w = np.asarray(phases[0][1], dtype=np.float64)
         self.manifest = {
             **{k: first.manifest[k] for k in ("format", "format_version", "seq_len", "token_dtype", "tokenizer") if k in first.manifest},
             "objective": first.manifest.get("objective", "clm"),
-            "blend": [{"path": str(r.dir), "split": r.split, "weight": float(w), "sequences": len(r), "samples": int(n)}
-                      for r, w, n in zip(self.readers, self.order.weights, counts)],
+            "blend": [{"path": str(r.dir), "split": r.split, "weight": float(x), "sequences": len(r), "samples": int(n),
+                       **({"max_epochs": c} if c else {})}
+                      for r, x, n, c in zip(self.readers, w / w.sum(), counts, caps)],
             "blend_order": BLEND_ORDER_NAME,
             "seed": seed,
         }
+        if len(phases) > 1:
+            self.manifest["blend_schedule"] = [{"start_sample": s, "weights": list(ws)} for s, ws in self.order.phases]
+
+    def mixture(self, num_samples: int) -> list[dict]:
+        """Per source over blend samples ``[0, num_samples)``: ``path``, ``samples`` (sequences read),
+        ``tokens`` (``samples * seq_len`` token positions), ``epochs`` (``samples / sequences``) and
+        ``share`` (``samples / num_samples``, the effective weight after caps and schedule).
+
+        Raises:
+            UserError: ``num_samples`` reaches past the point where every source reached its cap.
+        """
+        counts = self.order.counts(num_samples)
+        return [{"path": str(r.dir), "samples": int(n), "tokens": int(n) * self.seq_len, "epochs": int(n) / len(r),
+                 "share": int(n) / max(1, num_samples)} for r, n in zip(self.readers, counts)]
 
     @classmethod
     def from_dirs(cls, dirs: Sequence[str | Path], weights: Sequence[float], split: str = "train",
-                  num_samples: int | None = None, seed: int = 0) -> BlendedReader:
-        """Open ``split`` of each prepared folder and blend them."""
-        return cls([ShardReader(d, split) for d in dirs], weights, num_samples, seed)
+                  num_samples: int | None = None, seed: int = 0, max_epochs: Sequence[float] | None = None,
+                  schedule: Sequence[tuple[int, Sequence[float]]] = ()) -> BlendedReader:
+        """Open ``split`` of each prepared folder and blend them (caps and schedule: :class:`MixtureOrder`)."""
+        return cls([ShardReader(d, split) for d in dirs], weights, num_samples, seed, max_epochs, schedule)
 
     def _check(self, weights: Sequence[float]) -> None:
         problems = []

@@ -21,13 +21,18 @@ import functools
 import hashlib
 import os
 import re
+import shutil
+import signal
+import tempfile
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from data_prep.errors import UserError
+from data_prep.errors import UserError, WorkerDiedError
 from data_prep.fim import FimSpec, fim_draw
 from data_prep.reader import Block, parse_block
 
@@ -231,11 +236,38 @@ class Encoder:
 _WORKER_ENCODERS: dict[EncodeSpec, Encoder] = {}
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, marker_dir: str) -> None:
     if threads == 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     else:
         os.environ["RAYON_NUM_THREADS"] = str(threads)
+    marker = Path(marker_dir) / str(os.getpid())
+
+    def on_term(signum, frame) -> None:  # the pool ends the others after one dies: not the culprit, clear its marker
+        marker.unlink(missing_ok=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def _tracked(fn: Callable[[Block], T], marker_dir: str, block: Block) -> T:
+    """``fn(block)`` with ``marker_dir/<pid>`` naming the block while it runs: a marker left behind names the
+    input of a worker that died without an exception (SIGKILL cannot be caught)."""
+    marker = Path(marker_dir) / str(os.getpid())
+    marker.write_text(f"{block.source} (from record {block.first_record})")
+    try:
+        return fn(block)
+    finally:
+        marker.unlink()
+
+
+def _died(marker_dir: str, broken: BrokenProcessPool) -> WorkerDiedError:
+    """The one-line error for a broken pool: each worker whose marker remains, and the input it was reading."""
+    left = sorted(Path(marker_dir).iterdir())
+    which = "; ".join(f"worker pid {m.name} while reading {m.read_text()}" for m in left) or "a worker (input unknown)"
+    return WorkerDiedError(f"prep: {which} died from a signal (no Python error), likely the out-of-memory killer (SIGKILL); "
+                           f"retry with fewer --workers or more memory ({broken})")
 
 
 def _encode_in_worker(spec: EncodeSpec, block: Block) -> Encoded:
@@ -275,6 +307,11 @@ def map_blocks(fn: Callable[[Block], T], blocks: Iterable[Block], workers: int) 
     at most ``2 * workers + 2`` blocks in flight. ``fn`` must pickle (a module-level function or a partial of one).
 
     Worker exceptions are re-raised here; the pool is shut down however the iteration ends.
+
+    Raises:
+        WorkerDiedError: a worker died from a signal (SIGKILL from the out-of-memory killer, a crash); names
+            the worker and the input file and record it was reading (from a marker file each task keeps
+            in a temporary folder while it runs).
     """
     if workers <= 1:
         yield from map(fn, blocks)
@@ -282,17 +319,23 @@ def map_blocks(fn: Callable[[Block], T], blocks: Iterable[Block], workers: int) 
     import multiprocessing
 
     threads = max(1, default_workers() // workers)
+    marker_dir = tempfile.mkdtemp(prefix="lmforge-prep-workers-")
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(_start_method()),
-                               initializer=_init_worker, initargs=(threads,))
+                               initializer=_init_worker, initargs=(threads, marker_dir))
     window: collections.deque[Future] = collections.deque()
+    task = functools.partial(_tracked, fn, marker_dir)
     try:
         for block in blocks:
-            window.append(pool.submit(fn, block))
+            window.append(pool.submit(task, block))
             if len(window) >= 2 * workers + 2:
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
+    except BrokenProcessPool as broken:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise _died(marker_dir, broken) from broken
     finally:
         for fut in window:
             fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(marker_dir, ignore_errors=True)

@@ -25,6 +25,7 @@ import numpy as np
 from data_prep.dedup import HASHES_PREFIX
 from data_prep.encode import SPLITS
 from data_prep.errors import InputError, UserError
+from data_prep.near_dedup import NearDedupParams
 from data_prep.pack import Framing, StreamPacker
 from data_prep.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, ShardWriter, write_datasets_metadata
 from data_prep.stats import length_bin_edges
@@ -213,9 +214,12 @@ def merge(out: str | Path, plan: str | None = None) -> dict:
         for reason, n in m["rejects_by_reason"].items():
             reasons[reason] = reasons.get(reason, 0) + n
     duplicates: dict[str, int] = {}
+    near: dict[str, int] = {}
     for m in markers:
         for source, n in m.get("duplicates_by_source", {}).items():
             duplicates[source] = duplicates.get(source, 0) + n
+        for source, n in m.get("near_duplicates_by_source", {}).items():
+            near[source] = near.get(source, 0) + n
     sequences = sum(v["sequences"] for v in splits.values())
     sources = first["sources"]
     manifest = {
@@ -236,6 +240,10 @@ def merge(out: str | Path, plan: str | None = None) -> dict:
         },
         "rejects_by_reason": reasons,
         "duplicates_by_source": duplicates,
+        **({"near_dedup": {**NearDedupParams(cfg["near_dedup_ngrams"], cfg["near_dedup_buckets"],
+                                             cfg["near_dedup_hashes_per_bucket"]).record(sum(near.values())),
+                           "scope": "per task" if len(markers) > 1 else "whole corpus"},
+            "near_duplicates_by_source": near} if cfg.get("near_dedup") else {}),
         "doc_length_bin_edges_tokens": length_bin_edges().tolist(),
         "splits": splits,
         "tasks": {"num_tasks": len(markers), "input_bytes": sum(m["input_bytes"] for m in markers),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import shutil
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import dedup
+from data_prep import dedup, near_dedup
 from data_prep import merge as merge_mod
 from data_prep.encode import SPLITS, EncodeSpec, default_workers, encode_blocks, is_validation  # noqa: F401 (re-export)
 from data_prep.errors import UserError
@@ -76,6 +77,15 @@ class PrepConfig:
     dedup: bool = True
     """Drop a document whose normalised text occurred earlier in corpus order (exact duplicates,
     :mod:`data_prep.dedup`)."""
+    near_dedup: bool = False
+    """Also drop near duplicates with datatrove's MinHash deduplication over this task's documents, before
+    tokenizing (:mod:`data_prep.near_dedup`; needs ``pip install 'lmforge[dedup]'``)."""
+    near_dedup_ngrams: int = 5
+    """Near dedup: words per shingle (datatrove's default)."""
+    near_dedup_buckets: int = 14
+    """Near dedup: LSH bands (datatrove's default); threshold ~ ``(1/buckets) ** (1/hashes_per_bucket)``."""
+    near_dedup_hashes_per_bucket: int = 8
+    """Near dedup: MinHashes per band (datatrove's default)."""
     tail: str = "drop"
     """The last partial sequence of each split: ``drop`` it, or ``pad`` it (``num_tokens`` marks real tokens)."""
     workers: int | None = None
@@ -111,12 +121,20 @@ class PrepConfig:
             problems.append(f"num_tasks={self.num_tasks} must be >= 1")
         elif not 0 <= self.task_id < self.num_tasks:
             problems.append(f"task_id={self.task_id} must be in [0, {self.num_tasks})")
-        for name in ("sequences_per_shard", "block_bytes", "max_piece_chars"):
+        for name in ("sequences_per_shard", "block_bytes", "max_piece_chars", "near_dedup_ngrams", "near_dedup_buckets",
+                     "near_dedup_hashes_per_bucket"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         problems += FimSpec(self.fim_rate, self.fim_spm_rate).problems()
+        if self.near_dedup and importlib.util.find_spec("datatrove") is None:
+            problems.append(f"near_dedup needs datatrove, which is not installed ({near_dedup.INSTALL_HINT})")
         if problems:
             raise UserError("prep config: " + "; ".join(problems))
+
+
+def near_params(cfg: PrepConfig) -> near_dedup.NearDedupParams:
+    """The MinHash parameters of ``cfg`` (``near_dedup_*`` fields)."""
+    return near_dedup.NearDedupParams(cfg.near_dedup_ngrams, cfg.near_dedup_buckets, cfg.near_dedup_hashes_per_bucket)
 
 
 @dataclass
@@ -311,12 +329,21 @@ def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
     if not hub and not any(seg.source.compressed for seg in segments):  # a small input: no idle workers to start
         workers = min(workers, max(1, -(-sum(seg.nbytes for seg in segments) // cfg.block_bytes)))
     duplicates: dict[str, int] = {}
+    near: dict[str, int] = {}
+    masks: list[np.ndarray] | None = None
     if cfg.dedup:
         start = time.perf_counter()
         masks, duplicates = dedup.keep_masks(setup.sources, cfg, setup.plan, out / merge_mod.PARTS_DIR, workers)
-        blocks = (dataclasses.replace(b, keep=m) for b, m in zip(blocks, masks, strict=True))
         log.info("prep task %d/%d: dedup hash pass %.1f s, %d duplicates", cfg.task_id, cfg.num_tasks,
                  time.perf_counter() - start, sum(duplicates.values()))
+    if cfg.near_dedup:
+        start = time.perf_counter()
+        masks, near = near_dedup.near_keep_masks(blocks, masks, cfg.text_column, near_params(cfg), out / merge_mod.PARTS_DIR)
+        blocks = (b for seg in segments for b in read_blocks(seg, cfg.text_column, cfg.text_mode, cfg.block_bytes))
+        log.info("prep task %d/%d: near-dedup MinHash pass %.1f s, %d near duplicates", cfg.task_id, cfg.num_tasks,
+                 time.perf_counter() - start, sum(near.values()))
+    if masks is not None:
+        blocks = (dataclasses.replace(b, keep=m) for b, m in zip(blocks, masks, strict=True))
     try:
         for enc in encode_blocks(blocks, spec, workers):
             rejects.add_many(enc.source, enc.rejects)
@@ -351,6 +378,7 @@ def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
         "input_bytes": progress.bytes, "elapsed_s": round(elapsed_s, 3), "workers": workers,
         "rejects": rejects.total, "rejects_by_reason": dict(rejects.kinds), "splits": splits,
         "duplicates": sum(duplicates.values()), "duplicates_by_source": duplicates,
+        "near_duplicates": sum(near.values()), "near_duplicates_by_source": near,
     }
     write_json_atomic(merge_mod.marker_path(out, cfg.task_id), marker)
     log.info("prep task %d/%d: %d documents, %d tokens, %d rejects in %.1f s (%.0f tokens/s, %.1f MB/s)",

@@ -49,7 +49,8 @@ def summarize(manifest: dict) -> dict:
     report = {"seq_len": seq_len, "objective": manifest.get("objective", "clm"), "token_dtype": manifest["token_dtype"],
               "counts": manifest["counts"], "rejects_by_reason": manifest.get("rejects_by_reason", {}),
               "dedup": manifest.get("config", {}).get("dedup"),
-              "duplicates_by_source": manifest.get("duplicates_by_source", {}), "splits": {}}
+              "duplicates_by_source": manifest.get("duplicates_by_source", {}), "splits": {},
+              **{k: manifest[k] for k in ("near_dedup", "near_duplicates_by_source") if k in manifest}}
     for name, split in manifest["splits"].items():
         counts = np.asarray(split.get("doc_length_counts", []), dtype=np.int64)
         entry = {k: split[k] for k in ("documents", "tokens", "sequences") if k in split}
@@ -114,5 +115,23 @@ def format_report(report: dict) -> str:
     elif report.get("dedup"):
         by_source = ", ".join(f"{k} {v:,}" for k, v in report.get("duplicates_by_source", {}).items())
         lines.append(f"duplicates dropped {c.get('duplicates', 0):,}" + (f": {by_source}" if by_source else ""))
+    if nd := report.get("near_dedup"):
+        by_source = ", ".join(f"{k} {v:,}" for k, v in report.get("near_duplicates_by_source", {}).items())
+        lines.append(f"near duplicates dropped {nd['removed']:,} ({nd['library']}, {nd['n_grams']}-grams, {nd['buckets']} buckets "
+                     f"x {nd['hashes_per_bucket']} hashes, Jaccard threshold ~{nd['threshold']}, {nd['scope']})"
+                     + (f": {by_source}" if by_source else ""))
     lines.append("(document lengths in tokens, read from quarter-octave bins: upper bin edges)")
+    return "\n".join(lines)
+
+
+def format_mixture(rows: list[dict], planned_samples: int, schedule_phases: int = 0) -> str:
+    """A blend's effective mixture as a table: per source its sequences, configured weight and ``max_epochs``,
+    and over ``planned_samples`` the sequences and tokens read, the epochs and the effective share
+    (rows as :meth:`data_prep.blend.BlendedReader.mixture` gives them, plus ``weight``, ``max_epochs``, ``sequences``)."""
+    lines = [f"mixture over {planned_samples:,} planned samples" + (f" ({schedule_phases} schedule phases)" if schedule_phases else ""),
+             f"{'source':<40} {'sequences':>10} {'weight':>7} {'cap':>6} {'samples':>12} {'tokens':>15} {'epochs':>7} {'share':>6}"]
+    for r in rows:
+        cap = f"{r['max_epochs']:g}" if r.get("max_epochs") else "-"
+        lines.append(f"{str(r['path'])[-40:]:<40} {r['sequences']:>10,} {r['weight']:>7.3g} {cap:>6} {r['samples']:>12,} "
+                     f"{r['tokens']:>15,} {r['epochs']:>7.2f} {r['share']:>6.1%}")
     return "\n".join(lines)

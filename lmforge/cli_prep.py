@@ -43,6 +43,12 @@ def add_prep(sub) -> None:
                    help="clm: EOS after each document; mlm: sequences framed by the tokenizer's post-processor")
     p.add_argument("--no-dedup", action="store_true",
                    help="keep exact duplicates (by default a document whose normalised text came earlier is dropped)")
+    p.add_argument("--near-dedup", action="store_true",
+                   help="also drop near duplicates (datatrove MinHash; pip install 'lmforge[dedup]')")
+    p.add_argument("--near-dedup-ngrams", type=int, default=5, help="near dedup: words per shingle (default 5)")
+    p.add_argument("--near-dedup-buckets", type=int, default=14, help="near dedup: LSH buckets (default 14)")
+    p.add_argument("--near-dedup-hashes-per-bucket", type=int, default=8,
+                   help="near dedup: MinHashes per bucket (default 8; threshold ~ (1/buckets)**(1/hashes))")
     p.add_argument("--tail", choices=("drop", "pad"), default="drop", help="the last partial sequence per split")
     p.add_argument("--fim-rate", type=float, default=0.0,
                    help="fraction of documents rearranged for fill-in-the-middle (needs a tokenizer trained with --fim)")
@@ -60,10 +66,14 @@ def add_prep(sub) -> None:
     m.add_argument("dir", help="prepared dataset folder")
     m.set_defaults(handler=_merge)
     s = actions.add_parser("stats", help="document / token counts and a document-length histogram PNG")
-    s.add_argument("dir", help="prepared dataset folder")
+    s.add_argument("dir", nargs="?", help="prepared dataset folder (optional with --blend)")
+    s.add_argument("--blend", metavar="TRAIN_YAML", default=None,
+                   help="also show the effective mixture of this training config's data.blend (caps, schedule) over its "
+                        "max_steps x global batch")
+    s.add_argument("--world-size", type=int, default=1, help="with --blend: data-parallel ranks of the run (default 1)")
     s.add_argument("--png", default=None, help="histogram path (default DIR/doc_lengths.png)")
     s.add_argument("--json", default=None, help="also write the statistics to this JSON file")
-    s.set_defaults(handler=_stats)
+    s.set_defaults(handler=_stats, parser=s)
 
 
 def _prep(args) -> int:
@@ -76,7 +86,9 @@ def _prep(args) -> int:
     task_id, num_tasks = slurm_array_task(os.environ) or (0, 1)
     cfg = PrepConfig(inputs=args.input, tokenizer=args.tokenizer, output=args.output, seq_len=args.seq_len,
                      val_fraction=args.val_fraction, text_column=args.text_column, text_mode=args.text_mode,
-                     objective=args.objective, dedup=not args.no_dedup, tail=args.tail,
+                     objective=args.objective, dedup=not args.no_dedup, near_dedup=args.near_dedup,
+                     near_dedup_ngrams=args.near_dedup_ngrams, near_dedup_buckets=args.near_dedup_buckets,
+                     near_dedup_hashes_per_bucket=args.near_dedup_hashes_per_bucket, tail=args.tail,
                      fim_rate=args.fim_rate, fim_spm_rate=args.fim_spm_rate, workers=args.workers,
                      num_tasks=args.num_tasks if args.num_tasks is not None else num_tasks,
                      task_id=args.task_id if args.task_id is not None else task_id,
@@ -97,12 +109,39 @@ def _merge(args) -> int:
     return 0
 
 
+def _mixture_report(config_path: str, world_size: int) -> str:
+    """The effective mixture of a training config's blend over its planned samples (data_prep.stats.format_mixture)."""
+    from data_prep.blend import BlendedReader
+    from data_prep.stats import format_mixture
+    from pretrain.config import load_config
+    from pretrain.sources import schedule_samples
+
+    cfg = load_config(config_path)
+    if not cfg.data.blend:
+        return f"{config_path}: data.blend is empty: no mixture"
+    ds = cfg.deepspeed
+    global_batch = ds.micro_batch_size * ds.gradient_accumulation_steps * world_size
+    reader = BlendedReader.from_dirs([b.path for b in cfg.data.blend], [b.weight for b in cfg.data.blend], seed=cfg.seed,
+                                     max_epochs=[b.max_epochs for b in cfg.data.blend],
+                                     schedule=schedule_samples(cfg.data, global_batch))
+    planned = cfg.max_steps * global_batch
+    rows = [{**m, "weight": b.weight, "max_epochs": b.max_epochs, "sequences": len(r)}
+            for b, m, r in zip(cfg.data.blend, reader.mixture(planned), reader.readers)]
+    return format_mixture(rows, planned, len(cfg.data.blend_schedule))
+
+
 def _stats(args) -> int:
     from pathlib import Path
 
     from data_prep.shards import read_manifest
     from data_prep.stats import HISTOGRAM_PNG, format_report, plot_histogram, summarize
 
+    if args.blend:
+        print(_mixture_report(args.blend, args.world_size))
+    if not args.dir:
+        if not args.blend:
+            args.parser.error("prep stats needs DIR or --blend TRAIN_YAML")
+        return 0
     manifest = read_manifest(args.dir)
     report = summarize(manifest)
     png = plot_histogram(manifest, args.png or Path(args.dir) / HISTOGRAM_PNG)

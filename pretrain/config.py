@@ -52,6 +52,18 @@ class BlendEntry:
     """A prepared dataset folder."""
     weight: float = 1.0
     """Relative sampling weight (normalised over the blend)."""
+    max_epochs: float = 0.0
+    """Most passes over this dataset during the run (a repetition cap, as OLMo-core's source mixtures); once
+    reached, its share goes to the other datasets in proportion to their weights (data_prep.mixture).
+    0 = no cap."""
+
+
+@dataclass
+class BlendPhase:
+    step: int = 0
+    """Optimizer step from which ``weights`` apply (blend sample ``step * global batch``)."""
+    weights: List[float] = field(default_factory=list)
+    """One relative weight per ``data.blend`` entry, in its order; 0 switches a dataset off in this phase."""
 
 
 @dataclass
@@ -60,7 +72,14 @@ class DataConfig:
     """Prepared dataset folder (holds ``manifest.json``); the fast path."""
     blend: List[BlendEntry] = field(default_factory=list)
     """Instead of ``path``: several prepared datasets sampled by weight (Megatron-style blend, seeded by
-    ``seed``; data_prep.blend). Same tokenizer, seq_len and objective required."""
+    ``seed``; data_prep.blend). Same tokenizer, seq_len and objective required. Each entry:
+    ``{path, weight, max_epochs}``, ``max_epochs`` the most passes over that dataset (a repetition cap; 0 = none)."""
+    blend_schedule: List[BlendPhase] = field(default_factory=list)
+    """Optional mixture schedule (a curriculum or an annealing phase): phases with increasing ``step``, each
+    replacing the blend's weights from that step on (``[{step: 0, weights: [0.7, 0.3]}, {step: 1000, weights:
+    [0.2, 0.8]}]``, one weight per ``data.blend`` entry, 0 = off); before the first phase (unless it starts at step 0)
+    ``data.blend`` weights apply. Deterministic per sample index (data_prep.mixture); a resume refuses a
+    changed schedule (it is part of the data fingerprint)."""
     raw_inputs: List[str] = field(default_factory=list)
     """Instead of ``path``: raw corpus paths / globs streamed and tokenized on the fly (slower; see
     pretrain.sources). Needs ``seq_len``."""
@@ -306,9 +325,23 @@ class TrainConfig:
         if len(sources) != 1:
             p.append("data.path is required (or data.blend or data.raw_inputs)" if not sources
                      else f"give one of data.path, data.blend, data.raw_inputs, not {' and '.join(sources)}")
+        p += _schedule_problems(self.data)
         if self.data.raw_inputs and self.seq_len == 0:
             p.append("seq_len is required with data.raw_inputs (there is no manifest to take it from)")
         return p
+
+
+def _schedule_problems(data: DataConfig) -> list[str]:
+    p = [f"data.blend[{i}].max_epochs={b.max_epochs} (allowed: >= 0, 0 = no cap)" for i, b in enumerate(data.blend) if b.max_epochs < 0]
+    if data.blend_schedule and not data.blend:
+        p.append("data.blend_schedule needs data.blend")
+    steps = [ph.step for ph in data.blend_schedule]
+    if any(b <= a for a, b in zip(steps, steps[1:])) or any(s < 0 for s in steps):
+        p.append(f"data.blend_schedule steps {steps} must be >= 0 and increasing")
+    for i, ph in enumerate(data.blend_schedule):
+        if data.blend and (len(ph.weights) != len(data.blend) or any(w < 0 for w in ph.weights) or not any(w > 0 for w in ph.weights)):
+            p.append(f"data.blend_schedule[{i}].weights={ph.weights}: need {len(data.blend)} values (one per data.blend entry), >= 0, one > 0")
+    return p
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:

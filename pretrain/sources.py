@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from itertools import islice
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -25,17 +25,20 @@ from data_prep.prep import is_validation
 from data_prep.reader import JSONL_SUFFIXES, PARQUET_SUFFIXES, resolve_inputs
 from data_prep.shards import ShardReader
 from data_prep.tokenizer.folder import TOKENIZER_FILE, TokenizerInfo
+from pretrain.config import DataConfig
 from pretrain.data import MicroBatch, eval_batches, eval_indices, micro_batches, padded
+from pretrain.distributed import log_rank0
 
 
 class ShardSource:
     """Memory-mapped shards of a prepared dataset, or a weighted blend of several (see
     :mod:`pretrain.data` for the sample order, :mod:`data_prep.blend` for the blend)."""
 
-    def __init__(self, data_dir: str = "", blend: list[tuple[str, float]] = (), seed: int = 0):
+    def __init__(self, data_dir: str = "", blend: Sequence[tuple[str, float]] = (), seed: int = 0,
+                 max_epochs: Sequence[float] | None = None, schedule: Sequence[tuple[int, Sequence[float]]] = ()):
         if blend:
             dirs, weights = [d for d, _ in blend], [w for _, w in blend]
-            self.train = BlendedReader.from_dirs(dirs, weights, "train", seed=seed)
+            self.train = BlendedReader.from_dirs(dirs, weights, "train", seed=seed, max_epochs=max_epochs, schedule=schedule)
             vals = [(ShardReader(d, "val"), w) for d, w in blend]
             vals = [(r, w) for r, w in vals if len(r)]
             self.val = BlendedReader([r for r, _ in vals], [w for _, w in vals], seed=seed) if vals else ShardReader(dirs[0], "val")
@@ -45,6 +48,21 @@ class ShardSource:
         self.num_train_sequences: int | None = len(self.train)
         self.num_val_sequences = len(self.val)
 
+    @classmethod
+    def from_config(cls, data: DataConfig, seed: int, global_batch: int, max_steps: int) -> ShardSource:
+        """The source of ``data`` (a path or a blend, its caps and schedule, schedule steps turned into blend
+        samples as ``step * global_batch``); logs a blend's effective mixture over the planned
+        ``max_steps * global_batch`` samples (samples, tokens, epochs and share per dataset)."""
+        source = cls(data.path, [(b.path, b.weight) for b in data.blend], seed, [b.max_epochs for b in data.blend],
+                     schedule_samples(data, global_batch))
+        if isinstance(source.train, BlendedReader):
+            planned = max_steps * global_batch
+            for b, m in zip(data.blend, source.train.mixture(planned)):
+                log_rank0("blend %s: weight %.3f, max_epochs %s -> %d samples (%d tokens), %.2f epochs, effective share %.3f of "
+                          "the %d planned samples", b.path, b.weight, b.max_epochs or "none", m["samples"], m["tokens"],
+                          m["epochs"], m["share"], planned)
+        return source
+
     def train_batches(self, rank: int, world_size: int, micro_batch_size: int, seed: int,
                       consumed_samples: int) -> Iterator[MicroBatch]:
         return micro_batches(self.train, rank, world_size, micro_batch_size, seed, consumed_samples)
@@ -53,13 +71,19 @@ class ShardSource:
         return list(eval_batches(self.val, rank, world_size, micro_batch_size, max_batches))
 
 
+def schedule_samples(data: DataConfig | dict, global_batch: int) -> list[tuple[int, list[float]]]:
+    """``data.blend_schedule`` as ``[(start blend sample = step * global_batch, weights)]`` (a config or its dict)."""
+    phases = data.get("blend_schedule") if isinstance(data, dict) else [vars(p) for p in data.blend_schedule]
+    return [(int(p["step"]) * global_batch, [float(w) for w in p["weights"]]) for p in phases or []]
+
+
 def describe_data(data: dict) -> tuple[dict | None, str]:
     """``(manifest, fingerprint)`` of a run's data config (``TrainConfig.data`` as a dict).
 
     The manifest is the prepared dataset's, a blend's (counts summed over its datasets, weights in
     ``blend``), or None for a raw corpus. The fingerprint is a sha256 over the manifest files' sha256
-    and blend weights, or over the raw corpus file list: the trainer records it in checkpoints, and
-    resume and export refuse data that changed.
+    and blend weights (and the blend's ``max_epochs`` and ``blend_schedule`` where set), or over the raw
+    corpus file list: the trainer records it in checkpoints, and resume and export refuse data that changed.
     """
     import hashlib
     import json
@@ -70,7 +94,11 @@ def describe_data(data: dict) -> tuple[dict | None, str]:
     if not parts:
         files = [str(p) for p in resolve_inputs(list(data["raw_inputs"]))]
         return None, hashlib.sha256("\n".join(files).encode()).hexdigest()
-    fingerprint = hashlib.sha256(json.dumps([(sha256_file(Path(p) / MANIFEST_NAME), w) for p, w in parts]).encode()).hexdigest()
+    mixture = {"max_epochs": [b.get("max_epochs", 0.0) for b in data.get("blend") or []], "schedule": data.get("blend_schedule") or []}
+    keyed: list = [(sha256_file(Path(p) / MANIFEST_NAME), w) for p, w in parts]
+    if any(mixture["max_epochs"]) or mixture["schedule"]:  # plain blends keep their earlier fingerprint
+        keyed.append(mixture)
+    fingerprint = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()
     if len(parts) == 1 and data.get("path"):
         return read_manifest(data["path"]), fingerprint
     manifests = [read_manifest(p) for p, _ in parts]

@@ -145,7 +145,8 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     engine = initialize_engine(model, cfg, dist.world_size, load_universal=universal)
     ds = cfg.deepspeed
     if cfg.data.path or cfg.data.blend:
-        source = ShardSource(cfg.data.path, [(b.path, b.weight) for b in cfg.data.blend], cfg.seed)
+        source = ShardSource.from_config(cfg.data, cfg.seed, ds.micro_batch_size * ds.gradient_accumulation_steps * dist.world_size,
+                                         cfg.max_steps)
     else:
         source = StreamingSource(list(cfg.data.raw_inputs), tok, seq_len, cfg.data.raw_text_column, cfg.data.raw_val_fraction)
     objective = objective_of(model_config)

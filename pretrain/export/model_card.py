@@ -122,10 +122,41 @@ def _data(info: RunInfo) -> list[str]:
     size = (f"- {c['documents']:,} documents, {c['tokens']:,} tokens in {c['sequences']:,} packed sequences of "
             f"{m['seq_len']} tokens ({c.get('rejects', 0):,} records rejected)" if c
             else f"- a raw corpus streamed and tokenized during training into {m['seq_len']}-token sequences (no prep counts)")
-    lines = [f"- sources: {src}", size, f"- mixing weights: {mixing}"]
+    lines = [f"- sources: {src}", size, f"- mixing weights: {mixing}", *_mixture(info)]
     if splits:
         lines.append("- splits: " + ", ".join(f"{name} {s.get('tokens', 0):,} tokens / {s.get('documents', 0):,} documents"
                                               for name, s in splits.items()))
+    return lines
+
+
+def _mixture(info: RunInfo) -> list[str]:
+    """The effective mixture over the checkpoint's consumed samples: per dataset, sequences read, token positions
+    (sequences x seq_len) and passes over it (epochs), after ``max_epochs`` caps and ``blend_schedule``
+    (data_prep.mixture: the trainer's own order, recomputed from the manifest's sizes and the config)."""
+    from data_prep.mixture import MixtureOrder
+    from pretrain.sources import schedule_samples
+
+    m, cfg, st = info.manifest, info.config, info.state
+    consumed, seq_len = int(st.get("consumed_samples", 0)), int(m["seq_len"])
+    blend = cfg["data"].get("blend") or []
+    if not m.get("blend") or not blend:
+        train = (m.get("splits", {}).get("train") or {}).get("sequences")
+        if not train:
+            return []
+        return [f"- trained on: {consumed:,} sequences = {consumed * seq_len:,} tokens, {consumed / train:.2f} epochs of the data"]
+    ds = cfg["deepspeed"]
+    global_batch = ds["micro_batch_size"] * ds["gradient_accumulation_steps"] * int(st.get("world_size", 1))
+    schedule = schedule_samples(cfg["data"], global_batch)
+    phases = schedule if schedule and schedule[0][0] == 0 else [(0, [b["weight"] for b in blend]), *schedule]
+    lengths = [b["sequences"] for b in m["blend"]]
+    order = MixtureOrder(lengths, phases, [b.get("max_epochs", 0.0) for b in blend], int(cfg.get("seed", 0)))
+    counts = order.counts(consumed)
+    lines = [f"- effective mixture over the {consumed:,} sequences trained on"
+             + (f" ({len(schedule)} scheduled weight changes)" if schedule else "") + ":"]
+    for b, n, size in zip(blend, counts.tolist(), lengths):
+        cap = f", capped at {b['max_epochs']} epochs" if b.get("max_epochs") else ""
+        lines.append(f"  - `{b['path']}`: {n:,} sequences = {n * seq_len:,} tokens ({n / max(1, consumed):.1%}), "
+                     f"{n / size:.2f} epochs of its {size:,} sequences{cap}")
     return lines
 
 

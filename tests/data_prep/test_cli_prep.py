@@ -105,3 +105,20 @@ def test_tokenizer_ids_read_without_transformers_equal_transformers_own(tokenize
     config = json.loads((odd / CONFIG_FILE).read_text())
     (odd / CONFIG_FILE).write_text(json.dumps({**config, "tokenizer_class": "BertTokenizer", "pad_token": None}))
     assert _fast_ids(odd) is None and tokenizer_info(odd) == load_tokenizer_info(odd)
+
+
+def test_stats_shows_a_blend_mixture_with_caps(tmp_path, prepared_dir, capsys):
+    from data_prep.shards import ShardReader
+    from lmforge.cli import main
+
+    n = len(ShardReader(prepared_dir))
+    cfg = tmp_path / "train.yaml"  # two copies of one dataset, the second capped at 1 epoch, 4 x its size planned
+    cfg.write_text(f"max_steps: {n}\ndeepspeed: {{micro_batch_size: 2, gradient_accumulation_steps: 1}}\n"
+                   f"data:\n  tokenizer: x\n  blend:\n    - {{path: {prepared_dir}, weight: 1}}\n"
+                   f"    - {{path: {prepared_dir}, weight: 1, max_epochs: 1}}\n")
+    assert main(["prep", "stats", "--blend", str(cfg), "--world-size", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"mixture over {4 * n:,} planned samples"
+    capped = out[3].split()
+    assert capped[3] == "1" and capped[4] == f"{n:,}" and capped[6] == "1.00" and capped[7] == "25.0%"
+    assert out[2].split()[4] == f"{3 * n:,}" and out[2].split()[6] == "3.00"

@@ -47,7 +47,7 @@ def test_unknown_keys_bad_values_and_bad_choices_all_in_one_message():
     msg = str(err.value)
     for part in ("optim.lrr: unknown key (allowed here: lr, min_lr_ratio,", "deepspeed.zero_stage=5 (allowed: 0, 1, 2, 3)",
                  "model.preset='llama-huge' (allowed: bert-base,", "deepspeed.micro_batch_size=0 (allowed: >= 1)",
-                 "data.blend[0].weigth: unknown key (allowed here: path, weight)", "checkpoint.kep_last: unknown key"):
+                 "data.blend[0].weigth: unknown key (allowed here: path, weight, max_epochs)", "checkpoint.kep_last: unknown key"):
         assert part in msg, part
     assert "\n" not in msg and msg.startswith(str(CONFIG_DIR / "demo.yaml"))
 
