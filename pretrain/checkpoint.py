@@ -10,7 +10,9 @@ Layout under ``run_dir/checkpoints``::
     latest                         tag of the newest complete checkpoint (temp + rename), for DeepSpeed tools
 
 Save protocol (every rank): DeepSpeed writes its partitions under the temporary tag; each rank adds
-its RNG state; barrier; rank 0 writes ``lmforge_state.json`` and renames the folder to its final tag
+its RNG state; barrier; each rank hashes its share of the files (:mod:`pretrain.integrity`); barrier;
+rank 0 merges the digests, writes the probe (and its digest) and ``lmforge_state.json`` (with the
+size and XXH3-128 of every other file under ``files``) and renames the folder to its final tag
 (the atomic completion mark), then rewrites ``latest``; barrier. A kill -9 at any point leaves either
 the previous complete checkpoint or the new one, never a partial one that resume would pick.
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge_common import write_json_atomic
+from pretrain import integrity
 
 STATE_FILE = "lmforge_state.json"
 PROBE_FILE = "probe.safetensors"
@@ -136,13 +139,18 @@ def save(engine, checkpoint_dir: str | Path, state: TrainState, rank: int, lmfor
     _save_atomic_torch(rng_states(), tmp / f"rng_state_rank{rank}.pt")
     probe = probe_fn() if probe_fn is not None else None
     _crash_if("after_engine_save", crash_point)
+    dist.barrier()  # every rank's files exist: hash them while their pages are still cached
+    integrity.write_rank_digests(tmp, rank, dist.get_world_size(), exclude=(STATE_FILE, PROBE_FILE))
     dist.barrier()
     if rank == 0:
+        record = integrity.merge_rank_digests(tmp, dist.get_world_size())
         if probe is not None:
             from safetensors.torch import save_file
 
             save_file(probe["tensors"], str(tmp / PROBE_FILE), metadata=probe["metadata"])
-        write_json_atomic(tmp / STATE_FILE, {**vars(state), "tag": tag, **lmforge_state})
+            record.update(integrity.digest(tmp, [PROBE_FILE]))
+        write_json_atomic(tmp / STATE_FILE, {**vars(state), "tag": tag, **lmforge_state,
+                                             integrity.DIGESTS_KEY: dict(sorted(record.items()))})
         _crash_if("before_rename", crash_point)
         if final.exists():
             shutil.rmtree(final)

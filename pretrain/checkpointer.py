@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import UserError
-from pretrain import checkpoint
+from pretrain import checkpoint, integrity
 from pretrain.checkpoint import TrainState
 from pretrain.config import TrainConfig, to_yaml
 from pretrain.data import ORDER_NAME
 from pretrain.distributed import log_rank0
 from pretrain.errors import ConsistencyError
 from pretrain.flops import device_description
+from pretrain.integrity import CheckpointIntegrityError
 from pretrain.layout import CHECKPOINT_DIR
 from pretrain.preemption import StopDecision
 from pretrain.run import Run
@@ -34,25 +35,75 @@ PROBE_TOKENS = 64
 
 
 def resume_point(cfg: TrainConfig) -> Path | None:
-    """The checkpoint to resume from per ``checkpoint.resume``, or None for a fresh start.
+    """The checkpoint to resume from per ``checkpoint.resume``, or None for a fresh start; collective when a
+    process group exists (ranks verify disjoint shares of the checkpoint's files, see :func:`verify_checkpoint`).
+
+    With ``auto``, a checkpoint that fails ``checkpoint.verify`` is logged in one line naming its bad file
+    and the newest one that verifies is taken instead.
 
     Raises:
         UserError: ``never`` with checkpoints present, or a named checkpoint that is not complete.
+        CheckpointIntegrityError: no complete checkpoint verifies, or the named one does not.
     """
-    mode = cfg.checkpoint.resume
+    mode, verify_mode = cfg.checkpoint.resume, cfg.checkpoint.verify
     checkpoint_dir = Path(cfg.run_dir) / CHECKPOINT_DIR
-    newest = checkpoint.latest_complete(checkpoint_dir)
+    found = [p for _, p in reversed(checkpoint.complete_checkpoints(checkpoint_dir))]  # newest first
     if mode == "auto":
-        return newest
+        bad = []
+        for path in found:
+            verdict = verify_checkpoint(path, verify_mode)
+            if verdict.usable:
+                _log_verdict(verdict, verify_mode)
+                return path
+            bad.append(verdict.line())
+            log_rank0("checkpoint %s fails verification (%s), falling back to an older one", path, "; ".join(verdict.problems))
+        if bad:
+            raise CheckpointIntegrityError(f"{checkpoint_dir}: no checkpoint verifies ({' | '.join(bad)}); "
+                                           "restore the files or set checkpoint.resume=never with a new run_dir")
+        return None
     if mode == "never":
-        if newest is not None:
-            raise UserError(f"{checkpoint_dir}: holds checkpoint {newest.name} and checkpoint.resume=never; "
+        if found:
+            raise UserError(f"{checkpoint_dir}: holds checkpoint {found[0].name} and checkpoint.resume=never; "
                             "use a new run_dir or resume")
         return None
     path = Path(mode) if os.sep in mode else checkpoint_dir / mode
     if not (path / checkpoint.STATE_FILE).is_file():
         raise UserError(f"{path}: not a complete checkpoint (no {checkpoint.STATE_FILE})")
+    verdict = verify_checkpoint(path, verify_mode)
+    if not verdict.usable:
+        raise CheckpointIntegrityError(f"checkpoint.resume={mode}: {verdict.line()}")
+    _log_verdict(verdict, verify_mode)
     return path
+
+
+def verify_checkpoint(path: Path, mode: integrity.VerifyMode) -> integrity.Verdict:
+    """Check checkpoint ``path`` against its recorded digests (:func:`pretrain.integrity.verify`).
+
+    Collective when a process group exists: each rank checks its share of the files (split by recorded
+    bytes, :func:`pretrain.integrity.record_share`) and the problems are all-gathered, so every rank
+    returns the same verdict.
+    """
+    import torch.distributed as dist
+
+    record = checkpoint.read_state(path).get(integrity.DIGESTS_KEY)
+    if not (dist.is_available() and dist.is_initialized()) or mode == "off" or not record:
+        return integrity.verify(path, record, mode)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    mine = integrity.verify(path, integrity.record_share(record, rank, world_size), mode)
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, (mine.problems, mine.bytes_checked, mine.seconds))
+    problems = sorted(p for g in gathered for p in g[0])
+    return integrity.Verdict(path, "bad" if problems else "ok", problems, sum(g[1] for g in gathered),
+                             max(g[2] for g in gathered))
+
+
+def _log_verdict(verdict: integrity.Verdict, mode: str) -> None:
+    if verdict.status == "unrecorded":
+        log_rank0("checkpoint %s has no recorded digests (saved before lmforge recorded them): resuming unverified",
+                  verdict.path.name)
+    elif verdict.status == "ok":
+        log_rank0("checkpoint %s verified (%s%s)", verdict.path.name, mode,
+                  f", {verdict.bytes_checked / 1e9:.3f} GB in {verdict.seconds:.2f} s" if verdict.bytes_checked else "")
 
 
 def resume(run: Run, tag_dir: Path) -> tuple[TrainState, dict]:
