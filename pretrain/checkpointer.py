@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import UserError
+from data_prep.tokenizer.folder import TOKENIZER_FILE, fingerprint
 from pretrain import checkpoint, integrity
 from pretrain.checkpoint import TrainState
 from pretrain.config import TrainConfig, to_yaml
@@ -32,6 +33,57 @@ log = logging.getLogger(__name__)
 
 PROBE_TOKENS = 64
 """Tokens per row of the probe batch whose logits a checkpoint stores for export verification."""
+
+
+RUN_TOKENIZER_DIR = "tokenizer"
+"""The run's own copy of its tokenizer, under ``run_dir``: checkpoints refer to it, so a run folder stands on its own."""
+
+
+def run_tokenizer_dir(cfg: TrainConfig) -> str:
+    """The tokenizer a run uses: its own copy (``run_dir/tokenizer``) once made, else ``data.tokenizer``."""
+    copy = Path(cfg.run_dir) / RUN_TOKENIZER_DIR
+    return str(copy.resolve()) if (copy / TOKENIZER_FILE).is_file() else cfg.data.tokenizer
+
+
+def own_run_files(cfg: TrainConfig, is_main: bool) -> TrainConfig:
+    """Collective when a process group exists: ``cfg`` with its data paths absolute and ``data.tokenizer``
+    the run's own copy, so that resume and export work from any directory, after the run folder moves
+    and after the original tokenizer folder is deleted.
+
+    Rank 0 copies ``data.tokenizer`` to ``run_dir/tokenizer`` on the first start (temp + rename, the
+    fingerprint checked against the original); later starts keep the copy, and when the configured
+    tokenizer still exists it must have the copy's fingerprint.
+
+    Raises:
+        ConsistencyError: the configured tokenizer differs from the run's copy, or the copy from the original.
+    """
+    import dataclasses
+    import shutil
+
+    import torch.distributed as dist
+
+    copy = (Path(cfg.run_dir) / RUN_TOKENIZER_DIR).resolve()
+    original = Path(cfg.data.tokenizer).resolve()
+    if is_main and original != copy:
+        if (copy / TOKENIZER_FILE).is_file():
+            if (original / TOKENIZER_FILE).is_file() and fingerprint(original) != fingerprint(copy):
+                raise ConsistencyError(f"{original / TOKENIZER_FILE}: data.tokenizer differs from the run's copy {copy} "
+                                       "(fingerprints differ); this run was started with another tokenizer")
+        else:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            tmp = copy.with_name(checkpoint.TMP_PREFIX + copy.name)
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(original, tmp)
+            if fingerprint(tmp) != fingerprint(original):
+                raise ConsistencyError(f"{tmp / TOKENIZER_FILE}: the copy of {original} has another fingerprint")
+            os.replace(tmp, copy)
+            log_rank0("tokenizer %s copied to %s (the run's own copy)", original, copy)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    data = dataclasses.replace(
+        cfg.data, tokenizer=str(copy), path=os.path.abspath(cfg.data.path) if cfg.data.path else "",
+        blend=[dataclasses.replace(b, path=os.path.abspath(b.path)) for b in cfg.data.blend])
+    return dataclasses.replace(cfg, data=data)
 
 
 def resume_point(cfg: TrainConfig) -> Path | None:
@@ -188,6 +240,7 @@ class Checkpointer:
         path = checkpoint.save(run.engine, run.checkpoint_dir, state, run.dist.rank,
                                {"world_size": run.dist.world_size, "fingerprints": run.fingerprints,
                                 "data_order": ORDER_NAME, "config_yaml": to_yaml(cfg),
+                                "tokenizer_dir": RUN_TOKENIZER_DIR,
                                 "hardware": f"{run.dist.world_size} x {device_description()}", **extras},
                                probe_fn=lambda: probe(run), crash_point=self.crash_point)
         if run.dist.is_main:

@@ -169,9 +169,11 @@ def load_run_info(tag_dir: Path) -> RunInfo:
     run_dir = tag_dir.parent.parent
     model_config = _recorded_model_config(run_dir / MODEL_CONFIG_DIR)
     fingerprints = state.get("fingerprints", {})
-    tok_dir = Path(config["data"]["tokenizer"])
+    # the run's own copy (pretrain.checkpointer.own_run_files), relative to the run folder wherever it now is
+    tok_dir = run_dir / state["tokenizer_dir"] if state.get("tokenizer_dir") else Path(config["data"]["tokenizer"])
     if not (tok_dir / TOKENIZER_FILE).is_file():
-        raise ExportError(f"{tok_dir}: tokenizer of the run (data.tokenizer in {tag_dir / checkpoint.STATE_FILE}) not found")
+        where = "tokenizer_dir" if state.get("tokenizer_dir") else "data.tokenizer"
+        raise ExportError(f"{tok_dir}: tokenizer of the run ({where} in {tag_dir / checkpoint.STATE_FILE}) not found")
     tok = tokenizer_summary(tok_dir)
     if fingerprints.get("tokenizer") not in (None, tok["fingerprint"]):
         raise ExportError(f"{tok_dir / TOKENIZER_FILE}: fingerprint {tok['fingerprint'][:12]} differs from the one the "
