@@ -32,15 +32,19 @@ class ShardSource:
     """Memory-mapped shards of a prepared dataset, or a weighted blend of several (see
     :mod:`pretrain.data` for the sample order, :mod:`data_prep.blend` for the blend)."""
 
-    def __init__(self, data_dir: str = "", blend: list[tuple[str, float]] = (), seed: int = 0):
+    def __init__(self, data_dir: str = "", blend: list[tuple[str, float]] = (), seed: int = 0,
+                 verify_checksums: bool = False):
+        """``verify_checksums``: hash each shard once when first opened (``data.verify_checksums``)."""
+        check = {"verify_checksums": verify_checksums}
         if blend:
             dirs, weights = [d for d, _ in blend], [w for _, w in blend]
-            self.train = BlendedReader.from_dirs(dirs, weights, "train", seed=seed)
-            vals = [(ShardReader(d, "val"), w) for d, w in blend]
+            self.train = BlendedReader([ShardReader(d, "train", **check) for d in dirs], weights, seed=seed)
+            vals = [(ShardReader(d, "val", **check), w) for d, w in blend]
             vals = [(r, w) for r, w in vals if len(r)]
-            self.val = BlendedReader([r for r, _ in vals], [w for _, w in vals], seed=seed) if vals else ShardReader(dirs[0], "val")
+            self.val = (BlendedReader([r for r, _ in vals], [w for _, w in vals], seed=seed) if vals
+                        else ShardReader(dirs[0], "val", **check))
         else:
-            self.train, self.val = ShardReader(data_dir, "train"), ShardReader(data_dir, "val")
+            self.train, self.val = ShardReader(data_dir, "train", **check), ShardReader(data_dir, "val", **check)
         self.manifest = self.train.manifest
         self.num_train_sequences: int | None = len(self.train)
         self.num_val_sequences = len(self.val)

@@ -146,7 +146,8 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     engine = initialize_engine(model, cfg, dist.world_size, load_universal=universal)
     ds = cfg.deepspeed
     if cfg.data.path or cfg.data.blend:
-        source = ShardSource(cfg.data.path, [(b.path, b.weight) for b in cfg.data.blend], cfg.seed)
+        source = ShardSource(cfg.data.path, [(b.path, b.weight) for b in cfg.data.blend], cfg.seed,
+                             verify_checksums=cfg.data.verify_checksums)
     else:
         source = StreamingSource(list(cfg.data.raw_inputs), tok, seq_len, cfg.data.raw_text_column, cfg.data.raw_val_fraction)
     objective = objective_of(model_config)
