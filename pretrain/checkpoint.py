@@ -18,6 +18,7 @@ the previous complete checkpoint or the new one, never a partial one that resume
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge_common import write_json_atomic
+from lmforge_common import UserError, write_json_atomic
 from pretrain import integrity
 
 STATE_FILE = "lmforge_state.json"
@@ -135,8 +136,13 @@ def save(engine, checkpoint_dir: str | Path, state: TrainState, rank: int, lmfor
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=TMP_PREFIX + tag, client_state={"train_state": vars(state)}, save_latest=False)
-    _save_atomic_torch(rng_states(), tmp / f"rng_state_rank{rank}.pt")
+    try:
+        engine.save_checkpoint(str(root), tag=TMP_PREFIX + tag, client_state={"train_state": vars(state)}, save_latest=False)
+        _save_atomic_torch(rng_states(), tmp / f"rng_state_rank{rank}.pt")
+        failure = None
+    except (OSError, RuntimeError) as exc:
+        failure = _storage_failure(exc, tmp, rank, engine)
+    _agree_on_write(failure, tmp, rank)
     probe = probe_fn() if probe_fn is not None else None
     _crash_if("after_engine_save", crash_point)
     dist.barrier()  # every rank's files exist: hash them while their pages are still cached
@@ -161,6 +167,52 @@ def save(engine, checkpoint_dir: str | Path, state: TrainState, rank: int, lmfor
         os.replace(latest_tmp, root / "latest")
     dist.barrier()
     return final
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, quota, file size limit); the previous one is intact."""
+
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""Write errors of a full or limited file system: no space, quota exceeded, file size limit (RLIMIT_FSIZE)."""
+TORCH_WRITE_FAILURE = "inline_container.cc"
+"""torch.save's zip writer reports a failed write() as a RuntimeError from this source file (no errno)."""
+
+
+def _storage_failure(exc: Exception, tmp: Path, rank: int, engine) -> str:
+    """One line naming the folder, the bytes a checkpoint needs and the bytes free, or re-raise ``exc``
+    when it is not a write failure of the file system."""
+    if isinstance(exc, OSError) and exc.errno not in STORAGE_ERRNOS:
+        raise exc
+    if isinstance(exc, RuntimeError) and TORCH_WRITE_FAILURE not in str(exc):
+        raise exc
+    free = shutil.disk_usage(tmp.parent).free if tmp.parent.is_dir() else 0
+    return (f"{tmp}: rank {rank} could not write the checkpoint ({exc.strerror if isinstance(exc, OSError) else 'torch.save write failed'}): "
+            f"it needs about {needed_bytes(tmp.parent, engine)} bytes, {free} bytes free on that file system (or a quota / "
+            "file size limit); the previous checkpoint is intact")
+
+
+def needed_bytes(checkpoint_dir: Path, engine) -> int:
+    """Bytes a checkpoint takes: the newest complete one's recorded file sizes, else 16 bytes per parameter
+    (fp32 weights, fp32 master copy, Adam's two moments; Rajbhandari et al. 2020, ZeRO, section 3.1)."""
+    newest = latest_complete(checkpoint_dir)
+    record = read_state(newest).get(integrity.DIGESTS_KEY) if newest is not None else None
+    if record:
+        return sum(f["bytes"] for f in record.values())
+    return 16 * sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # ZeRO-3: full size
+
+
+def _agree_on_write(failure: str | None, tmp: Path, rank: int) -> None:
+    """Collective: every rank raises :class:`CheckpointWriteError` (the first failure's line) when one failed to write."""
+    import torch.distributed as dist
+
+    failures: list = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    first = next((f for f in failures if f), None)
+    if first:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoint stays complete
+        raise CheckpointWriteError(first)
 
 
 def prune(checkpoint_dir: str | Path, keep_last: int, keep_every_steps: int = 0, protect=()) -> list[Path]:
