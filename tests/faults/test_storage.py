@@ -8,7 +8,6 @@ import resource
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 from launch.local import rank_env
 from lmforge.cli import main
