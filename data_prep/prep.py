@@ -19,6 +19,7 @@ single-task counts (only the order of sequences differs).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import importlib.util
 import json
@@ -309,6 +310,26 @@ class _Progress:
         return time.perf_counter() - self.start
 
 
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""Write errors of a full or limited file system: no space, quota exceeded, file size limit (RLIMIT_FSIZE)."""
+
+
+class PrepWriteError(UserError):
+    """Prep could not write its output (disk full, quota, file size limit); no manifest was written."""
+
+
+def _write_failure_line(out: Path, exc: OSError, input_bytes_read: int, input_bytes_total: int | None) -> str:
+    """One line: the folder, the error, the bytes the output needs (what was written so far, scaled by the
+    share of the input read) and the bytes free."""
+    written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    needed = (f"about {round(written * input_bytes_total / input_bytes_read)} bytes (extrapolated from {written} bytes "
+              f"for {input_bytes_read} of {input_bytes_total} input bytes)" if input_bytes_total and input_bytes_read
+              else f"more than the {written} bytes written")
+    return (f"{out}: prep could not write its shards ({exc.strerror}): it needs {needed}, "
+            f"{shutil.disk_usage(out).free} bytes free on that file system (or a quota / file size limit); "
+            "no manifest was written")
+
+
 def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
     segments = plan_segments(setup.sources, cfg.task_id, cfg.num_tasks, cfg.text_mode)
     spec = EncodeSpec(str(Path(cfg.tokenizer) / TOKENIZER_FILE), cfg.text_column, cfg.val_fraction, setup.doc_prefix,
@@ -355,6 +376,12 @@ def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
             progress.update(sum(len(v) for v in enc.doc_lengths.values()), sum(len(v) for v in enc.streams.values()),
                             enc.input_bytes)
         shards = {s: writers[s].close() for s in SPLITS}
+    except OSError as exc:
+        rejects.abort()
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        total = None if hub else sum(seg.nbytes for seg in segments)
+        raise PrepWriteError(_write_failure_line(out, exc, progress.bytes, total)) from exc
     except BaseException:
         rejects.abort()
         raise

@@ -10,12 +10,15 @@ Layout under ``run_dir/checkpoints``::
     latest                         tag of the newest complete checkpoint (temp + rename), for DeepSpeed tools
 
 Save protocol (every rank): DeepSpeed writes its partitions under the temporary tag; each rank adds
-its RNG state; barrier; rank 0 writes ``lmforge_state.json`` and renames the folder to its final tag
+its RNG state; barrier; each rank hashes its share of the files (:mod:`pretrain.integrity`); barrier;
+rank 0 merges the digests, writes the probe (and its digest) and ``lmforge_state.json`` (with the
+size and XXH3-128 of every other file under ``files``) and renames the folder to its final tag
 (the atomic completion mark), then rewrites ``latest``; barrier. A kill -9 at any point leaves either
 the previous complete checkpoint or the new one, never a partial one that resume would pick.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -27,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge_common import write_json_atomic
+from lmforge_common import UserError, write_json_atomic
+from pretrain import integrity
 
 STATE_FILE = "lmforge_state.json"
 PROBE_FILE = "probe.safetensors"
@@ -132,17 +136,27 @@ def save(engine, checkpoint_dir: str | Path, state: TrainState, rank: int, lmfor
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=TMP_PREFIX + tag, client_state={"train_state": vars(state)}, save_latest=False)
-    _save_atomic_torch(rng_states(), tmp / f"rng_state_rank{rank}.pt")
+    try:
+        engine.save_checkpoint(str(root), tag=TMP_PREFIX + tag, client_state={"train_state": vars(state)}, save_latest=False)
+        _save_atomic_torch(rng_states(), tmp / f"rng_state_rank{rank}.pt")
+        failure = None
+    except (OSError, RuntimeError) as exc:
+        failure = _storage_failure(exc, tmp, rank, engine)
+    _agree_on_write(failure, tmp, rank)
     probe = probe_fn() if probe_fn is not None else None
     _crash_if("after_engine_save", crash_point)
+    dist.barrier()  # every rank's files exist: hash them while their pages are still cached
+    integrity.write_rank_digests(tmp, rank, dist.get_world_size(), exclude=(STATE_FILE, PROBE_FILE))
     dist.barrier()
     if rank == 0:
+        record = integrity.merge_rank_digests(tmp, dist.get_world_size())
         if probe is not None:
             from safetensors.torch import save_file
 
             save_file(probe["tensors"], str(tmp / PROBE_FILE), metadata=probe["metadata"])
-        write_json_atomic(tmp / STATE_FILE, {**vars(state), "tag": tag, **lmforge_state})
+            record.update(integrity.digest(tmp, [PROBE_FILE]))
+        write_json_atomic(tmp / STATE_FILE, {**vars(state), "tag": tag, **lmforge_state,
+                                             integrity.DIGESTS_KEY: dict(sorted(record.items()))})
         _crash_if("before_rename", crash_point)
         if final.exists():
             shutil.rmtree(final)
@@ -153,6 +167,52 @@ def save(engine, checkpoint_dir: str | Path, state: TrainState, rank: int, lmfor
         os.replace(latest_tmp, root / "latest")
     dist.barrier()
     return final
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, quota, file size limit); the previous one is intact."""
+
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""Write errors of a full or limited file system: no space, quota exceeded, file size limit (RLIMIT_FSIZE)."""
+TORCH_WRITE_FAILURE = "inline_container.cc"
+"""torch.save's zip writer reports a failed write() as a RuntimeError from this source file (no errno)."""
+
+
+def _storage_failure(exc: Exception, tmp: Path, rank: int, engine) -> str:
+    """One line naming the folder, the bytes a checkpoint needs and the bytes free, or re-raise ``exc``
+    when it is not a write failure of the file system."""
+    if isinstance(exc, OSError) and exc.errno not in STORAGE_ERRNOS:
+        raise exc
+    if isinstance(exc, RuntimeError) and TORCH_WRITE_FAILURE not in str(exc):
+        raise exc
+    free = shutil.disk_usage(tmp.parent).free if tmp.parent.is_dir() else 0
+    return (f"{tmp}: rank {rank} could not write the checkpoint ({exc.strerror if isinstance(exc, OSError) else 'torch.save write failed'}): "
+            f"it needs about {needed_bytes(tmp.parent, engine)} bytes, {free} bytes free on that file system (or a quota / "
+            "file size limit); the previous checkpoint is intact")
+
+
+def needed_bytes(checkpoint_dir: Path, engine) -> int:
+    """Bytes a checkpoint takes: the newest complete one's recorded file sizes, else 16 bytes per parameter
+    (fp32 weights, fp32 master copy, Adam's two moments; Rajbhandari et al. 2020, ZeRO, section 3.1)."""
+    newest = latest_complete(checkpoint_dir)
+    record = read_state(newest).get(integrity.DIGESTS_KEY) if newest is not None else None
+    if record:
+        return sum(f["bytes"] for f in record.values())
+    return 16 * sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # ZeRO-3: full size
+
+
+def _agree_on_write(failure: str | None, tmp: Path, rank: int) -> None:
+    """Collective: every rank raises :class:`CheckpointWriteError` (the first failure's line) when one failed to write."""
+    import torch.distributed as dist
+
+    failures: list = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    first = next((f for f in failures if f), None)
+    if first:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoint stays complete
+        raise CheckpointWriteError(first)
 
 
 def prune(checkpoint_dir: str | Path, keep_last: int, keep_every_steps: int = 0, protect=()) -> list[Path]:

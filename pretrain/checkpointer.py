@@ -16,13 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import UserError
-from pretrain import checkpoint
+from data_prep.tokenizer.folder import TOKENIZER_FILE, fingerprint
+from pretrain import checkpoint, integrity
 from pretrain.checkpoint import TrainState
 from pretrain.config import TrainConfig, to_yaml
 from pretrain.data import ORDER_NAME
 from pretrain.distributed import log_rank0
 from pretrain.errors import ConsistencyError
 from pretrain.flops import device_description
+from pretrain.integrity import CheckpointIntegrityError
 from pretrain.layout import CHECKPOINT_DIR
 from pretrain.preemption import StopDecision
 from pretrain.run import Run
@@ -33,26 +35,127 @@ PROBE_TOKENS = 64
 """Tokens per row of the probe batch whose logits a checkpoint stores for export verification."""
 
 
+RUN_TOKENIZER_DIR = "tokenizer"
+"""The run's own copy of its tokenizer, under ``run_dir``: checkpoints refer to it, so a run folder stands on its own."""
+
+
+def run_tokenizer_dir(cfg: TrainConfig) -> str:
+    """The tokenizer a run uses: its own copy (``run_dir/tokenizer``) once made, else ``data.tokenizer``."""
+    copy = Path(cfg.run_dir) / RUN_TOKENIZER_DIR
+    return str(copy.resolve()) if (copy / TOKENIZER_FILE).is_file() else cfg.data.tokenizer
+
+
+def own_run_files(cfg: TrainConfig, is_main: bool) -> TrainConfig:
+    """Collective when a process group exists: ``cfg`` with its data paths absolute and ``data.tokenizer``
+    the run's own copy, so that resume and export work from any directory, after the run folder moves
+    and after the original tokenizer folder is deleted.
+
+    Rank 0 copies ``data.tokenizer`` to ``run_dir/tokenizer`` on the first start (temp + rename, the
+    fingerprint checked against the original); later starts keep the copy, and when the configured
+    tokenizer still exists it must have the copy's fingerprint.
+
+    Raises:
+        ConsistencyError: the configured tokenizer differs from the run's copy, or the copy from the original.
+    """
+    import dataclasses
+    import shutil
+
+    import torch.distributed as dist
+
+    copy = (Path(cfg.run_dir) / RUN_TOKENIZER_DIR).resolve()
+    original = Path(cfg.data.tokenizer).resolve()
+    if is_main and original != copy:
+        if (copy / TOKENIZER_FILE).is_file():
+            if (original / TOKENIZER_FILE).is_file() and fingerprint(original) != fingerprint(copy):
+                raise ConsistencyError(f"{original / TOKENIZER_FILE}: data.tokenizer differs from the run's copy {copy} "
+                                       "(fingerprints differ); this run was started with another tokenizer")
+        else:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            tmp = copy.with_name(checkpoint.TMP_PREFIX + copy.name)
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(original, tmp)
+            if fingerprint(tmp) != fingerprint(original):
+                raise ConsistencyError(f"{tmp / TOKENIZER_FILE}: the copy of {original} has another fingerprint")
+            os.replace(tmp, copy)
+            log_rank0("tokenizer %s copied to %s (the run's own copy)", original, copy)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    data = dataclasses.replace(
+        cfg.data, tokenizer=str(copy), path=os.path.abspath(cfg.data.path) if cfg.data.path else "",
+        blend=[dataclasses.replace(b, path=os.path.abspath(b.path)) for b in cfg.data.blend])
+    return dataclasses.replace(cfg, data=data)
+
+
 def resume_point(cfg: TrainConfig) -> Path | None:
-    """The checkpoint to resume from per ``checkpoint.resume``, or None for a fresh start.
+    """The checkpoint to resume from per ``checkpoint.resume``, or None for a fresh start; collective when a
+    process group exists (ranks verify disjoint shares of the checkpoint's files, see :func:`verify_checkpoint`).
+
+    With ``auto``, a checkpoint that fails ``checkpoint.verify`` is logged in one line naming its bad file
+    and the newest one that verifies is taken instead.
 
     Raises:
         UserError: ``never`` with checkpoints present, or a named checkpoint that is not complete.
+        CheckpointIntegrityError: no complete checkpoint verifies, or the named one does not.
     """
-    mode = cfg.checkpoint.resume
+    mode, verify_mode = cfg.checkpoint.resume, cfg.checkpoint.verify
     checkpoint_dir = Path(cfg.run_dir) / CHECKPOINT_DIR
-    newest = checkpoint.latest_complete(checkpoint_dir)
+    found = [p for _, p in reversed(checkpoint.complete_checkpoints(checkpoint_dir))]  # newest first
     if mode == "auto":
-        return newest
+        bad = []
+        for path in found:
+            verdict = verify_checkpoint(path, verify_mode)
+            if verdict.usable:
+                _log_verdict(verdict, verify_mode)
+                return path
+            bad.append(verdict.line())
+            log_rank0("checkpoint %s fails verification (%s), falling back to an older one", path, "; ".join(verdict.problems))
+        if bad:
+            raise CheckpointIntegrityError(f"{checkpoint_dir}: no checkpoint verifies ({' | '.join(bad)}); "
+                                           "restore the files or set checkpoint.resume=never with a new run_dir")
+        return None
     if mode == "never":
-        if newest is not None:
-            raise UserError(f"{checkpoint_dir}: holds checkpoint {newest.name} and checkpoint.resume=never; "
+        if found:
+            raise UserError(f"{checkpoint_dir}: holds checkpoint {found[0].name} and checkpoint.resume=never; "
                             "use a new run_dir or resume")
         return None
     path = Path(mode) if os.sep in mode else checkpoint_dir / mode
     if not (path / checkpoint.STATE_FILE).is_file():
         raise UserError(f"{path}: not a complete checkpoint (no {checkpoint.STATE_FILE})")
+    verdict = verify_checkpoint(path, verify_mode)
+    if not verdict.usable:
+        raise CheckpointIntegrityError(f"checkpoint.resume={mode}: {verdict.line()}")
+    _log_verdict(verdict, verify_mode)
     return path
+
+
+def verify_checkpoint(path: Path, mode: integrity.VerifyMode) -> integrity.Verdict:
+    """Check checkpoint ``path`` against its recorded digests (:func:`pretrain.integrity.verify`).
+
+    Collective when a process group exists: each rank checks its share of the files (split by recorded
+    bytes, :func:`pretrain.integrity.record_share`) and the problems are all-gathered, so every rank
+    returns the same verdict.
+    """
+    import torch.distributed as dist
+
+    record = checkpoint.read_state(path).get(integrity.DIGESTS_KEY)
+    if not (dist.is_available() and dist.is_initialized()) or mode == "off" or not record:
+        return integrity.verify(path, record, mode)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    mine = integrity.verify(path, integrity.record_share(record, rank, world_size), mode)
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, (mine.problems, mine.bytes_checked, mine.seconds))
+    problems = sorted(p for g in gathered for p in g[0])
+    return integrity.Verdict(path, "bad" if problems else "ok", problems, sum(g[1] for g in gathered),
+                             max(g[2] for g in gathered))
+
+
+def _log_verdict(verdict: integrity.Verdict, mode: str) -> None:
+    if verdict.status == "unrecorded":
+        log_rank0("checkpoint %s has no recorded digests (saved before lmforge recorded them): resuming unverified",
+                  verdict.path.name)
+    elif verdict.status == "ok":
+        log_rank0("checkpoint %s verified (%s%s)", verdict.path.name, mode,
+                  f", {verdict.bytes_checked / 1e9:.3f} GB in {verdict.seconds:.2f} s" if verdict.bytes_checked else "")
 
 
 def resume(run: Run, tag_dir: Path) -> tuple[TrainState, dict]:
@@ -137,6 +240,7 @@ class Checkpointer:
         path = checkpoint.save(run.engine, run.checkpoint_dir, state, run.dist.rank,
                                {"world_size": run.dist.world_size, "fingerprints": run.fingerprints,
                                 "data_order": ORDER_NAME, "config_yaml": to_yaml(cfg),
+                                "tokenizer_dir": RUN_TOKENIZER_DIR,
                                 "hardware": f"{run.dist.world_size} x {device_description()}", **extras},
                                probe_fn=lambda: probe(run), crash_point=self.crash_point)
         if run.dist.is_main:

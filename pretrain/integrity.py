@@ -19,12 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
 
+from lmforge_common import UserError, write_json_atomic
+
 VerifyMode = Literal["off", "size", "checksum"]
 HASH_NAME = "xxh3_128"
 DIGESTS_KEY = "files"
 """Key of the ``{relative path: {"bytes": n, "xxh3_128": hex}}`` record in the checkpoint's state file."""
 DIGEST_FILE_PREFIX = "digests-rank"
 CHUNK_BYTES = 8 << 20
+
+
+class CheckpointIntegrityError(UserError):
+    """No checkpoint matches the sizes and digests recorded when it was saved (the message names the bad files)."""
 
 
 def hash_file(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> str:
@@ -56,7 +62,17 @@ def checkpoint_files(root: str | Path, exclude: Iterable[str] = ()) -> list[str]
 def share_of(root: str | Path, files: list[str], rank: int, world_size: int) -> list[str]:
     """The files rank ``rank`` hashes: largest first, each to the rank with the fewest bytes so far (ties by rank)."""
     root = Path(root)
-    sizes = sorted(((os.path.getsize(root / f), f) for f in files), key=lambda x: (-x[0], x[1]))
+    return _split([(os.path.getsize(root / f), f) for f in files], rank, world_size)
+
+
+def record_share(record: dict[str, dict], rank: int, world_size: int) -> dict[str, dict]:
+    """The part of a checkpoint's ``record`` rank ``rank`` verifies, split by recorded bytes as :func:`share_of`."""
+    mine = _split([(want["bytes"], name) for name, want in record.items()], rank, world_size)
+    return {name: record[name] for name in mine}
+
+
+def _split(sized: list[tuple[int, str]], rank: int, world_size: int) -> list[str]:
+    sizes = sorted(sized, key=lambda x: (-x[0], x[1]))
     load = [0] * world_size
     mine = []
     for size, name in sizes:
@@ -75,8 +91,6 @@ def digest(root: str | Path, files: Iterable[str]) -> dict[str, dict]:
 
 def write_rank_digests(root: str | Path, rank: int, world_size: int, exclude: Iterable[str] = ()) -> None:
     """Hash this rank's share of the checkpoint files under ``root`` into ``digests-rank{rank}.json``."""
-    from lmforge_common import write_json_atomic
-
     files = share_of(root, checkpoint_files(root, exclude), rank, world_size)
     write_json_atomic(Path(root) / f"{DIGEST_FILE_PREFIX}{rank}.json", digest(root, files))
 

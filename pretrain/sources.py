@@ -35,15 +35,20 @@ class ShardSource:
     :mod:`pretrain.data` for the sample order, :mod:`data_prep.blend` for the blend)."""
 
     def __init__(self, data_dir: str = "", blend: Sequence[tuple[str, float]] = (), seed: int = 0,
-                 max_epochs: Sequence[float] | None = None, schedule: Sequence[tuple[int, Sequence[float]]] = ()):
+                 max_epochs: Sequence[float] | None = None, schedule: Sequence[tuple[int, Sequence[float]]] = (),
+                 verify_checksums: bool = False):
+        """``verify_checksums``: hash each shard once when first opened (``data.verify_checksums``)."""
+        check = {"verify_checksums": verify_checksums}
         if blend:
             dirs, weights = [d for d, _ in blend], [w for _, w in blend]
-            self.train = BlendedReader.from_dirs(dirs, weights, "train", seed=seed, max_epochs=max_epochs, schedule=schedule)
-            vals = [(ShardReader(d, "val"), w) for d, w in blend]
+            self.train = BlendedReader([ShardReader(d, "train", **check) for d in dirs], weights, seed=seed,
+                                       max_epochs=max_epochs, schedule=schedule)
+            vals = [(ShardReader(d, "val", **check), w) for d, w in blend]
             vals = [(r, w) for r, w in vals if len(r)]
-            self.val = BlendedReader([r for r, _ in vals], [w for _, w in vals], seed=seed) if vals else ShardReader(dirs[0], "val")
+            self.val = (BlendedReader([r for r, _ in vals], [w for _, w in vals], seed=seed) if vals
+                        else ShardReader(dirs[0], "val", **check))
         else:
-            self.train, self.val = ShardReader(data_dir, "train"), ShardReader(data_dir, "val")
+            self.train, self.val = ShardReader(data_dir, "train", **check), ShardReader(data_dir, "val", **check)
         self.manifest = self.train.manifest
         self.num_train_sequences: int | None = len(self.train)
         self.num_val_sequences = len(self.val)
@@ -54,7 +59,7 @@ class ShardSource:
         samples as ``step * global_batch``); logs a blend's effective mixture over the planned
         ``max_steps * global_batch`` samples (samples, tokens, epochs and share per dataset)."""
         source = cls(data.path, [(b.path, b.weight) for b in data.blend], seed, [b.max_epochs for b in data.blend],
-                     schedule_samples(data, global_batch))
+                     schedule_samples(data, global_batch), verify_checksums=data.verify_checksums)
         if isinstance(source.train, BlendedReader):
             planned = max_steps * global_batch
             for b, m in zip(data.blend, source.train.mixture(planned)):

@@ -27,7 +27,7 @@ from data_prep.tokenizer.folder import TokenizerInfo, load_tokenizer_info
 from lmforge_common import write_json_atomic
 from pretrain import checkpoint
 from pretrain.checkpoint import TrainState
-from pretrain.checkpointer import Checkpointer, resume, resume_point
+from pretrain.checkpointer import Checkpointer, own_run_files, resume, resume_point, run_tokenizer_dir
 from pretrain.checks import check_consistency
 from pretrain.config import TrainConfig, to_yaml
 from pretrain.data import MicroBatch
@@ -87,7 +87,7 @@ def preflight(cfg: TrainConfig, data: tuple[dict | None, str] | None = None) -> 
         ConsistencyError, ConfigError, InputError: see :func:`pretrain.checks.check_consistency`; an empty
             validation split (:func:`pretrain.evaluator.check_validation_split`).
     """
-    tok = load_tokenizer_info(cfg.data.tokenizer)
+    tok = load_tokenizer_info(run_tokenizer_dir(cfg))
     manifest = (data or describe_data(_data_dict(cfg)))[0]
     seq_len = cfg.seq_len or manifest["seq_len"]
     overrides = dict(cfg.model.overrides)
@@ -123,6 +123,7 @@ def _use_fused_loss(model, cfg: TrainConfig) -> None:
 
 
 def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
+    cfg = own_run_files(cfg, dist.is_main)  # the run folder stands on its own: absolute data paths, own tokenizer
     data = describe_data(_data_dict(cfg))  # read once: the manifest for the checks, the fingerprint for checkpoints
     tok, model_config, seq_len = preflight(cfg, data)
     if dist.is_main:  # shards open lazily: find a missing or truncated one before step 1 (one stat each)

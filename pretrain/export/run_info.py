@@ -16,6 +16,7 @@ from pathlib import Path
 from data_prep.tokenizer.folder import TOKENIZER_FILE, fingerprint
 from pretrain import checkpoint
 from pretrain.errors import ExportError
+from pretrain.integrity import DIGESTS_KEY, VerifyMode, verify
 from pretrain.layout import CHECKPOINT_DIR, MODEL_CONFIG_DIR, SUMMARY_FILE
 from pretrain.metrics import METRICS_FILE
 from pretrain.model import MASKED_LM_TYPES
@@ -69,22 +70,38 @@ class RunInfo:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder meant by ``path``: a checkpoint, a run folder or its ``checkpoints`` folder
-    (the newest complete checkpoint of the last two).
+    (the newest complete checkpoint of the last two), after checking its files (:func:`verify_files`).
 
     Raises:
-        ExportError: nothing there, or no complete checkpoint (no ``lmforge_state.json``).
+        ExportError: nothing there, no complete checkpoint (no ``lmforge_state.json``), or a bad file.
     """
     path = Path(path)
     if not path.is_dir():
         raise ExportError(f"{path}: checkpoint folder not found")
     if (path / checkpoint.STATE_FILE).is_file():
-        return path
+        return verify_files(path)
     for root in (path / CHECKPOINT_DIR, path):
         newest = checkpoint.latest_complete(root)
         if newest is not None:
-            return newest
+            return verify_files(newest)
     raise ExportError(f"{path}: not a complete checkpoint (no {checkpoint.STATE_FILE}) and holds none; "
                       "a save that did not finish cannot be exported")
+
+
+def verify_files(tag_dir: Path, mode: VerifyMode = "checksum") -> Path:
+    """``tag_dir`` after checking every file against the sizes and XXH3-128 digests recorded at save
+    (:func:`pretrain.integrity.verify`; a checkpoint without a record passes with a log line).
+
+    Raises:
+        ExportError: a file is missing, has another size or another digest (the message names it).
+    """
+    verdict = verify(tag_dir, checkpoint.read_state(tag_dir).get(DIGESTS_KEY), mode)
+    if not verdict.usable:
+        raise ExportError(f"{verdict.line()}; this checkpoint cannot be exported "
+                          "(`lmforge checkpoint verify RUN_DIR` lists the checkpoints that verify)")
+    if verdict.status == "unrecorded":
+        log.info("%s: no recorded digests (saved before lmforge recorded them); exporting it unverified", tag_dir)
+    return tag_dir
 
 
 def tokenizer_summary(tokenizer_dir: Path) -> dict:
@@ -152,9 +169,11 @@ def load_run_info(tag_dir: Path) -> RunInfo:
     run_dir = tag_dir.parent.parent
     model_config = _recorded_model_config(run_dir / MODEL_CONFIG_DIR)
     fingerprints = state.get("fingerprints", {})
-    tok_dir = Path(config["data"]["tokenizer"])
+    # the run's own copy (pretrain.checkpointer.own_run_files), relative to the run folder wherever it now is
+    tok_dir = run_dir / state["tokenizer_dir"] if state.get("tokenizer_dir") else Path(config["data"]["tokenizer"])
     if not (tok_dir / TOKENIZER_FILE).is_file():
-        raise ExportError(f"{tok_dir}: tokenizer of the run (data.tokenizer in {tag_dir / checkpoint.STATE_FILE}) not found")
+        where = "tokenizer_dir" if state.get("tokenizer_dir") else "data.tokenizer"
+        raise ExportError(f"{tok_dir}: tokenizer of the run ({where} in {tag_dir / checkpoint.STATE_FILE}) not found")
     tok = tokenizer_summary(tok_dir)
     if fingerprints.get("tokenizer") not in (None, tok["fingerprint"]):
         raise ExportError(f"{tok_dir / TOKENIZER_FILE}: fingerprint {tok['fingerprint'][:12]} differs from the one the "

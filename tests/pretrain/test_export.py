@@ -20,7 +20,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from pretrain.checkpoint import STATE_FILE
 from pretrain.export.verify import LOGIT_TOLERANCE
+from pretrain.integrity import DIGESTS_KEY, digest
 from tests.pretrain.conftest import TINY, Ranks
 
 
@@ -74,6 +76,11 @@ def _corrupt(tag_dir: Path, name: str) -> None:
             values = torch.frombuffer(bytearray(fh.read(ext.numel * 4)), dtype=torch.float32)
             fh.seek(ext.offset_bytes)
             fh.write((values + 0.5).numpy().tobytes())
+    # wrong values written at save time, not rot after it: the checkpoint's own digests match the files,
+    # so it is the export's logits check, not pretrain.integrity, that must catch them
+    state = json.loads((tag_dir / STATE_FILE).read_text())
+    state[DIGESTS_KEY].update(digest(tag_dir, sorted({os.path.relpath(ext.path, tag_dir) for ext in plan.extents})))
+    (tag_dir / STATE_FILE).write_text(json.dumps(state))
 
 
 @pytest.fixture(scope="module")

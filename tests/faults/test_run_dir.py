@@ -1,0 +1,54 @@
+"""A run folder stands on its own: export, resume and ``lmforge verify`` work from another directory, after
+the run folder moved and the original tokenizer folder was deleted (the run keeps its own copy)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from data_prep.tokenizer.folder import fingerprint
+from launch.local import rank_env
+from lmforge_common import free_port
+from pretrain.checkpoint import read_state
+from tests.pretrain.conftest import TINY
+
+
+def _lmforge(cwd: Path, *args: str, rank: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", **(rank_env(0, 1, "127.0.0.1", free_port(), 2) if rank else {})}
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_run_folder_moved_without_its_tokenizer_exports_resumes_and_verifies_from_elsewhere(tmp_path, tokenizer_dir,
+                                                                                            prepared_dir):
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(tokenizer_dir, start / "tok")
+    (start / "data").symlink_to(prepared_dir)
+    (start / "train.yaml").write_text("data:\n  path: data\n  tokenizer: tok\n")  # relative to the start directory
+    ran = _lmforge(start, "train", "train.yaml", *TINY, "run_dir=runs/r", "max_steps=2", rank=True)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    run_dir = start / "runs" / "r"
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
+    assert recorded["tokenizer"] == str((run_dir / "tokenizer").resolve()) and recorded["path"] == str(start / "data")
+    assert fingerprint(run_dir / "tokenizer") == fingerprint(tokenizer_dir)
+    state = read_state(run_dir / "checkpoints" / "step_00000002")
+    assert state["tokenizer_dir"] == "tokenizer" and str(start / "data") in state["config_yaml"]
+
+    moved = tmp_path / "moved" / "r"
+    moved.parent.mkdir()
+    shutil.move(run_dir, moved)
+    shutil.rmtree(start / "tok")
+    exported = _lmforge(elsewhere, "export", str(moved), "hf", "--no-verify")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert fingerprint(elsewhere / "hf") == fingerprint(tokenizer_dir)
+    verified = _lmforge(elsewhere, "verify", "hf", "--probe", str(moved / "checkpoints" / "step_00000002" / "probe.safetensors"))
+    assert verified.returncode == 0 and "logits match the trained model's" in verified.stdout, verified.stderr[-3000:]
+    resumed = _lmforge(elsewhere, "train", str(moved / "config.yaml"), f"run_dir={moved}", "max_steps=3", rank=True)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from step_00000002: step 2" in resumed.stdout + resumed.stderr
+    assert read_state(moved / "checkpoints" / "step_00000003")["step"] == 3
