@@ -14,6 +14,7 @@ The backend is nccl when CUDA is available and gloo otherwise: one code path for
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import re
@@ -153,8 +154,11 @@ def select_accelerator() -> str:
     return name
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
     """Initialise ``torch.distributed`` through DeepSpeed (gloo on CPU, nccl on GPU); idempotent.
+
+    ``timeout_minutes`` (``distributed.timeout_minutes``): how long any collective waits for the other ranks
+    before it raises (gloo honours it on every collective; NCCL's watchdog aborts the communicator).
 
     Sets ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE`` and the rendezvous in ``os.environ`` (see the
     module docstring for where they come from).
@@ -179,7 +183,8 @@ def init_distributed() -> DistInfo:
 
     # DeepSpeed's ZeRO calls a torch collective that torch has deprecated; not actionable here.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=True)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=True,
+                               timeout=datetime.timedelta(minutes=timeout_minutes))
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)  # DeepSpeed's INFO lines drown the rank-0 progress bar
