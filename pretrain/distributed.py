@@ -193,6 +193,24 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, backend=backend)
 
 
+def set_collective_timeout(timeout_minutes: float) -> None:
+    """Give DeepSpeed's data-parallel process group the timeout of the world group (``distributed.timeout_minutes``).
+
+    DeepSpeed makes its own group for ZeRO's gradient reductions and parameter gathers (``dist.new_group``
+    without a timeout: torch's default, 30 minutes for gloo, 10 for NCCL), so the world group's timeout alone
+    would not end a hang inside a step. torch offers no public setter; ``_set_pg_timeout`` is its own helper
+    for this. Call after the engine is built; no-op without a process group.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    from deepspeed.utils import groups
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(datetime.timedelta(minutes=timeout_minutes), groups._get_data_parallel_group())
+
+
 def destroy_distributed() -> None:
     """Tear down the process group if one is up (call in ``finally``)."""
     import torch.distributed as dist

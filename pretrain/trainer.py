@@ -36,6 +36,7 @@ from pretrain.distributed import (
     destroy_distributed,
     init_distributed,
     log_rank0,
+    set_collective_timeout,
 )
 from pretrain.engine import build_ds_config, initialize_engine, return_large_frees_to_os
 from pretrain.evaluator import Evaluator, check_validation_split, require_validation_set, tokens_per_byte
@@ -153,6 +154,7 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     _use_fused_loss(model, cfg)
     fpt, n_params = flops_per_token(model_config, seq_len), count_parameters(model_config)
     engine = initialize_engine(model, cfg, dist.world_size, load_universal=universal)
+    set_collective_timeout(cfg.distributed.timeout_minutes)
     ds = cfg.deepspeed
     if cfg.data.path or cfg.data.blend:
         source = ShardSource(cfg.data.path, [(b.path, b.weight) for b in cfg.data.blend], cfg.seed)
