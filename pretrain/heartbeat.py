@@ -1,11 +1,12 @@
 """Per-rank heartbeats (the contract of :data:`lmforge_common.HEARTBEAT_DIR`) and the one line that names the
 ranks a timed-out collective waited for.
 
-Each rank rewrites ``heartbeat/rank{r}.json`` atomically after every optimizer step. When a collective times
-out (``distributed.timeout_minutes``), the ranks that reached it refresh their heartbeat, wait a moment for
-each other, and name the ranks that did not arrive: those whose last finished step is behind the others', or,
-when all finished the same step (ranks move in lockstep, so a rank that hangs inside a step leaves the same
-step as the waiting ones), those whose heartbeat is older than the timeout.
+Each rank rewrites ``heartbeat/rank{r}.json`` atomically when its loop starts (the resumed step) and after
+every optimizer step. When a collective times out (``distributed.timeout_minutes``), the ranks that reached
+it refresh their heartbeat, wait a moment for each other, and name the ranks that did not arrive: those
+whose last finished step is behind the others', or, when all finished the same step (ranks move in
+lockstep, so a rank that hangs inside a step leaves the same step as the waiting ones), those whose
+heartbeat is older than the timeout.
 """
 from __future__ import annotations
 

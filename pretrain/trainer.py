@@ -212,6 +212,7 @@ def _train(run: Run, heartbeat: Heartbeat) -> dict:
         batches = _training_batches(run, state, index_log)
         metrics = MetricsLogger(writer, run, state)
         closing.callback(metrics.close)
+        heartbeat.beat(state.step)  # this process is alive: a rank hanging before its first step shows as stale
         while state.step < cfg.max_steps:
             faults.before_step(state.step + 1)
             loss, applied = train_step(run.engine, batches, run.inputs, cfg.deepspeed.gradient_accumulation_steps)
