@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import bench_data, python_env, write_result  # noqa: E402
+from bench.common import bench_data, check_child, lmforge_cmd, python_env, run_child, write_result  # noqa: E402
 from launch.local import rank_env  # noqa: E402
 from lmforge_common import free_port  # noqa: E402
 from pretrain.checkpoint import CRASH_POINTS  # noqa: E402
@@ -46,6 +46,20 @@ CASES = {
     "a rank hangs": lambda rng, steps: [f"debug.hang_at_step={rng.randint(1, steps - 1)}"],
 }
 """Case name -> the fault's overrides for one run, drawn from ``rng`` for a run of ``steps`` steps."""
+
+
+def fault_data() -> tuple[Path, Path]:
+    """``(tokenizer, prepared data)``: three standard-library packages (as the tests use), a 512-token byte BPE,
+    64-token sequences, 10% of the documents held out for validation; built once under ``bench/.cache``."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    corpus = [str(stdlib / n) for n in ("json", "email", "asyncio")]
+    tok, _ = bench_data("faults", corpus, vocab_size=512, seq_len=64)
+    data = tok.parent / "data-val10"
+    if not (data / "manifest.json").is_file():
+        check_child(run_child(lmforge_cmd("prep", "--input", *corpus, "--tokenizer", str(tok), "--output", str(data),
+                                          "--seq-len", "64", "--val-fraction", "0.1", "--overwrite"), env=python_env()),
+                    "lmforge prep")
+    return tok, data
 
 
 def start(config: Path, run_dir: Path, overrides: list[str]) -> list[subprocess.Popen]:
@@ -118,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (max_steps)")
     parser.add_argument("--cases", nargs="*", default=list(CASES), help="case names (default: all)")
     args = parser.parse_args(argv)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    tok, data = bench_data("faults", [str(stdlib / n) for n in ("json", "email", "asyncio")], vocab_size=512, seq_len=64)
+    tok, data = fault_data()
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="fault_matrix-"))
     config = work / "train.yaml"

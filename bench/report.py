@@ -128,9 +128,10 @@ def fault_matrix_section(result: dict, source: str) -> list[str]:
     """``bench/fault_matrix.py``: per fault, runs, survived, steps lost, worst time to resume."""
     d = result.get("details", {})
     lines = [f"## {result.get('title', 'Fault matrix')}", "", f"`bench/{source}` ({provenance(result)})", "",
-             f"Each case {d.get('runs_per_case', '?')} times, fault points drawn with seed {d.get('seed', '?')}, "
-             f"{d.get('steps', '?')} steps per run; survived = the rerun finished and every step's loss equals an "
-             "uninterrupted run's, bit for bit (see docs/reliability.md).", "",
+             f"Runs per case: {d.get('runs_per_case', '?')}; fault points drawn with seed {d.get('seed', '?')}; "
+             f"{d.get('steps', '?')} steps per run. Survived = the rerun finished and every step's loss equals an "
+             "uninterrupted run's, bit for bit (see docs/reliability.md); time to resume = from the rerun's start "
+             "(imports and set-up included) to its first new training step.", "",
              "| case | runs | survived | steps lost | worst time to resume (s) |", "|---|---|---|---|---|"]
     for row in d.get("cases", []):
         lines.append(f"| {row['case']} | {row['runs']} | {row['survived']} | {row['steps_lost']} | "
