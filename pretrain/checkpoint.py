@@ -51,6 +51,15 @@ class TrainState:
     """Tokens consumed by all ranks together."""
     skipped_steps: int = 0
     """Optimizer steps skipped because the loss or gradient norm was not finite."""
+    skipped_samples: int = 0
+    """Sequences of the global sample order passed over, not trained on (loss-spike rollbacks, ``guard.rollback``)."""
+    rollbacks: int = 0
+    """Loss-spike rollbacks done so far (``guard.max_rollbacks`` caps them)."""
+
+    @property
+    def data_position(self) -> int:
+        """Cursor into the global sample order: trained plus skipped sequences."""
+        return self.consumed_samples + self.skipped_samples
 
     def advance(self, sequences: int, tokens: int, applied: bool) -> None:
         """Count one optimizer step of ``sequences`` sequences and ``tokens`` tokens (all ranks together)."""
@@ -287,4 +296,5 @@ def load(engine, tag_dir: Path, rank: int, universal: bool = False) -> TrainStat
     if rng_file.is_file():
         set_rng_states(torch.load(rng_file, weights_only=False))
     saved = read_state(tag_dir)
-    return TrainState(**{k: saved[k] for k in vars(TrainState())})
+    defaults = vars(TrainState())  # a checkpoint from before a field existed gets its default
+    return TrainState(**{k: saved.get(k, v) for k, v in defaults.items()})

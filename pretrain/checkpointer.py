@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -178,6 +179,37 @@ def resume(run: Run, tag_dir: Path) -> tuple[TrainState, dict]:
     return state, {"val_start": saved.get("val_start")}
 
 
+def rollback(run: Run, before_step: int, protect=()) -> tuple[TrainState, Path]:
+    """Collective: restore the newest complete checkpoint older than ``before_step`` (the first step of a loss
+    spike); rank 0 then deletes the newer ones (they hold the spike) except those in ``protect`` (being
+    exported), and points ``latest`` at the restored one, so a resume never starts inside the spike.
+
+    Raises:
+        UserError: no complete checkpoint older than ``before_step`` is left.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()  # rank 0 prunes after a save: every rank lists the folder once it is done
+    older = [(s, p) for s, p in checkpoint.complete_checkpoints(run.checkpoint_dir) if s < before_step]
+    if not older:
+        ck = run.cfg.checkpoint
+        raise UserError(f"{run.checkpoint_dir}: no complete checkpoint before step {before_step} to roll back to "
+                        f"(checkpoint.save_every_steps={ck.save_every_steps}, keep_last={ck.keep_last})")
+    step, path = older[-1]
+    universal = checkpoint.read_state(path)["world_size"] != run.dist.world_size
+    state = checkpoint.load(run.engine, path, run.dist.rank, universal=universal)
+    dist.barrier()
+    if run.dist.is_main:
+        for newer_step, newer in checkpoint.complete_checkpoints(run.checkpoint_dir):
+            if newer_step > step and newer not in set(map(Path, protect)):
+                shutil.rmtree(newer)
+        latest_tmp = run.checkpoint_dir / "latest.tmp"
+        latest_tmp.write_text(path.name)
+        os.replace(latest_tmp, run.checkpoint_dir / "latest")
+    dist.barrier()
+    return state, path
+
+
 def probe(run: Run) -> dict | None:
     """Collective forward of a fixed probe batch; rank 0 gets ``{tensors, metadata}`` for ``probe.safetensors``."""
     import torch
@@ -256,6 +288,10 @@ class Checkpointer:
         log_rank0("checkpoint %s saved", path.name)
         self.saved_step, self.last_save_s = state.step, time.monotonic()
         return path
+
+    def exporting(self) -> list[Path]:
+        """Rank 0: the checkpoints whose background export is still running."""
+        return [p for p, proc in self.exports if proc.poll() is None]
 
     def wait_for_exports(self) -> None:
         """Rank 0: wait for background exports; a failed one is logged with its log file, not raised."""

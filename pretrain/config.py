@@ -214,6 +214,24 @@ class GuardConfig:
     """A loss above this factor times the rolling mean is logged as a spike; 0 disables."""
     spike_window: int = 50
     """Optimizer steps in the rolling mean of the spike detector."""
+    rollback: bool = False
+    """On a loss spike lasting ``spike_patience`` steps (or ``max_consecutive_nonfinite`` non-finite steps), restore
+    the newest checkpoint saved before it began and skip ``skip_batches`` global batches, as PaLM did (Chowdhery
+    et al. 2022, section 5.1); off: spikes are only logged. The spike test uses the loss averaged over all ranks."""
+    spike_patience: int = 3
+    """Consecutive spike steps (loss above ``spike_factor`` x the rolling mean) that trigger a rollback."""
+    skip_batches: int = 200
+    """Global batches of the sample order skipped after a rollback (PaLM skipped roughly 200-500)."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed over the whole run; one more trigger stops training."""
+
+
+@dataclass
+class DistributedConfig:
+    timeout_minutes: float = 30.0
+    """Minutes a collective waits for the slowest rank before the run stops with the ranks that did not arrive
+    (torch.distributed's process-group timeout; DeepSpeed's default is 10 minutes, torch's 30). Keep it above the
+    longest rank-0-only pause (a save, an evaluation)."""
 
 
 @dataclass
@@ -226,6 +244,21 @@ class DebugConfig:
     """SIGKILL every rank right after this optimizer step; 0 = never."""
     crash_in_save: str = ""
     """SIGKILL at this point of the next save: after_engine_save, before_rename or before_latest."""
+    spike_at_steps: List[int] = field(default_factory=list)
+    """Optimizer steps (1-based) whose training loss rank 0 multiplies by ``spike_loss_factor`` (the gradient too),
+    once per step number in a process: a replay of the step after a rollback is clean."""
+    spike_loss_factor: float = 10.0
+    """Factor of the injected loss spikes."""
+    start_skip_batches: int = 0
+    """Global batches skipped when this process starts (fresh or resumed), as a rollback skips them: the reference
+    run of the rollback tests."""
+    sigterm_at_step: int = 0
+    """Rank 0 sends itself SIGTERM after this optimizer step (1-based), or, with ``sigterm_in_eval``, inside the first
+    evaluation forward after it (as a preemption notice would arrive); 0 = never."""
+    sigterm_in_eval: bool = False
+    """See ``sigterm_at_step``."""
+    hang_at_step: int = 0
+    """Rank 1 (or rank 0 of a world of one) sleeps for good before this optimizer step (1-based); 0 = never."""
 
 
 @dataclass
@@ -256,6 +289,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def validate(self) -> None:
@@ -282,6 +316,10 @@ class TrainConfig:
                                 ("checkpoint.export_every_steps", self.checkpoint.export_every_steps, 0),
                                 ("guard.max_consecutive_nonfinite", self.guard.max_consecutive_nonfinite, 1),
                                 ("guard.spike_window", self.guard.spike_window, 1),
+                                ("guard.spike_patience", self.guard.spike_patience, 1),
+                                ("guard.skip_batches", self.guard.skip_batches, 0),
+                                ("guard.max_rollbacks", self.guard.max_rollbacks, 0),
+                                ("debug.start_skip_batches", self.debug.start_skip_batches, 0),
                                 ("preemption.poll_every_steps", self.preemption.poll_every_steps, 1),
                                 ("seq_len", self.seq_len, 0), ("optim.warmup_steps", opt.warmup_steps, 0),
                                 ("data.eval_batches", self.data.eval_batches, 0), ("model.vocab_size", self.model.vocab_size, 0),
@@ -324,6 +362,8 @@ class TrainConfig:
                            ("preemption.max_minutes", self.preemption.max_minutes)]:
             if value < 0:
                 p.append(f"{key}={value} (allowed: >= 0)")
+        if not self.distributed.timeout_minutes > 0:
+            p.append(f"distributed.timeout_minutes={self.distributed.timeout_minutes} (allowed: > 0)")
         if self.wandb_project:
             import importlib.util
 

@@ -14,6 +14,7 @@ The backend is nccl when CUDA is available and gloo otherwise: one code path for
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import re
@@ -153,8 +154,11 @@ def select_accelerator() -> str:
     return name
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
     """Initialise ``torch.distributed`` through DeepSpeed (gloo on CPU, nccl on GPU); idempotent.
+
+    ``timeout_minutes`` (``distributed.timeout_minutes``): how long any collective waits for the other ranks
+    before it raises (gloo honours it on every collective; NCCL's watchdog aborts the communicator).
 
     Sets ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE`` and the rendezvous in ``os.environ`` (see the
     module docstring for where they come from).
@@ -179,13 +183,32 @@ def init_distributed() -> DistInfo:
 
     # DeepSpeed's ZeRO calls a torch collective that torch has deprecated; not actionable here.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=True)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=True,
+                               timeout=datetime.timedelta(minutes=timeout_minutes))
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)  # DeepSpeed's INFO lines drown the rank-0 progress bar
     log.debug("rank %d of %d (local rank %d) from the %s environment, rendezvous %s:%s", rank, world_size, local_rank,
               launcher, os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, backend=backend)
+
+
+def set_collective_timeout(timeout_minutes: float) -> None:
+    """Give DeepSpeed's data-parallel process group the timeout of the world group (``distributed.timeout_minutes``).
+
+    DeepSpeed makes its own group for ZeRO's gradient reductions and parameter gathers (``dist.new_group``
+    without a timeout: torch's default, 30 minutes for gloo, 10 for NCCL), so the world group's timeout alone
+    would not end a hang inside a step. torch offers no public setter; ``_set_pg_timeout`` is its own helper
+    for this. Call after the engine is built; no-op without a process group.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    from deepspeed.utils import groups
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(datetime.timedelta(minutes=timeout_minutes), groups._get_data_parallel_group())
 
 
 def destroy_distributed() -> None:

@@ -105,7 +105,8 @@ class MetricsLogger:
         record = {"step": state.step, "loss": loss_sum / world_size if self._loss_steps else float("nan"),
                   "lr": run.engine.get_lr()[0], "tokens_per_s": tokens_per_s,
                   "consumed_samples": state.consumed_samples, "tokens": state.tokens,
-                  "skipped_steps": state.skipped_steps, "loss_spikes": loss_spikes,
+                  "skipped_steps": state.skipped_steps, "loss_spikes": loss_spikes, "rollbacks": state.rollbacks,
+                  "skipped_samples": state.skipped_samples,
                   "peak_mem_gib": round(peak_memory_gib(), 3)}
         if run.peak_flops:  # model FLOPs utilization: achieved / peak FLOP/s over all devices
             record["mfu"] = record["tokens_per_s"] * run.flops_per_token / (world_size * run.peak_flops)

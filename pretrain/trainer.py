@@ -20,14 +20,14 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 from data_prep.shards import check_shard_files
 from data_prep.tokenizer.folder import TokenizerInfo, load_tokenizer_info
 from lmforge_common import write_json_atomic
 from pretrain import checkpoint
 from pretrain.checkpoint import TrainState
-from pretrain.checkpointer import Checkpointer, own_run_files, resume, resume_point, run_tokenizer_dir
+from pretrain.checkpointer import Checkpointer, own_run_files, resume, resume_point, rollback, run_tokenizer_dir
 from pretrain.checks import check_consistency
 from pretrain.config import TrainConfig, to_yaml
 from pretrain.data import MicroBatch
@@ -36,12 +36,14 @@ from pretrain.distributed import (
     destroy_distributed,
     init_distributed,
     log_rank0,
+    set_collective_timeout,
 )
 from pretrain.engine import build_ds_config, initialize_engine, return_large_frees_to_os
 from pretrain.evaluator import Evaluator, check_validation_split, require_validation_set, tokens_per_byte
 from pretrain.faults import FaultInjector
 from pretrain.flops import flops_per_token, peak_flops_per_device
-from pretrain.guard import DivergenceGuard
+from pretrain.guard import DivergenceGuard, RollbackRequest
+from pretrain.heartbeat import Heartbeat, is_timeout, stall_error
 from pretrain.layout import CHECKPOINT_DIR, MODEL_CONFIG_DIR, SUMMARY_FILE
 from pretrain.metrics import MetricsLogger, MetricsWriter
 from pretrain.model import (
@@ -67,11 +69,20 @@ def train(cfg: TrainConfig) -> dict:
 
     The summary has ``preempted: True`` when a signal or the time budget stopped the run after a
     save; the CLI then exits with :data:`~lmforge_common.EXIT_PREEMPTED`.
+
+    Raises:
+        CollectiveTimeout: a collective waited ``distributed.timeout_minutes``; names the ranks that did not arrive.
     """
     return_large_frees_to_os()  # before any tensor: freed parameters leave the resident set (CPU ranks)
-    dist = init_distributed()
+    timeout_minutes = cfg.distributed.timeout_minutes
+    dist = init_distributed(timeout_minutes)
+    heartbeat = Heartbeat(cfg.run_dir, dist.rank)
     try:
-        return _train(_setup(cfg, dist))
+        return _train(_setup(cfg, dist), heartbeat)
+    except RuntimeError as err:  # torch.distributed.DistBackendError is one
+        if not is_timeout(err):
+            raise
+        raise stall_error(heartbeat, dist.world_size, timeout_minutes) from err
     finally:
         destroy_distributed()
 
@@ -144,6 +155,7 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     _use_fused_loss(model, cfg)
     fpt, n_params = flops_per_token(model_config, seq_len), count_parameters(model_config)
     engine = initialize_engine(model, cfg, dist.world_size, load_universal=universal)
+    set_collective_timeout(cfg.distributed.timeout_minutes)
     ds = cfg.deepspeed
     if cfg.data.path or cfg.data.blend:
         source = ShardSource.from_config(cfg.data, cfg.seed, ds.micro_batch_size * ds.gradient_accumulation_steps * dist.world_size,
@@ -176,11 +188,11 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     return run
 
 
-def _train(run: Run) -> dict:
+def _train(run: Run, heartbeat: Heartbeat) -> dict:
     """The algorithm: evaluate; optimizer steps until ``max_steps`` or an agreed stop; evaluate and save.
 
-    Each component owns its cadence and its side of the step: fault injection, the divergence guard,
-    metrics, evaluation, the stop policy (signals, time budget) and the checkpointer.
+    Each component owns its cadence and its side of the step: fault injection, the divergence guard
+    (and its rollbacks), metrics, evaluation, the stop policy (signals, time budget) and the checkpointer.
     """
     cfg, dist = run.cfg, run.dist
     state, extras = resume(run, run.resume_from) if run.resume_from is not None else (TrainState(), {})
@@ -190,19 +202,29 @@ def _train(run: Run) -> dict:
         pre = cfg.preemption
         stop = StopPolicy(list(pre.signals), pre.max_minutes, pre.requeue, pre.poll_every_steps, cfg.max_steps)
         closing.callback(stop.restore)
-        faults = FaultInjector(cfg.debug, dist.is_main, run.engine)
+        faults = FaultInjector(cfg.debug, dist, run.engine)
+        faults.at_start(state, run.global_batch)
         checkpointer = Checkpointer(run, saved_step=state.step, crash_point=faults.crash_in_save)
-        guard = DivergenceGuard(cfg.guard.max_consecutive_nonfinite, cfg.guard.spike_factor, cfg.guard.spike_window)
+        g = cfg.guard
+        guard = DivergenceGuard(g.max_consecutive_nonfinite, g.spike_factor, g.spike_window, g.rollback,
+                                g.spike_patience, g.max_rollbacks, state.rollbacks)
         evaluator = Evaluator(run, writer)
         extras["val_start"] = evaluator.at_start(state.step, extras.get("val_start"))
-        batches = _training_batches(run, state, closing)
+        index_log = _index_log(run, closing)
+        batches = _training_batches(run, state, index_log)
         metrics = MetricsLogger(writer, run, state)
         closing.callback(metrics.close)
+        heartbeat.beat(state.step)  # this process is alive: a rank hanging before its first step shows as stale
         while state.step < cfg.max_steps:
             faults.before_step(state.step + 1)
             loss, applied = train_step(run.engine, batches, run.inputs, cfg.deepspeed.gradient_accumulation_steps)
             state.advance(run.global_batch, run.tokens_per_step, applied)
-            guard.after_step(state.step, applied, loss)
+            heartbeat.beat(state.step)
+            request = guard.update(state.step, applied, _guard_loss(run, loss))
+            if request is not None:
+                state = _roll_back(run, request, guard.rollbacks_done, checkpointer, writer)
+                batches = _training_batches(run, state, index_log)
+                continue
             faults.after_step(state.step)
             metrics.after_step(state, loss, applied, guard.spikes)
             evaluator.after_step(state.step)
@@ -221,22 +243,58 @@ def _train(run: Run) -> dict:
         return summary
 
 
-def _training_batches(run: Run, state: TrainState, closing: contextlib.ExitStack) -> Iterator[MicroBatch]:
-    """This rank's micro batches from ``state.consumed_samples`` on, logged per step with ``data.save_data_indices``."""
+def _guard_loss(run: Run, loss: float) -> float:
+    """The loss the divergence guard judges: with ``guard.rollback``, the mean over all ranks (one all-reduce),
+    so every rank takes the same decision; otherwise this rank's."""
+    if not run.cfg.guard.rollback:
+        return loss
+    from pretrain.distributed import all_reduce_sum
+
+    return all_reduce_sum([loss])[0] / run.dist.world_size
+
+
+def _roll_back(run: Run, request: RollbackRequest, rollbacks: int, checkpointer: Checkpointer,
+               writer: MetricsWriter) -> TrainState:
+    """Collective: restore the newest checkpoint before the spike, skip ``guard.skip_batches`` global batches
+    after it (recorded in the state, so the next checkpoint carries it); one log line and one metrics record."""
+    state, path = rollback(run, request.first_bad_step, checkpointer.exporting() if run.dist.is_main else ())
+    skip = run.cfg.guard.skip_batches
+    state.rollbacks = rollbacks
+    state.skipped_samples += skip * run.global_batch
+    checkpointer.saved_step = state.step
+    log_rank0("step %d: %s from step %d; rolled back to %s and skipping %d global batches (%d sequences); rollback %d "
+              "of guard.max_rollbacks=%d", request.step, request.reason, request.first_bad_step, path.name, skip,
+              skip * run.global_batch, rollbacks, run.cfg.guard.max_rollbacks)
+    writer.write({"step": request.step, "rollback_to_step": state.step, "rollbacks": rollbacks,
+                  "skipped_samples": state.skipped_samples})
+    return state
+
+
+def _index_log(run: Run, closing: contextlib.ExitStack) -> IO[str] | None:
+    """This rank's sample index log (``data.save_data_indices``), open for the whole run, or None; line-buffered,
+    so a kill -9 loses at most the line being written."""
+    if not run.cfg.data.save_data_indices:
+        return None
+    return closing.enter_context(open(index_log_path(run.cfg.run_dir, run.dist.rank), "a", buffering=1, encoding="utf-8"))
+
+
+def _training_batches(run: Run, state: TrainState, index_log: IO[str] | None) -> Iterator[MicroBatch]:
+    """This rank's micro batches from ``state.data_position`` on (trained plus skipped sequences), logged per step
+    to ``index_log`` when given."""
     cfg = run.cfg
     batches = run.source.train_batches(run.dist.rank, run.dist.world_size, cfg.deepspeed.micro_batch_size, cfg.seed,
-                                       state.consumed_samples)
-    if not cfg.data.save_data_indices:
+                                       state.data_position)
+    if index_log is None:
         return batches
-    log = closing.enter_context(open(index_log_path(cfg.run_dir, run.dist.rank), "a", encoding="utf-8"))
-    return logged_indices(batches, log, state.step, cfg.deepspeed.gradient_accumulation_steps)
+    return logged_indices(batches, index_log, state.step, cfg.deepspeed.gradient_accumulation_steps)
 
 
 def _summary(run: Run, state: TrainState, elapsed_s: float, tokens_per_s: float, final: Path, start_eval: dict,
              end_eval: dict) -> dict:
     """The ``summary.json`` of a finished run (``tokens_per_s``, ``elapsed_s``: this start only)."""
     return {"preempted": False, "steps": state.step, "consumed_samples": state.consumed_samples, "tokens": state.tokens,
-            "skipped_steps": state.skipped_steps, "elapsed_s": round(elapsed_s, 3), "tokens_per_s": tokens_per_s,
+            "skipped_steps": state.skipped_steps, "rollbacks": state.rollbacks, "skipped_samples": state.skipped_samples,
+            "elapsed_s": round(elapsed_s, 3), "tokens_per_s": tokens_per_s,
             "world_size": run.dist.world_size, "checkpoint_tag": final.name, "flops_per_token": run.flops_per_token,
             "val_loss_start": start_eval["val_loss"], "val_ppl_start": start_eval["val_ppl"],
             "val_loss_end": end_eval["val_loss"], "val_ppl_end": end_eval["val_ppl"],

@@ -182,7 +182,8 @@ def _training(info: RunInfo, zero_stage: int) -> list[str]:
             f"- precision: {ds['precision']}; DeepSpeed ZeRO stage {zero_stage}",
             f"- hardware: {st.get('hardware') or f'{world} data-parallel ranks (device not recorded)'}",
             f"- training wall time: {_fmt_seconds(training_wall_s(info.train_records))} (sum of logged intervals)",
-            f"- MFU: {mfu_text}"]
+            f"- MFU: {mfu_text}",
+            f"- loss-spike rollbacks: {int(st.get('rollbacks', 0))} ({int(st.get('skipped_samples', 0)):,} sequences skipped)"]
 
 
 def _evaluation(info: RunInfo, verification: dict | None) -> list[str]:
