@@ -177,7 +177,7 @@ def _local(args) -> int:
     command, cfg = _train_command(args, check=True)
     nproc = _default_ranks(args.nproc)
     try:
-        run_local(command, nproc)
+        run_local(command, nproc, run_dir=os.path.abspath(cfg.run_dir))
     except RanksPreempted:
         return _preempted(cfg)
     print(f"trained on {nproc} local ranks: {cfg.run_dir}")
@@ -192,7 +192,7 @@ def _mpi(args) -> int:
     command, cfg = _train_command(args, check=True)
     np = _default_ranks(args.np)
     try:
-        run_mpi(command, np, args.hostfile, args.master_addr, args.master_port)
+        run_mpi(command, np, args.hostfile, args.master_addr, args.master_port, run_dir=os.path.abspath(cfg.run_dir))
     except RanksPreempted:
         return _preempted(cfg)
     print(f"trained on {np} MPI ranks: {cfg.run_dir}")
