@@ -38,6 +38,7 @@ from pretrain.distributed import (
     log_rank0,
 )
 from pretrain.engine import build_ds_config, initialize_engine, return_large_frees_to_os
+from pretrain.errors import ConfigError
 from pretrain.evaluator import Evaluator, check_validation_split, require_validation_set, tokens_per_byte
 from pretrain.faults import FaultInjector
 from pretrain.flops import flops_per_token, peak_flops_per_device
@@ -45,6 +46,7 @@ from pretrain.guard import DivergenceGuard
 from pretrain.layout import CHECKPOINT_DIR, MODEL_CONFIG_DIR, SUMMARY_FILE
 from pretrain.metrics import MetricsLogger, MetricsWriter
 from pretrain.model import (
+    attention_problem,
     build_model,
     build_model_config,
     count_parameters,
@@ -76,16 +78,19 @@ def train(cfg: TrainConfig) -> dict:
         destroy_distributed()
 
 
-def preflight(cfg: TrainConfig, data: tuple[dict | None, str] | None = None) -> tuple[TokenizerInfo, object, int]:
+def preflight(cfg: TrainConfig, data: tuple[dict | None, str] | None = None,
+              device: str | None = None) -> tuple[TokenizerInfo, object, int]:
     """Load tokenizer and manifest, build the model config and run every consistency check.
 
     Returns ``(tokenizer_info, model_config, seq_len)``; cheap (no weights), so launchers call it
     once before starting ranks. ``data``: :func:`~pretrain.sources.describe_data` of ``cfg.data`` when
-    the caller already has it.
+    the caller already has it. ``device``: ``cuda`` or ``cpu``, where the ranks will train (default: CUDA
+    when this process sees a GPU), for the attention check.
 
     Raises:
         ConsistencyError, ConfigError, InputError: see :func:`pretrain.checks.check_consistency`; an empty
-            validation split (:func:`pretrain.evaluator.check_validation_split`).
+            validation split (:func:`pretrain.evaluator.check_validation_split`); ``model.attention`` that
+            cannot train on ``device`` (:func:`pretrain.model.attention_problem`).
     """
     tok = load_tokenizer_info(cfg.data.tokenizer)
     manifest = (data or describe_data(_data_dict(cfg)))[0]
@@ -99,7 +104,17 @@ def preflight(cfg: TrainConfig, data: tuple[dict | None, str] | None = None) -> 
         model_config = build_model_config(cfg.model.preset, rows, seq_len, special, overrides)
     check_consistency(tok, manifest, model_config, seq_len, objective_of(model_config))
     check_validation_split(cfg, manifest)
+    _check_attention(cfg, model_config, device)
     return tok, model_config, seq_len
+
+
+def _check_attention(cfg: TrainConfig, model_config, device: str | None) -> None:
+    import torch
+
+    problem = attention_problem(cfg.model.attention, objective_of(model_config), cfg.data.document_masking,
+                                device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if problem:
+        raise ConfigError(problem)
 
 
 def _data_dict(cfg: TrainConfig) -> dict:
@@ -137,7 +152,8 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     resume_from = resume_point(cfg)
     universal = resume_from is not None and checkpoint.read_state(resume_from)["world_size"] != dist.world_size
     model = build_model(model_config, cfg.seed, cfg.model.init_from,
-                        build_ds_config(cfg, dist.world_size, universal, model_config))  # ZeRO-3: built partitioned
+                        build_ds_config(cfg, dist.world_size, universal, model_config),  # ZeRO-3: built partitioned
+                        attention=cfg.model.attention)
     if dist.is_main:  # config.json again, now naming the model's class, and generation_config.json
         write_model_files(model, run_dir / MODEL_CONFIG_DIR)
     _use_fused_loss(model, cfg)
