@@ -227,6 +227,9 @@ class TrainConfig:
     """Weights & Biases project to log metrics to from rank 0 (needs ``wandb`` installed); empty = off."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s of one device for MFU; 0 = look up the GPU (pretrain.flops), none on CPU."""
+    compile: bool = False
+    """torch.compile the model (DeepSpeed's ``engine.compile()``, inductor backend) before the first step; the
+    compile time of the first steps is logged once. Same losses as eager within rounding."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
