@@ -32,15 +32,22 @@ class ShardSource:
     """Memory-mapped shards of a prepared dataset, or a weighted blend of several (see
     :mod:`pretrain.data` for the sample order, :mod:`data_prep.blend` for the blend)."""
 
-    def __init__(self, data_dir: str = "", blend: list[tuple[str, float]] = (), seed: int = 0):
+    def __init__(self, data_dir: str = "", blend: list[tuple[str, float]] = (), seed: int = 0,
+                 manifests: dict[str, dict] | None = None):
+        """``manifests``: :func:`read_manifests` of the data config when the caller has it (each read once)."""
+        manifests = manifests or {}
+
+        def reader(d: str, split: str) -> ShardReader:
+            return ShardReader(d, split, manifest=manifests.get(d))
+
         if blend:
             dirs, weights = [d for d, _ in blend], [w for _, w in blend]
-            self.train = BlendedReader.from_dirs(dirs, weights, "train", seed=seed)
-            vals = [(ShardReader(d, "val"), w) for d, w in blend]
+            self.train = BlendedReader([reader(d, "train") for d in dirs], weights, seed=seed)
+            vals = [(reader(d, "val"), w) for d, w in blend]
             vals = [(r, w) for r, w in vals if len(r)]
-            self.val = BlendedReader([r for r, _ in vals], [w for _, w in vals], seed=seed) if vals else ShardReader(dirs[0], "val")
+            self.val = BlendedReader([r for r, _ in vals], [w for _, w in vals], seed=seed) if vals else reader(dirs[0], "val")
         else:
-            self.train, self.val = ShardReader(data_dir, "train"), ShardReader(data_dir, "val")
+            self.train, self.val = reader(data_dir, "train"), reader(data_dir, "val")
         self.manifest = self.train.manifest
         self.num_train_sequences: int | None = len(self.train)
         self.num_val_sequences = len(self.val)
@@ -53,30 +60,44 @@ class ShardSource:
         return list(eval_batches(self.val, rank, world_size, micro_batch_size, max_batches))
 
 
-def describe_data(data: dict) -> tuple[dict | None, str]:
+def read_manifests(data: dict) -> dict[str, dict]:
+    """Each prepared folder of a run's data config (``path``, ``blend``; ``TrainConfig.data`` as a dict) -> its
+    parsed manifest (:func:`data_prep.shards.read_manifest`), each read once; empty for a raw corpus.
+
+    Start-up passes the result to :func:`describe_data`, ``check_shard_files`` and :class:`ShardSource`.
+    """
+    from data_prep.shards import read_manifest
+
+    dirs = ([data["path"]] if data.get("path") else []) + [b["path"] for b in data.get("blend") or []]
+    return {d: read_manifest(d) for d in dict.fromkeys(dirs)}
+
+
+def describe_data(data: dict, manifests: dict[str, dict] | None = None) -> tuple[dict | None, str]:
     """``(manifest, fingerprint)`` of a run's data config (``TrainConfig.data`` as a dict).
 
     The manifest is the prepared dataset's, a blend's (counts summed over its datasets, weights in
     ``blend``), or None for a raw corpus. The fingerprint is a sha256 over the manifest files' sha256
     and blend weights, or over the raw corpus file list: the trainer records it in checkpoints, and
-    resume and export refuse data that changed.
+    resume and export refuse data that changed. ``manifests``: :func:`read_manifests` of ``data`` (read here
+    when not given).
     """
     import hashlib
     import json
 
-    from data_prep.shards import MANIFEST_NAME, read_manifest, sha256_file
+    from data_prep.shards import MANIFEST_NAME, sha256_file
 
     parts = ([(data["path"], 1.0)] if data.get("path") else []) + [(b["path"], b["weight"]) for b in data.get("blend") or []]
     if not parts:
         files = [str(p) for p in resolve_inputs(list(data["raw_inputs"]))]
         return None, hashlib.sha256("\n".join(files).encode()).hexdigest()
+    manifests = manifests if manifests is not None else read_manifests(data)
     fingerprint = hashlib.sha256(json.dumps([(sha256_file(Path(p) / MANIFEST_NAME), w) for p, w in parts]).encode()).hexdigest()
     if len(parts) == 1 and data.get("path"):
-        return read_manifest(data["path"]), fingerprint
-    manifests = [read_manifest(p) for p, _ in parts]
-    blend = BlendedReader.from_dirs([p for p, _ in parts], [w for _, w in parts]).manifest
-    counts = {k: sum(m["counts"].get(k, 0) for m in manifests) for k in manifests[0]["counts"]}
-    sources = [s for m in manifests for s in (m.get("sources") if isinstance(m.get("sources"), list) else [])]
+        return manifests[data["path"]], fingerprint
+    blend = BlendedReader([ShardReader(p, "train", manifest=manifests[p]) for p, _ in parts], [w for _, w in parts]).manifest
+    each = [manifests[p] for p, _ in parts]
+    counts = {k: sum(m["counts"].get(k, 0) for m in each) for k in each[0]["counts"]}
+    sources = [s for m in each for s in (m.get("sources") if isinstance(m.get("sources"), list) else [])]
     return {**blend, "counts": counts, "sources": sources}, fingerprint
 
 

@@ -57,7 +57,7 @@ from pretrain.model import (
 from pretrain.model_files import write_model_files
 from pretrain.preemption import StopPolicy
 from pretrain.run import Run
-from pretrain.sources import ShardSource, StreamingSource, describe_data
+from pretrain.sources import ShardSource, StreamingSource, describe_data, read_manifests
 from pretrain.step import index_log_path, logged_indices, make_input_builder, train_step
 
 __all__ = ["CHECKPOINT_DIR", "preflight", "read_summary", "resume_point", "train"]
@@ -138,11 +138,12 @@ def _use_fused_loss(model, cfg: TrainConfig) -> None:
 
 
 def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
-    data = describe_data(_data_dict(cfg))  # read once: the manifest for the checks, the fingerprint for checkpoints
+    manifests = read_manifests(_data_dict(cfg))  # each parsed once, passed to the checks and the readers
+    data = describe_data(_data_dict(cfg), manifests)  # the manifest for the checks, the fingerprint for checkpoints
     tok, model_config, seq_len = preflight(cfg, data)
     if dist.is_main:  # shards open lazily: find a missing or truncated one before step 1 (one stat each)
-        for path in [cfg.data.path] * bool(cfg.data.path) + [b.path for b in cfg.data.blend]:
-            check_shard_files(path)
+        for path, manifest in manifests.items():
+            check_shard_files(path, manifest=manifest)
     run_dir = Path(cfg.run_dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +162,7 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     engine = initialize_engine(model, cfg, dist.world_size, load_universal=universal)
     ds = cfg.deepspeed
     if cfg.data.path or cfg.data.blend:
-        source = ShardSource(cfg.data.path, [(b.path, b.weight) for b in cfg.data.blend], cfg.seed)
+        source = ShardSource(cfg.data.path, [(b.path, b.weight) for b in cfg.data.blend], cfg.seed, manifests)
     else:
         source = StreamingSource(list(cfg.data.raw_inputs), tok, seq_len, cfg.data.raw_text_column, cfg.data.raw_val_fraction)
     objective = objective_of(model_config)
