@@ -36,8 +36,9 @@ RSS_SAMPLE_EVERY_S = 1.0
 """Seconds between the watcher's RSS samples of its rank."""
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
-"""Signals the watcher catches: passed on to the rank under mpirun, only noted under srun (which signals every
-process of the step itself); a rank that then dies from one of them was stopped, not crashed, and is not reported."""
+"""Signals the watcher catches and only notes: srun signals every process of the step, and mpirun's daemon the
+rank's whole process group, so the rank gets them directly (passing them on would deliver them twice). A rank
+that then dies from one of them was stopped, not crashed, and is not reported."""
 
 LINE_PREFIX = "lmforge: rank"
 """Start of every diagnosis line (the Slurm batch script collects the lines from the rank logs by it)."""
@@ -131,12 +132,11 @@ def _env_rank() -> tuple[int, int | None]:
     return 0, None
 
 
-def watch(command: Sequence[str], run_dir: str | None, forward: Sequence[int]) -> int:
+def watch(command: Sequence[str], run_dir: str | None) -> int:
     """Run ``command``, sampling its RSS; returns its exit code, or reports its death and dies from the same signal.
 
-    ``forward``: signals passed on to the command (mpirun forwards SIGUSR1 / SIGTERM to the watcher only);
-    under srun, which signals every process of the step, the watcher only notes them. A rank that dies from a
-    signal the watcher received too was stopped from outside and dies silently.
+    A rank that dies from a signal the watcher received too (:data:`HANDLED_SIGNALS`) was stopped from outside
+    and dies silently, with the same signal.
     """
     rank, world_size = _env_rank()
     proc = subprocess.Popen(list(command))
@@ -144,8 +144,6 @@ def watch(command: Sequence[str], run_dir: str | None, forward: Sequence[int]) -
 
     def on_signal(signum: int, frame: object) -> None:
         received.add(signum)
-        if signum in forward:
-            proc.send_signal(signum)
 
     for s in HANDLED_SIGNALS:
         signal.signal(s, on_signal)
@@ -176,18 +174,15 @@ def watch(command: Sequence[str], run_dir: str | None, forward: Sequence[int]) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m launch.diagnose [--run-dir D] [--forward-signals] -- CMD ...``: run CMD under the watcher."""
+    """``python -m launch.diagnose [--run-dir D] -- CMD ...``: run CMD under the watcher."""
     parser = argparse.ArgumentParser(prog="python -m launch.diagnose", description=main.__doc__)
     parser.add_argument("--run-dir", default=None)
-    parser.add_argument("--forward-signals", action="store_true",
-                        help="pass SIGTERM/SIGUSR1/SIGUSR2/SIGINT on to the command (mpirun); default: ignore them (srun)")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command to run")
-    forward = HANDLED_SIGNALS if args.forward_signals else ()
-    return watch(command, args.run_dir, forward)
+    return watch(command, args.run_dir)
 
 
 if __name__ == "__main__":

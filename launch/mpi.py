@@ -14,11 +14,12 @@ the ranks had saved a checkpoint together (they exit only after the save's last 
 :func:`run_mpi` raises :class:`~launch.errors.RanksPreempted`. mpirun passes SIGUSR1 on to the
 ranks (OpenMPI forwards SIGUSR1 / SIGUSR2), so ``kill -USR1 <mpirun pid>`` asks for a save.
 
-A dead rank: each rank runs under the watcher of :mod:`launch.diagnose` (``python -m launch.diagnose
---forward-signals``), which samples its RSS and, when it dies from a signal, prints the one-line
-diagnosis and dies from the same signal. mpirun's default then stops the other ranks at once (an
-abnormal termination, or any non-zero exit, aborts the job: no ``--mca orte_abort_on_non_zero_status 0``
-here), and :func:`run_mpi` raises the diagnosis line.
+A dead rank: each rank runs under the watcher of :mod:`launch.diagnose` (``python -m launch.diagnose``),
+which samples its RSS and, when it dies from a signal, prints the one-line diagnosis and dies from the
+same signal (signals from mpirun reach the rank directly: its daemon signals the process group).
+mpirun's default then stops the other ranks at once (an abnormal termination, or any non-zero exit,
+aborts the job: no ``--mca orte_abort_on_non_zero_status 0`` here), and :func:`run_mpi` raises the
+diagnosis line.
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def mpirun_command(command: Sequence[str], np: int, mpirun: str = "mpirun", host
     for key in sorted(env):
         if key in FORWARDED_VARS or key.startswith(FORWARDED_PREFIXES):
             cmd += ["-x", f"{key}={env[key]}"]
-    watcher = [sys.executable, "-m", "launch.diagnose", "--forward-signals", *(["--run-dir", run_dir] if run_dir else []), "--"]
+    watcher = [sys.executable, "-m", "launch.diagnose", *(["--run-dir", run_dir] if run_dir else []), "--"]
     return cmd + watcher + list(command)
 
 

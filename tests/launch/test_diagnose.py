@@ -67,3 +67,25 @@ def test_mpirun_stops_the_others_and_raises_the_line(tmp_path):
     line = str(err.value)
     assert "rank 1 of 2 on node" in line and "killed by SIGKILL after completing step 7" in line, line
     assert "likely the out-of-memory killer: its last sampled RSS was" in line, line
+
+
+def test_usr1_to_mpirun_still_reaches_the_ranks_through_the_watcher(tmp_path):
+    """mpirun forwards SIGUSR1 to the processes it started (the watchers), which pass it on: the save request works."""
+    require(None if which("mpirun") else "OpenMPI's mpirun is not installed (make system-deps installs openmpi-bin)")
+    from lmforge_common import EXIT_PREEMPTED
+
+    rank = ("import os, pathlib, signal, sys, time; "
+            f"signal.signal(signal.SIGUSR1, lambda *a: sys.exit({EXIT_PREEMPTED})); "
+            f"pathlib.Path(r'{tmp_path}', 'ready' + os.environ['OMPI_COMM_WORLD_RANK']).touch(); time.sleep(60)")
+    launcher = ("import sys; from launch.errors import RanksPreempted; from launch.mpi import run_mpi\n"
+                f"try: run_mpi([sys.executable, '-c', {rank!r}], 2, run_dir={str(tmp_path)!r})\n"
+                f"except RanksPreempted: sys.exit({EXIT_PREEMPTED})")
+    proc = subprocess.Popen([sys.executable, "-c", launcher])
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("ready*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    mpirun = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert mpirun, "mpirun not found under the launcher"
+    os.kill(int(mpirun[0]), signal.SIGUSR1)
+    assert proc.wait(timeout=60) == EXIT_PREEMPTED
+    assert not list((tmp_path / "launch").glob("*")) if (tmp_path / "launch").exists() else True  # no death reported
