@@ -161,16 +161,21 @@ def watch(command: Sequence[str], run_dir: str | None) -> int:
     time.sleep(0.1 if code < 0 else 0)  # a teardown signal sent to the whole step may still be arriving here
     if code >= 0:
         return code
-    if -code in received:  # the launcher or scheduler stopped this rank (the teardown after another's death)
-        signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
-    line = report_death(run_dir, rank, world_size, -code, samples)
-    print(line, flush=True)
-    if run_dir:
-        print(f"lmforge: details of rank {rank}'s death in {death_path(run_dir, rank)}", flush=True)
-    signal.signal(-code, signal.SIG_DFL)
-    os.kill(os.getpid(), -code)
-    return 128 - code  # a signal that does not end the watcher (SIGSTOP-like): exit as a shell would
+    if -code not in received:  # else the launcher or scheduler stopped this rank (the teardown after another's death)
+        # the node as the scheduler names it (Slurm), else the heartbeat's host
+        line = report_death(run_dir, rank, world_size, -code, samples, node=os.environ.get("SLURMD_NODENAME"))
+        print(line, flush=True)
+        if run_dir:
+            print(f"lmforge: details of rank {rank}'s death in {death_path(run_dir, rank)}", flush=True)
+    _die_like(-code)
+    return 128 - code  # a signal that did not end the watcher: exit as a shell would
+
+
+def _die_like(signum: int) -> None:
+    """End this process with ``signum``, as the rank ended (its default action; SIGKILL cannot be caught anyway)."""
+    if signum not in (signal.SIGKILL, signal.SIGSTOP):
+        signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,7 +52,7 @@ def test_watcher_reports_sigterm_in_the_rank_log_and_dies_the_same_way(tmp_path)
     env = {**os.environ, "SLURM_PROCID": "3", "SLURM_NTASKS": "4"}
     proc = subprocess.run([sys.executable, "-m", "launch.diagnose", "--run-dir", str(tmp_path), "--", sys.executable, "-c",
                            _rank(tmp_path, 3, signal.SIGTERM, "SLURM_PROCID")], env=env, capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    assert proc.returncode == -signal.SIGTERM and not proc.stderr, proc.stderr
     lines = proc.stdout.splitlines()
     assert "lmforge: rank 3 of 4 on node" in lines[0] and "killed by SIGTERM after completing step 7" in lines[0]
     assert "out-of-memory" not in lines[0] and str(death_path(tmp_path, 3)) in lines[1]
