@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from pretrain.config import ATTENTIONS
 from pretrain.errors import ConfigError
 
 EMBEDDING_MULTIPLE = 64
@@ -43,15 +42,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 MASKED_LM_TYPES = ("bert", "roberta", "modernbert")
 
-ATTENTION_IMPLEMENTATIONS = ATTENTIONS
-"""transformers' ``attn_implementation`` values ``model.attention`` may name (:data:`pretrain.config.Attention`). Each keeps document masking of
-causal LMs: the positions restart at every document, and transformers (``masking_utils.find_packed_sequence_indices``)
-turns that into a block-diagonal causal mask for sdpa / eager and a document block mask for flex_attention, while
-flash_attention_2 runs varlen attention over the documents found from the same ``position_ids``."""
-
-
 def attention_problem(attention: str, objective: str, document_masking: bool, device: str) -> str | None:
-    """Why ``attention`` cannot train here (one line), or None.
+    """Why ``attention`` (one of :data:`pretrain.config.Attention`, transformers' ``attn_implementation`` values)
+    cannot train here (one line), or None.
+
+    Each kernel keeps document masking of causal LMs: the positions restart at every document, and transformers
+    (``masking_utils.find_packed_sequence_indices``) turns that into a block-diagonal causal mask for sdpa / eager
+    and a document block mask for flex_attention, while flash_attention_2 runs varlen attention over the documents
+    found from the same ``position_ids``.
 
     ``device``: ``cuda`` or ``cpu``, where the ranks train. flash_attention_2 needs the flash-attn package and
     CUDA, and cannot take the ``(B, 1, T, T)`` document mask of masked LMs; flex_attention has no CPU backward
@@ -59,8 +57,6 @@ def attention_problem(attention: str, objective: str, document_masking: bool, de
     """
     import importlib.util
 
-    if attention not in ATTENTION_IMPLEMENTATIONS:
-        return f"model.attention={attention!r} (allowed: {', '.join(ATTENTION_IMPLEMENTATIONS)})"
     if attention == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:
             return "model.attention=flash_attention_2 needs the flash-attn package (pip install flash-attn)"
@@ -181,7 +177,7 @@ def build_model(config, seed: int, init_from: str = "", ds_config: dict | None =
     kept alive on the model (transformers holds only a weak reference to it). Needs torch.distributed
     initialised at stage 3.
 
-    ``attention``: transformers' ``attn_implementation`` (one of :data:`ATTENTION_IMPLEMENTATIONS`; checked
+    ``attention``: transformers' ``attn_implementation`` (one of :data:`pretrain.config.Attention`; checked
     beforehand by :func:`attention_problem`).
     """
     import torch
