@@ -209,19 +209,19 @@ def _size_problem(path: Path, expected_bytes: int) -> str | None:
     return f"{path} is {'missing' if size < 0 else f'{size} bytes'}, manifest says {expected_bytes}"
 
 
-def check_shard_files(data_dir: str | Path, show: int = 3) -> int:
+def check_shard_files(data_dir: str | Path, show: int = 3, manifest: dict | None = None) -> int:
     """Check that every shard the manifest lists exists with its recorded size (a ``stat`` each, no open).
 
     The reader opens shards lazily, so the trainer's rank 0 runs this once at start: a missing or
     truncated shard then stops the run before step 1 instead of hours into it. Returns the number
-    of shards checked (count).
+    of shards checked (count). ``manifest``: ``data_dir``'s, already read by :func:`read_manifest` (else read here).
 
     Raises:
         InputError: one line naming the mismatching shards (the first ``show``), their sizes in bytes
             and the manifest's, and how many there are.
     """
     data_dir = Path(data_dir)
-    manifest = read_manifest(data_dir)
+    manifest = manifest if manifest is not None else read_manifest(data_dir)
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
     bad = [p for p in (_size_problem(data_dir / s["path"], s["bytes"]) for s in shards) if p]
     if bad:
@@ -276,6 +276,8 @@ class ShardReader:
         verify_checksums: also hash each shard (sha256) the first time this reader opens it and compare
             with the manifest's ``sha256``: 1.3 s per GB when the file is in the page cache (measured on
             one AMD EPYC core), else the file system's read time; catches bit rot that keeps the size.
+        manifest: ``data_dir``'s manifest when the caller already read it (:func:`read_manifest`), so start-up
+            parses each manifest once; default: read here.
 
     Raises:
         InputError: missing manifest or unknown split; on first access to a shard, a shard whose size
@@ -283,9 +285,9 @@ class ShardReader:
     """
 
     def __init__(self, data_dir: str | Path, split: str = "train", max_open_shards: int = 256,
-                 verify_checksums: bool = False):
+                 verify_checksums: bool = False, manifest: dict | None = None):
         self.dir = Path(data_dir)
-        self.manifest = read_manifest(self.dir)
+        self.manifest = manifest if manifest is not None else read_manifest(self.dir)
         splits = self.manifest["splits"]
         if split not in splits:
             raise InputError(f"{self.dir}: no split '{split}' (splits: {', '.join(splits)})")

@@ -13,6 +13,13 @@ that exited non-zero and stops the others; when that code is :data:`~lmforge_com
 the ranks had saved a checkpoint together (they exit only after the save's last barrier), so
 :func:`run_mpi` raises :class:`~launch.errors.RanksPreempted`. mpirun passes SIGUSR1 on to the
 ranks (OpenMPI forwards SIGUSR1 / SIGUSR2), so ``kill -USR1 <mpirun pid>`` asks for a save.
+
+A dead rank: each rank runs under the watcher of :mod:`launch.diagnose` (``python -m launch.diagnose``),
+which samples its RSS and, when it dies from a signal, prints the one-line diagnosis and dies from the
+same signal (signals from mpirun reach the rank directly: its daemon signals the process group).
+mpirun's default then stops the other ranks at once (an abnormal termination, or any non-zero exit,
+aborts the job: no ``--mca orte_abort_on_non_zero_status 0`` here), and :func:`run_mpi` raises the
+diagnosis line.
 """
 from __future__ import annotations
 
@@ -20,9 +27,12 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
+from launch.diagnose import death_lines
 from launch.errors import LaunchError, RanksPreempted
 from lmforge_common import EXIT_PREEMPTED, free_port
 
@@ -56,7 +66,8 @@ def read_hostfile(path: str | Path) -> list[str]:
 
 def mpirun_command(command: Sequence[str], np: int, mpirun: str = "mpirun", hostfile: str | None = None,
                    master_addr: str | None = None, master_port: int | None = None,
-                   env: dict[str, str] | None = None, cpu_count: int | None = None) -> list[str]:
+                   env: dict[str, str] | None = None, cpu_count: int | None = None,
+                   run_dir: str | None = None) -> list[str]:
     """The ``mpirun`` argument list that starts ``np`` ranks of ``command``.
 
     Args:
@@ -65,6 +76,7 @@ def mpirun_command(command: Sequence[str], np: int, mpirun: str = "mpirun", host
         env: the environment to forward from (default ``os.environ``).
         cpu_count: cores of this machine (default ``os.cpu_count()``); without a hostfile more
             ranks than cores add ``--oversubscribe`` and ``OMP_NUM_THREADS`` is cores // np.
+        run_dir: the training run dir (heartbeats; where the watcher writes a dead rank's details).
 
     Raises:
         LaunchError: ``np < 1`` or an unreadable hostfile.
@@ -91,7 +103,8 @@ def mpirun_command(command: Sequence[str], np: int, mpirun: str = "mpirun", host
     for key in sorted(env):
         if key in FORWARDED_VARS or key.startswith(FORWARDED_PREFIXES):
             cmd += ["-x", f"{key}={env[key]}"]
-    return cmd + list(command)
+    watcher = [sys.executable, "-m", "launch.diagnose", *(["--run-dir", run_dir] if run_dir else []), "--"]
+    return cmd + watcher + list(command)
 
 
 def find_openmpi() -> str:
@@ -112,19 +125,24 @@ def find_openmpi() -> str:
 
 
 def run_mpi(command: Sequence[str], np: int, hostfile: str | None = None, master_addr: str | None = None,
-            master_port: int | None = None) -> None:
+            master_port: int | None = None, run_dir: str | None = None) -> None:
     """Run ``np`` ranks of ``command`` under mpirun and wait; mpirun stops all ranks when one fails.
 
     Raises:
         RanksPreempted: mpirun exited ``EXIT_PREEMPTED``: the ranks saved a checkpoint (resumable).
-        LaunchError: see :func:`find_openmpi` and :func:`mpirun_command`; mpirun exited with another non-zero code.
+        LaunchError: see :func:`find_openmpi` and :func:`mpirun_command`; mpirun exited with another non-zero code
+            (a rank killed by a signal: its one-line diagnosis, see :mod:`launch.diagnose`).
     """
-    cmd = mpirun_command(command, np, find_openmpi(), hostfile, master_addr, master_port)
+    cmd = mpirun_command(command, np, find_openmpi(), hostfile, master_addr, master_port, run_dir=run_dir)
     log.info("starting %d ranks: %s", np, " ".join(cmd))
+    started = time.time()
     rc = subprocess.run(cmd).returncode
     if rc == EXIT_PREEMPTED:
         raise RanksPreempted(f"{np} MPI ranks saved a checkpoint and exited {EXIT_PREEMPTED} (preempted): "
                              f"{' '.join(command)}")
+    deaths = death_lines(run_dir, started) if rc != 0 else []
+    if deaths:
+        raise LaunchError(f"{deaths[0].removeprefix('lmforge: ')}: {' '.join(command)}")
     if rc != 0:
         raise LaunchError(f"mpirun exited with code {rc} ({np} ranks of: {' '.join(command)}); the failing rank's "
                           "output is above")

@@ -14,6 +14,12 @@ name); ``MASTER_PORT`` is derived from the job id (:func:`lmforge_common.rendezv
 Preemption (when on): ``#SBATCH --signal=USR1@grace`` and ``--requeue``; the ranks catch the
 signal, save together and exit ``EXIT_PREEMPTED``; the script then runs ``scontrol requeue`` and
 the requeued job reruns the same command, which resumes from the run dir's newest checkpoint.
+
+A dead rank: each task runs its command under the watcher of :mod:`launch.diagnose`, which samples
+the rank's RSS and, when it dies from a signal, writes one line (signal, rank, node, last completed
+step from its heartbeat, and for SIGKILL the likely out-of-memory killer with the RSS and the node's
+memory) to the rank's log; ``srun --kill-on-bad-exit=1`` then ends the other ranks at once, and the
+batch script copies the diagnosis lines into the batch log.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
+from launch.diagnose import LINE_PREFIX
 from launch.errors import LaunchError
 from launch.slurm import SlurmOptions, sbatch_header
 from lmforge_common import EXIT_PREEMPTED, PREEMPT_SIGNAL, RENDEZVOUS_PORT_BASE, RENDEZVOUS_PORT_SPAN
@@ -40,13 +47,15 @@ def _q(args: Sequence[str]) -> str:
     return " ".join(shlex.quote(str(a)) for a in args)
 
 
-def render_train_script(opts: SlurmOptions, command: Sequence[str], run_dir: str, workdir: str) -> str:
+def render_train_script(opts: SlurmOptions, command: Sequence[str], run_dir: str, workdir: str,
+                        python: str | None = None) -> str:
     """The sbatch script that runs ``command`` once per rank (``opts.world_size`` ranks).
 
     Args:
         command: the per-rank command, e.g. ``[python, "-m", "lmforge", "train", CONFIG, *overrides]``.
         run_dir: the training run dir; the script's logs go to ``run_dir/slurm/``.
         workdir: the job's working directory (relative paths in ``command`` are relative to it).
+        python: the interpreter that runs the rank watcher (``python -m launch.diagnose``); default ``command[0]``.
 
     Raises:
         LaunchError: invalid ``opts`` (see :meth:`SlurmOptions.validate`).
@@ -91,7 +100,10 @@ def render_train_script(opts: SlurmOptions, command: Sequence[str], run_dir: str
               "rc=0",
               'srun --kill-on-bad-exit=1 --output="$LOG_DIR/%j-rank%t.log" --open-mode=append \\',
               '    bash -c "$RANK_WRAPPER" lmforge-rank \\',
-              f"    {_q(command)} || rc=$?"]
+              f"    {_q([python or command[0], '-m', 'launch.diagnose', '--run-dir', run_dir, '--'])} \\",
+              f"    {_q(command)} || rc=$?",
+              "# A rank killed by a signal left its one-line diagnosis in its log: repeat it here.",
+              f'if [ "$rc" -ne 0 ]; then grep -h "^{LINE_PREFIX} .* was killed by" "$LOG_DIR/$SLURM_JOB_ID-rank"*.log || true; fi']
     if opts.preemption:
         lines += ["",
                   'if [ -e "$PREEMPTED_MARKER" ]; then',

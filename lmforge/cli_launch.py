@@ -92,15 +92,16 @@ def _slurm_options(args, batch_log: bool = True):
                         socket_ifname=getattr(args, "socket_ifname", None))
 
 
-def _train_command(args, check: bool):
-    """``(per-rank command, resolved config)``; ``check`` also runs the tokenizer / data consistency checks."""
+def _train_command(args, check: bool, device: str | None = None):
+    """``(per-rank command, resolved config)``; ``check`` also runs the tokenizer / data consistency checks
+    (``device``: where the ranks train, cuda or cpu; default: this machine's)."""
     from pretrain.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if check:
         from pretrain.trainer import preflight
 
-        preflight(cfg)
+        preflight(cfg, device=device)
     return [sys.executable, "-m", "lmforge", "train", os.path.abspath(args.config), *args.overrides], cfg
 
 
@@ -177,7 +178,7 @@ def _local(args) -> int:
     command, cfg = _train_command(args, check=True)
     nproc = _default_ranks(args.nproc)
     try:
-        run_local(command, nproc)
+        run_local(command, nproc, run_dir=os.path.abspath(cfg.run_dir))
     except RanksPreempted:
         return _preempted(cfg)
     print(f"trained on {nproc} local ranks: {cfg.run_dir}")
@@ -192,7 +193,7 @@ def _mpi(args) -> int:
     command, cfg = _train_command(args, check=True)
     np = _default_ranks(args.np)
     try:
-        run_mpi(command, np, args.hostfile, args.master_addr, args.master_port)
+        run_mpi(command, np, args.hostfile, args.master_addr, args.master_port, run_dir=os.path.abspath(cfg.run_dir))
     except RanksPreempted:
         return _preempted(cfg)
     print(f"trained on {np} MPI ranks: {cfg.run_dir}")
@@ -209,7 +210,7 @@ def _slurm(args) -> int:
         node_mem = _mem_bytes(args.mem) if not opts.gpus_per_node else None
         memory_preflight(args, opts.world_size, per_node, "gpu" if opts.gpus_per_node else "cpu",
                          node_mem // per_node if node_mem else None)
-    command, cfg = _train_command(args, check=not args.dry_run)
+    command, cfg = _train_command(args, check=not args.dry_run, device="cuda" if opts.gpus_per_node else "cpu")
     run_dir = os.path.abspath(cfg.run_dir)
     script = render_train_script(opts, command, run_dir, os.getcwd())
     if args.dry_run:

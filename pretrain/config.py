@@ -22,9 +22,12 @@ ZeroStage = Literal[0, 1, 2, 3]
 """ZeRO stages (Rajbhandari et al. 2020): 0 = plain data parallel, 1 optimizer states, 2 + gradients, 3 + parameters."""
 Schedule = Literal["cosine", "linear", "constant", "wsd"]
 """Learning-rate schedules after warmup."""
+Attention = Literal["sdpa", "flash_attention_2", "flex_attention", "eager"]
+"""Attention kernels: transformers' ``attn_implementation`` values."""
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 ZERO_STAGES: tuple[int, ...] = get_args(ZeroStage)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
+ATTENTIONS: tuple[str, ...] = get_args(Attention)
 STRICT = {"extra": "forbid", "coerce_numbers_to_str": True}
 """pydantic settings of every config dataclass: unknown keys are errors; ``run_dir=123`` is the string "123"."""
 
@@ -44,6 +47,11 @@ class ModelConfig:
     """Tokens per chunk of the fused lm_head + cross-entropy of causal-LM training steps
     (``pretrain.loss``: no full ``(B, T, V)`` float32 logits); 0 = transformers' own loss. Used where
     the model and ZeRO stage allow it (llama-style and GPT-2 heads, stages 0-2), else off with a log line."""
+    attention: Attention = "sdpa"
+    """Attention kernel (transformers' ``attn_implementation``): sdpa (torch's scaled_dot_product_attention),
+    flash_attention_2 (the flash-attn package, CUDA only), flex_attention (torch FlexAttention, CUDA only for
+    training), eager (plain matmuls). All keep document masking; one that cannot run here is refused before
+    training (pretrain.model.attention_problem)."""
 
 
 @dataclass
@@ -281,6 +289,9 @@ class TrainConfig:
     """Weights & Biases project to log metrics to from rank 0 (needs ``wandb`` installed); empty = off."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s of one device for MFU; 0 = look up the GPU (pretrain.flops), none on CPU."""
+    compile: bool = False
+    """torch.compile the model (DeepSpeed's ``engine.compile()``, inductor backend) before the first step; the
+    compile time of the first steps is logged once. Same losses as eager within rounding."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

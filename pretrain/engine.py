@@ -163,7 +163,11 @@ def build_scheduler(optimizer, cfg: TrainConfig):
 
 
 def initialize_engine(model, cfg: TrainConfig, world_size: int, load_universal: bool = False):
-    """Wrap ``model`` in a DeepSpeed engine with the generated config, optimizer and schedule."""
+    """Wrap ``model`` in a DeepSpeed engine with the generated config, optimizer and schedule.
+
+    ``cfg.compile``: the engine's module is compiled (DeepSpeed's ``engine.compile()``: ``torch.compile`` with the
+    accelerator's backend, inductor on CPU and CUDA); :func:`pretrain.step.train_step` logs the first step's time.
+    """
     import deepspeed
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
 
@@ -176,4 +180,6 @@ def initialize_engine(model, cfg: TrainConfig, world_size: int, load_universal: 
     scheduler = build_scheduler(optimizer, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_ds_config(cfg, world_size, load_universal, model.config))
+    if cfg.compile:  # lazy: torch.compile traces and generates code in the first forward / backward
+        engine.compile()
     return engine

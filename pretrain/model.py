@@ -42,6 +42,33 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 MASKED_LM_TYPES = ("bert", "roberta", "modernbert")
 
+def attention_problem(attention: str, objective: str, document_masking: bool, device: str) -> str | None:
+    """Why ``attention`` (one of :data:`pretrain.config.Attention`, transformers' ``attn_implementation`` values)
+    cannot train here (one line), or None.
+
+    Each kernel keeps document masking of causal LMs: the positions restart at every document, and transformers
+    (``masking_utils.find_packed_sequence_indices``) turns that into a block-diagonal causal mask for sdpa / eager
+    and a document block mask for flex_attention, while flash_attention_2 runs varlen attention over the documents
+    found from the same ``position_ids``.
+
+    ``device``: ``cuda`` or ``cpu``, where the ranks train. flash_attention_2 needs the flash-attn package and
+    CUDA, and cannot take the ``(B, 1, T, T)`` document mask of masked LMs; flex_attention has no CPU backward
+    in torch 2.13 ("FlexAttention does not support backward on CPU").
+    """
+    import importlib.util
+
+    if attention == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            return "model.attention=flash_attention_2 needs the flash-attn package (pip install flash-attn)"
+        if device != "cuda":
+            return f"model.attention=flash_attention_2 needs CUDA (training on {device}); use sdpa"
+        if objective == "mlm" and document_masking:
+            return ("model.attention=flash_attention_2 cannot take the masked LM's (B, 1, T, T) document mask; "
+                    "use sdpa, or data.document_masking=false")
+    if attention == "flex_attention" and device != "cuda":
+        return f"model.attention=flex_attention has no backward on {device} in torch; use sdpa or eager"
+    return None
+
 
 def objective_of(config) -> str:
     """``mlm`` for masked-LM architectures, else ``clm``."""
@@ -138,7 +165,7 @@ def load_model_config(path: str, overrides: dict[str, Any] | None = None):
     return _apply_overrides(AutoConfig.from_pretrained(path, local_files_only=True), overrides)
 
 
-def build_model(config, seed: int, init_from: str = "", ds_config: dict | None = None):
+def build_model(config, seed: int, init_from: str = "", ds_config: dict | None = None, attention: str = "sdpa"):
     """A causal or masked LM for ``config`` (float32 weights), randomly initialised by :func:`seeded_init`
     (the same weights for a seed whatever the world size or ZeRO stage), or loaded from the local folder
     ``init_from`` for continued pretraining.
@@ -149,6 +176,9 @@ def build_model(config, seed: int, init_from: str = "", ds_config: dict | None =
     ``deepspeed.zero.Init`` and load checkpoints shard by shard into the partitions. The config object is
     kept alive on the model (transformers holds only a weak reference to it). Needs torch.distributed
     initialised at stage 3.
+
+    ``attention``: transformers' ``attn_implementation`` (one of :data:`pretrain.config.Attention`; checked
+    beforehand by :func:`attention_problem`).
     """
     import torch
 
@@ -160,9 +190,9 @@ def build_model(config, seed: int, init_from: str = "", ds_config: dict | None =
         hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 (kept alive while building)
     if init_from:
         model = cls.from_pretrained(init_from, config=config, dtype=torch.float32, local_files_only=True,
-                                    attn_implementation="sdpa")
+                                    attn_implementation=attention)
     else:
-        model = cls.from_config(config, attn_implementation="sdpa")
+        model = cls.from_config(config, attn_implementation=attention)
         seeded_init(model, seed)
     return model
 

@@ -36,30 +36,36 @@ class ShardSource:
 
     def __init__(self, data_dir: str = "", blend: Sequence[tuple[str, float]] = (), seed: int = 0,
                  max_epochs: Sequence[float] | None = None, schedule: Sequence[tuple[int, Sequence[float]]] = (),
-                 verify_checksums: bool = False):
-        """``verify_checksums``: hash each shard once when first opened (``data.verify_checksums``)."""
-        check = {"verify_checksums": verify_checksums}
+                 verify_checksums: bool = False, manifests: dict[str, dict] | None = None):
+        """``verify_checksums``: hash each shard once when first opened (``data.verify_checksums``).
+        ``manifests``: :func:`read_manifests` of the data config when the caller has it (each read once)."""
+        known = manifests or {}
+
+        def reader(d: str, split: str) -> ShardReader:
+            return ShardReader(d, split, verify_checksums=verify_checksums, manifest=known.get(d))
+
         if blend:
             dirs, weights = [d for d, _ in blend], [w for _, w in blend]
-            self.train = BlendedReader([ShardReader(d, "train", **check) for d in dirs], weights, seed=seed,
+            self.train = BlendedReader([reader(d, "train") for d in dirs], weights, seed=seed,
                                        max_epochs=max_epochs, schedule=schedule)
-            vals = [(ShardReader(d, "val", **check), w) for d, w in blend]
+            vals = [(reader(d, "val"), w) for d, w in blend]
             vals = [(r, w) for r, w in vals if len(r)]
             self.val = (BlendedReader([r for r, _ in vals], [w for _, w in vals], seed=seed) if vals
-                        else ShardReader(dirs[0], "val", **check))
+                        else reader(dirs[0], "val"))
         else:
-            self.train, self.val = ShardReader(data_dir, "train", **check), ShardReader(data_dir, "val", **check)
+            self.train, self.val = reader(data_dir, "train"), reader(data_dir, "val")
         self.manifest = self.train.manifest
         self.num_train_sequences: int | None = len(self.train)
         self.num_val_sequences = len(self.val)
 
     @classmethod
-    def from_config(cls, data: DataConfig, seed: int, global_batch: int, max_steps: int) -> ShardSource:
+    def from_config(cls, data: DataConfig, seed: int, global_batch: int, max_steps: int,
+                    manifests: dict[str, dict] | None = None) -> ShardSource:
         """The source of ``data`` (a path or a blend, its caps and schedule, schedule steps turned into blend
         samples as ``step * global_batch``); logs a blend's effective mixture over the planned
         ``max_steps * global_batch`` samples (samples, tokens, epochs and share per dataset)."""
         source = cls(data.path, [(b.path, b.weight) for b in data.blend], seed, [b.max_epochs for b in data.blend],
-                     schedule_samples(data, global_batch), verify_checksums=data.verify_checksums)
+                     schedule_samples(data, global_batch), verify_checksums=data.verify_checksums, manifests=manifests)
         if isinstance(source.train, BlendedReader):
             planned = max_steps * global_batch
             for b, m in zip(data.blend, source.train.mixture(planned)):
@@ -82,34 +88,48 @@ def schedule_samples(data: DataConfig | dict, global_batch: int) -> list[tuple[i
     return [(int(p["step"]) * global_batch, [float(w) for w in p["weights"]]) for p in phases or []]
 
 
-def describe_data(data: dict) -> tuple[dict | None, str]:
+def read_manifests(data: dict) -> dict[str, dict]:
+    """Each prepared folder of a run's data config (``path``, ``blend``; ``TrainConfig.data`` as a dict) -> its
+    parsed manifest (:func:`data_prep.shards.read_manifest`), each read once; empty for a raw corpus.
+
+    Start-up passes the result to :func:`describe_data`, ``check_shard_files`` and :class:`ShardSource`.
+    """
+    from data_prep.shards import read_manifest
+
+    dirs = ([data["path"]] if data.get("path") else []) + [b["path"] for b in data.get("blend") or []]
+    return {d: read_manifest(d) for d in dict.fromkeys(dirs)}
+
+
+def describe_data(data: dict, manifests: dict[str, dict] | None = None) -> tuple[dict | None, str]:
     """``(manifest, fingerprint)`` of a run's data config (``TrainConfig.data`` as a dict).
 
     The manifest is the prepared dataset's, a blend's (counts summed over its datasets, weights in
     ``blend``), or None for a raw corpus. The fingerprint is a sha256 over the manifest files' sha256
     and blend weights (and the blend's ``max_epochs`` and ``blend_schedule`` where set), or over the raw
     corpus file list: the trainer records it in checkpoints, and resume and export refuse data that changed.
+    ``manifests``: :func:`read_manifests` of ``data`` (read here when not given).
     """
     import hashlib
     import json
 
-    from data_prep.shards import MANIFEST_NAME, read_manifest, sha256_file
+    from data_prep.shards import MANIFEST_NAME, sha256_file
 
     parts = ([(data["path"], 1.0)] if data.get("path") else []) + [(b["path"], b["weight"]) for b in data.get("blend") or []]
     if not parts:
         files = [str(p) for p in resolve_inputs(list(data["raw_inputs"]))]
         return None, hashlib.sha256("\n".join(files).encode()).hexdigest()
+    manifests = manifests if manifests is not None else read_manifests(data)
     mixture = {"max_epochs": [b.get("max_epochs", 0.0) for b in data.get("blend") or []], "schedule": data.get("blend_schedule") or []}
     keyed: list = [(sha256_file(Path(p) / MANIFEST_NAME), w) for p, w in parts]
     if any(mixture["max_epochs"]) or mixture["schedule"]:  # plain blends keep their earlier fingerprint
         keyed.append(mixture)
     fingerprint = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()
     if len(parts) == 1 and data.get("path"):
-        return read_manifest(data["path"]), fingerprint
-    manifests = [read_manifest(p) for p, _ in parts]
-    blend = BlendedReader.from_dirs([p for p, _ in parts], [w for _, w in parts]).manifest
-    counts = {k: sum(m["counts"].get(k, 0) for m in manifests) for k in manifests[0]["counts"]}
-    sources = [s for m in manifests for s in (m.get("sources") if isinstance(m.get("sources"), list) else [])]
+        return manifests[data["path"]], fingerprint
+    blend = BlendedReader([ShardReader(p, "train", manifest=manifests[p]) for p, _ in parts], [w for _, w in parts]).manifest
+    each = [manifests[p] for p, _ in parts]
+    counts = {k: sum(m["counts"].get(k, 0) for m in each) for k in each[0]["counts"]}
+    sources = [s for m in each for s in (m.get("sources") if isinstance(m.get("sources"), list) else [])]
     return {**blend, "counts": counts, "sources": sources}, fingerprint
 
 

@@ -11,6 +11,9 @@ from pretrain.data import MicroBatch
 from pretrain.inputs import MaskedLMInputs, causal_lm_inputs
 from pretrain.run import Engine, InputBuilder
 
+COMPILE_LOGGED = "lmforge_compile_time_logged"
+"""Engine attribute set once the first compiled step's time was logged (logged once per engine)."""
+
 INDEX_LOG_DIR = "data-indices"
 """Run-dir folder of the per-rank sample index logs (``data.save_data_indices``)."""
 
@@ -50,6 +53,8 @@ def train_step(engine: Engine, batches: Iterator[MicroBatch], build_inputs: Inpu
     host-device sync per optimizer step, not per micro batch); float64 sums the float32 losses as
     Python floats would, so the result is the same to the bit.
     """
+    if getattr(engine, "is_compiled", False) and not getattr(engine, COMPILE_LOGGED, False):
+        return _first_compiled_step(engine, batches, build_inputs, accumulation_steps)
     total = None
     for _ in range(accumulation_steps):
         loss = engine(**to_device(build_inputs(next(batches)), engine.device)).loss
@@ -73,3 +78,18 @@ def index_log_path(run_dir: str | Path, rank: int) -> Path:
     folder = Path(run_dir) / INDEX_LOG_DIR
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"rank{rank}.tsv"
+
+
+def _first_compiled_step(engine: Engine, batches: Iterator[MicroBatch], build_inputs: InputBuilder,
+                         accumulation_steps: int) -> tuple[float, bool]:
+    """:func:`train_step` timed: the first step of a compiled engine includes torch.compile's work, logged once."""
+    import time
+
+    from pretrain.distributed import log_rank0
+
+    setattr(engine, COMPILE_LOGGED, True)
+    start_s = time.perf_counter()
+    result = train_step(engine, batches, build_inputs, accumulation_steps)
+    log_rank0("compile: the first step took %.1f s (torch.compile's tracing and code generation included)",
+              time.perf_counter() - start_s)
+    return result

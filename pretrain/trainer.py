@@ -39,6 +39,7 @@ from pretrain.distributed import (
     set_collective_timeout,
 )
 from pretrain.engine import build_ds_config, initialize_engine, return_large_frees_to_os
+from pretrain.errors import ConfigError
 from pretrain.evaluator import Evaluator, check_validation_split, require_validation_set, tokens_per_byte
 from pretrain.faults import FaultInjector
 from pretrain.flops import flops_per_token, peak_flops_per_device
@@ -47,6 +48,7 @@ from pretrain.heartbeat import Heartbeat, is_timeout, stall_error
 from pretrain.layout import CHECKPOINT_DIR, MODEL_CONFIG_DIR, SUMMARY_FILE
 from pretrain.metrics import MetricsLogger, MetricsWriter
 from pretrain.model import (
+    attention_problem,
     build_model,
     build_model_config,
     count_parameters,
@@ -57,7 +59,7 @@ from pretrain.model import (
 from pretrain.model_files import write_model_files
 from pretrain.preemption import StopPolicy
 from pretrain.run import Run
-from pretrain.sources import ShardSource, StreamingSource, describe_data
+from pretrain.sources import ShardSource, StreamingSource, describe_data, read_manifests
 from pretrain.step import index_log_path, logged_indices, make_input_builder, train_step
 
 __all__ = ["CHECKPOINT_DIR", "preflight", "read_summary", "resume_point", "train"]
@@ -87,16 +89,19 @@ def train(cfg: TrainConfig) -> dict:
         destroy_distributed()
 
 
-def preflight(cfg: TrainConfig, data: tuple[dict | None, str] | None = None) -> tuple[TokenizerInfo, object, int]:
+def preflight(cfg: TrainConfig, data: tuple[dict | None, str] | None = None,
+              device: str | None = None) -> tuple[TokenizerInfo, object, int]:
     """Load tokenizer and manifest, build the model config and run every consistency check.
 
     Returns ``(tokenizer_info, model_config, seq_len)``; cheap (no weights), so launchers call it
     once before starting ranks. ``data``: :func:`~pretrain.sources.describe_data` of ``cfg.data`` when
-    the caller already has it.
+    the caller already has it. ``device``: ``cuda`` or ``cpu``, where the ranks will train (default: CUDA
+    when this process sees a GPU), for the attention check.
 
     Raises:
         ConsistencyError, ConfigError, InputError: see :func:`pretrain.checks.check_consistency`; an empty
-            validation split (:func:`pretrain.evaluator.check_validation_split`).
+            validation split (:func:`pretrain.evaluator.check_validation_split`); ``model.attention`` that
+            cannot train on ``device`` (:func:`pretrain.model.attention_problem`).
     """
     tok = load_tokenizer_info(run_tokenizer_dir(cfg))
     manifest = (data or describe_data(_data_dict(cfg)))[0]
@@ -110,7 +115,17 @@ def preflight(cfg: TrainConfig, data: tuple[dict | None, str] | None = None) -> 
         model_config = build_model_config(cfg.model.preset, rows, seq_len, special, overrides)
     check_consistency(tok, manifest, model_config, seq_len, objective_of(model_config))
     check_validation_split(cfg, manifest)
+    _check_attention(cfg, model_config, device)
     return tok, model_config, seq_len
+
+
+def _check_attention(cfg: TrainConfig, model_config, device: str | None) -> None:
+    import torch
+
+    problem = attention_problem(cfg.model.attention, objective_of(model_config), cfg.data.document_masking,
+                                device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if problem:
+        raise ConfigError(problem)
 
 
 def _data_dict(cfg: TrainConfig) -> dict:
@@ -135,11 +150,12 @@ def _use_fused_loss(model, cfg: TrainConfig) -> None:
 
 def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     cfg = own_run_files(cfg, dist.is_main)  # the run folder stands on its own: absolute data paths, own tokenizer
-    data = describe_data(_data_dict(cfg))  # read once: the manifest for the checks, the fingerprint for checkpoints
+    manifests = read_manifests(_data_dict(cfg))  # each parsed once, passed to the checks and the readers
+    data = describe_data(_data_dict(cfg), manifests)  # the manifest for the checks, the fingerprint for checkpoints
     tok, model_config, seq_len = preflight(cfg, data)
     if dist.is_main:  # shards open lazily: find a missing or truncated one before step 1 (one stat each)
-        for path in [cfg.data.path] * bool(cfg.data.path) + [b.path for b in cfg.data.blend]:
-            check_shard_files(path)
+        for path, manifest in manifests.items():
+            check_shard_files(path, manifest=manifest)
     run_dir = Path(cfg.run_dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +165,8 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     resume_from = resume_point(cfg)
     universal = resume_from is not None and checkpoint.read_state(resume_from)["world_size"] != dist.world_size
     model = build_model(model_config, cfg.seed, cfg.model.init_from,
-                        build_ds_config(cfg, dist.world_size, universal, model_config))  # ZeRO-3: built partitioned
+                        build_ds_config(cfg, dist.world_size, universal, model_config),  # ZeRO-3: built partitioned
+                        attention=cfg.model.attention)
     if dist.is_main:  # config.json again, now naming the model's class, and generation_config.json
         write_model_files(model, run_dir / MODEL_CONFIG_DIR)
     _use_fused_loss(model, cfg)
@@ -159,7 +176,7 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     ds = cfg.deepspeed
     if cfg.data.path or cfg.data.blend:
         source = ShardSource.from_config(cfg.data, cfg.seed, ds.micro_batch_size * ds.gradient_accumulation_steps * dist.world_size,
-                                         cfg.max_steps)
+                                         cfg.max_steps, manifests)
     else:
         source = StreamingSource(list(cfg.data.raw_inputs), tok, seq_len, cfg.data.raw_text_column, cfg.data.raw_val_fraction)
     objective = objective_of(model_config)

@@ -102,3 +102,10 @@ def test_bad_options_exit_2_with_one_line(config, tmp_path, capsys, monkeypatch)
                    "limit (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS)"]
     assert main(["launch", "slurm-prep", "--num-tasks", "2", "--output", "d", "--dry-run", "--", "--output", "e"]) == 2
     assert "slurm-prep sets --output itself" in capsys.readouterr().err
+
+
+def test_a_dead_rank_ends_the_step_and_is_diagnosed_in_the_batch_log():
+    script = render_train_script(SlurmOptions(nodes=2), TRAIN, "/work/runs/r", "/work")
+    assert "srun --kill-on-bad-exit=1 " in script  # a rank that dies brings the others down at once
+    assert f"{PY} -m launch.diagnose --run-dir /work/runs/r --" in script  # each rank runs under the watcher
+    assert 'grep -h "^lmforge: rank .* was killed by" "$LOG_DIR/$SLURM_JOB_ID-rank"*.log' in script

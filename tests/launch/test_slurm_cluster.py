@@ -115,3 +115,24 @@ def test_usr1_makes_the_real_trainer_save_then_slurm_requeues_and_it_resumes_to_
     assert "stopping at step" in rank0 and f"exit code {EXIT_PREEMPTED}" in rank0
     assert re.search(r"resumed from step_\d{8}", rank0)
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 400
+
+
+def test_a_rank_killed_under_srun_ends_the_step_and_is_diagnosed_in_its_log_and_the_batch_log(slurm_cluster, tmp_path):
+    """Rank 1 writes a heartbeat (step 7) and SIGKILLs itself; rank 0 would sleep 120 s: srun --kill-on-bad-exit
+    ends it, the watcher's line names the signal, rank, node, step and the OOM killer, and the batch log repeats it."""
+    from tests.launch.test_diagnose import _rank
+
+    run_dir = tmp_path / "run"
+    script = render_train_script(SlurmOptions(nodes=2), [sys.executable, "-c", _rank(run_dir, 1, 9, "SLURM_PROCID")],
+                                 str(run_dir), str(tmp_path))
+    start = time.monotonic()
+    job_id = submit(write_script(run_dir / "slurm" / "train.sbatch", script), env=slurm_cluster.env)
+    job = slurm_cluster.wait_job(job_id, 60)
+    assert job["JobState"] == "FAILED" and time.monotonic() - start < 60, job
+    rank_log = (run_dir / "slurm" / f"{job_id}-rank1.log").read_text()
+    batch_log = (run_dir / "slurm" / f"{job_id}-batch.out").read_text()
+    for text in (rank_log, batch_log):
+        line = next((ln for ln in text.splitlines() if "was killed by" in ln), None)
+        assert line and line.startswith("lmforge: rank 1 of 2 on node n2 was killed by SIGKILL after completing step 7; "
+                                        "likely the out-of-memory killer: its last sampled RSS was"), text
+    assert "killed by" not in (run_dir / "slurm" / f"{job_id}-rank0.log").read_text()  # the stopped rank is not blamed

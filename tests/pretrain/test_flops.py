@@ -1,4 +1,6 @@
-from pretrain.flops import flops_per_token, peak_flops_per_device, peak_memory_gib
+import torch
+
+from pretrain.flops import PEAK_BF16_TFLOPS, flops_per_token, peak_flops_per_device, peak_memory_gib
 from pretrain.model import build_model, build_model_config, count_parameters
 
 
@@ -12,7 +14,14 @@ def test_flops_per_token_is_6n_plus_attention_term():
     assert flops_per_token(config, 64) == 6 * n_matmul + 12 * 2 * 4 * 16 * 64
 
 
-def test_peak_flops_unknown_on_cpu_unless_given():
-    assert peak_flops_per_device() is None
+def test_peak_flops_from_the_gpu_table_none_on_cpu_unless_given():
+    """On CPU there is no peak (no MFU); on a GPU it is the table's bf16 peak for the device's name, or None
+    for a GPU the table does not know. An override wins everywhere."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        known = [tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in name]
+        assert peak_flops_per_device() == (known[0] * 1e12 if known else None)
+    else:
+        assert peak_flops_per_device() is None
     assert peak_flops_per_device(100.0) == 100e12
     assert peak_memory_gib() > 0.01
