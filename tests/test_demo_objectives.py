@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from lmforge.demo import FILL_MASK_SENTENCE, DemoConfig, DemoError, _show_fill_mask, config_path, run_demo
+from lmforge.demo import FILL_MASK_SENTENCE, DemoConfig, DemoError, _show_fill_mask, config_path, demo_precision, run_demo
 from pretrain.config import load_config
 
 TINY = ["max_steps=8", "log_every_steps=4", "optim.warmup_steps=2", "deepspeed.micro_batch_size=4",
@@ -43,7 +43,7 @@ def test_mlm_demo_trains_the_modernbert_recipe_and_its_export_fills_the_mask(mlm
     assert (out / "corpus" / "prose.jsonl").stat().st_size > 1_000_000  # the prose that ships with Python
     train = load_config(out / "train.yaml")
     assert (train.model.preset, train.mlm.probability, train.mlm.eval_probability) == ("modernbert-base", 0.3, 0.15)
-    assert train.model.overrides["num_hidden_layers"] == 2 and train.deepspeed.precision == "fp32"
+    assert train.model.overrides["num_hidden_layers"] == 2 and train.deepspeed.precision == demo_precision()
     config = json.loads((out / "hf" / "config.json").read_text())
     assert config["architectures"] == ["ModernBertForMaskedLM"] and config["num_hidden_layers"] == 2
     verify = json.loads((out / "verify.json").read_text())
