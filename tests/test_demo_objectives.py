@@ -87,3 +87,14 @@ def test_infill_refuses_a_tokenizer_without_the_sentinels(mlm_demo):
         from lmforge.demo import infill
 
         infill(out / "hf", "a", "b")
+
+
+def test_cli_refuses_fim_with_mlm_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "lmforge", "demo", "--objective", "mlm", "--fim", "--output", "out"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("lmforge")] == [
+        "lmforge: error: demo --fim trains a causal LM; it does not go with --objective mlm"]
