@@ -5,7 +5,14 @@ from __future__ import annotations
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="tokenizer -> shards -> 2-rank ZeRO training -> Hugging Face export")
     p.add_argument("--output", default="runs/demo", help="folder for every stage's output (default runs/demo)")
-    p.add_argument("--corpus", nargs="+", default=["stdlib"], help="jsonl / parquet / txt paths or globs (default: the Python stdlib)")
+    p.add_argument("--objective", choices=["clm", "mlm"], default="clm",
+                   help="clm: causal LM (byte-level BPE, demo.yaml); mlm: masked LM (WordPiece, the ModernBERT recipe "
+                        "at a demo size, fill-mask at the end)")
+    p.add_argument("--fim", action="store_true",
+                   help="clm: FIM sentinels in the tokenizer, half the documents rearranged, an infill at the end")
+    p.add_argument("--corpus", nargs="+", default=[],
+                   help="jsonl / parquet / txt paths or globs (default: the Python stdlib's source for clm, "
+                        "its help topics and docstrings for mlm)")
     p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer vocabulary (tokens)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
     p.add_argument("--nproc", type=int, default=None, help="data-parallel ranks (default: one per GPU, or 2 on CPU)")
@@ -23,8 +30,9 @@ def default_nproc() -> int:
 def _demo(args) -> int:
     from lmforge.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(output=args.output, corpus=args.corpus, vocab_size=args.vocab_size, seq_len=args.seq_len,
-                        nproc=args.nproc or default_nproc(), overrides=args.overrides))
+    run_demo(DemoConfig(output=args.output, corpus=args.corpus, objective=args.objective, fim=args.fim,
+                        vocab_size=args.vocab_size, seq_len=args.seq_len, nproc=args.nproc or default_nproc(),
+                        overrides=args.overrides))
     return 0
 
 

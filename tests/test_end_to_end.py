@@ -15,7 +15,8 @@ def demo(tmp_path_factory, corpus_dirs):
     out = tmp_path_factory.mktemp("e2e")
     overrides = ["model.preset=llama-test", "max_steps=100", "log_every_steps=5", "optim.warmup_steps=5",
                  "optim.lr=5e-3", "deepspeed.micro_batch_size=4", "data.eval_batches=4",
-                 "data.save_data_indices=true", "show_progress=false"]
+                 "data.save_data_indices=true", "show_progress=false",
+                 "deepspeed.precision=bf16"]  # the bf16 export path, whatever demo_precision() picks on this CPU
     result = run_demo(DemoConfig(output=str(out), corpus=corpus_dirs, vocab_size=512, seq_len=64, val_fraction=0.1,
                                  nproc=2, overrides=overrides))
     return out, result

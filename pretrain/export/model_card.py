@@ -217,7 +217,32 @@ def _usage(info: RunInfo, options: CardOptions, export_name: str) -> list[str]:
             f"from transformers import {AUTO_CLASSES[info.objective]}, AutoTokenizer, pipeline", "",
             f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
             f'model = {AUTO_CLASSES[info.objective]}.from_pretrained("{where}", dtype=torch.{_dtype(info)})',
-            f'pipe = pipeline("{task}", model=model, tokenizer=tokenizer)', f"print(pipe({example}))", "```"]
+            f'pipe = pipeline("{task}", model=model, tokenizer=tokenizer)', f"print(pipe({example}))", "```",
+            *(_infill_usage() if info.objective == "clm" and has_fim_tokens(info.tokenizer_dir) else [])]
+
+
+def has_fim_tokens(tokenizer_dir: Path) -> bool:
+    """Whether the tokenizer maps each fill-in-the-middle sentinel (``data_prep.fim.FIM_REQUIRED``) to one id."""
+    from tokenizers import Tokenizer
+
+    from data_prep.fim import FIM_REQUIRED
+    from data_prep.tokenizer.folder import TOKENIZER_FILE
+
+    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / TOKENIZER_FILE))
+    return all(tok.token_to_id(t) is not None for t in FIM_REQUIRED)
+
+
+def _infill_usage() -> list[str]:
+    """Infilling with the loaded model: the PSM prompt the FIM documents were trained on (data_prep.fim)."""
+    from data_prep.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+
+    prompt = f'"{FIM_PREFIX}def is_even(n):\\n    return {FIM_SUFFIX} == 0\\n{FIM_MIDDLE}"'
+    return ["", "Fill in the middle: the tokenizer has the FIM sentinels and the model was trained on documents "
+                "rearranged as prefix-suffix-middle (Bavarian et al. 2022), so it writes the middle between a prefix and a suffix:",
+            "", "```python", f"prompt = {prompt}",
+            'inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)',
+            "out = model.generate(**inputs, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)",
+            'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```"]
 
 
 def _dtype(info: RunInfo) -> str:
