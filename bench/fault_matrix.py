@@ -22,9 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's packages (bench/ is on sys.path already)
 
-from bench.common import bench_data, check_child, lmforge_cmd, python_env, run_child, write_result  # noqa: E402
+from common import bench_data, check_child, lmforge_cmd, python_env, run_child, write_result  # noqa: E402
+
 from launch.local import rank_env  # noqa: E402
 from lmforge_common import free_port  # noqa: E402
 from pretrain.checkpoint import CRASH_POINTS  # noqa: E402

@@ -264,7 +264,9 @@ class Checkpointer:
         """Collective: the end-of-run checkpoint, saved now unless ``state.step`` already was."""
         if self.saved_step != state.step:
             return self.save(state, extras)
-        return checkpoint.latest_complete(self.run.checkpoint_dir)
+        newest = checkpoint.latest_complete(self.run.checkpoint_dir)
+        assert newest is not None  # saved_step is set by a completed save
+        return newest
 
     def save(self, state: TrainState, extras: dict) -> Path:
         """Collective atomic save of ``state`` (see :mod:`pretrain.checkpoint`), then exports and pruning on rank 0."""

@@ -369,10 +369,10 @@ class TrainConfig:
 
         if self.debug.crash_in_save not in CRASH_POINTS:
             p.append(f"debug.crash_in_save={self.debug.crash_in_save!r} (allowed: {', '.join(CRASH_POINTS[1:])})")
-        for key, value in [("checkpoint.save_every_minutes", self.checkpoint.save_every_minutes),
-                           ("preemption.max_minutes", self.preemption.max_minutes)]:
-            if value < 0:
-                p.append(f"{key}={value} (allowed: >= 0)")
+        for key, minutes in [("checkpoint.save_every_minutes", self.checkpoint.save_every_minutes),
+                             ("preemption.max_minutes", self.preemption.max_minutes)]:
+            if minutes < 0:
+                p.append(f"{key}={minutes} (allowed: >= 0)")
         if not self.distributed.timeout_minutes > 0:
             p.append(f"distributed.timeout_minutes={self.distributed.timeout_minutes} (allowed: > 0)")
         if self.wandb_project:
@@ -443,7 +443,7 @@ def _merged_input(path: str | Path | None, overrides: Sequence[str]) -> dict:
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
     try:
-        base = OmegaConf.create({})
+        base: Any = OmegaConf.create({})
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"{path}: config file not found")
@@ -462,11 +462,11 @@ def _adapter():
     from pydantic import TypeAdapter
 
     for cls in _config_classes(TrainConfig):
-        cls.__pydantic_config__ = STRICT  # type: ignore[attr-defined]
+        cls.__pydantic_config__ = STRICT
     return TypeAdapter(TrainConfig)
 
 
-def _validation_error() -> type[Exception]:
+def _validation_error() -> Any:
     from pydantic import ValidationError
 
     return ValidationError

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from pretrain.config import TrainConfig
 from pretrain.errors import ConfigError
@@ -50,7 +51,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int, load_universal: bool = Fa
     ``train_batch_size`` (the global batch, in sequences) = micro batch x accumulation x world size.
     """
     ds = cfg.deepspeed
-    config = {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": ds.micro_batch_size,
         "gradient_accumulation_steps": ds.gradient_accumulation_steps,
         "train_batch_size": ds.micro_batch_size * ds.gradient_accumulation_steps * world_size,
@@ -147,7 +148,8 @@ def build_optimizer(model, cfg: TrainConfig):
         {"params": [p for p, n in zip(params, ndims) if optimizer_group(n) == 0], "weight_decay": cfg.optim.weight_decay},
         {"params": [p for p, n in zip(params, ndims) if optimizer_group(n) == 1], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    beta1, beta2 = cfg.optim.betas  # validated: two values
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(beta1, beta2), eps=cfg.optim.eps)
 
 
 def build_scheduler(optimizer, cfg: TrainConfig):
@@ -155,9 +157,11 @@ def build_scheduler(optimizer, cfg: TrainConfig):
     from transformers import get_scheduler
 
     opt = cfg.optim
-    kwargs = {"cosine": {"min_lr_rate": opt.min_lr_ratio},
-              "wsd": {"num_decay_steps": max(1, round(opt.decay_fraction * cfg.max_steps)), "min_lr_ratio": opt.min_lr_ratio,
-                      "decay_type": "cosine"}}.get(opt.schedule, {})
+    per_schedule: dict[str, dict[str, Any]] = {
+        "cosine": {"min_lr_rate": opt.min_lr_ratio},
+        "wsd": {"num_decay_steps": max(1, round(opt.decay_fraction * cfg.max_steps)), "min_lr_ratio": opt.min_lr_ratio,
+                "decay_type": "cosine"}}
+    kwargs = per_schedule.get(opt.schedule, {})
     return get_scheduler(SCHEDULER_NAMES[cfg.optim.schedule], optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                          num_training_steps=cfg.max_steps, scheduler_specific_kwargs=kwargs)
 

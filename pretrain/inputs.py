@@ -3,6 +3,8 @@
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from pretrain.data import MicroBatch
@@ -129,7 +131,7 @@ class MaskedLMInputs:
         begin = np.cumsum(1 + starts.astype(np.int64), axis=1)  # a gap of one before each word start
         return np.stack([begin, begin + 1], axis=-1)
 
-    def __call__(self, mb: MicroBatch) -> dict[str, np.ndarray]:
+    def __call__(self, mb: MicroBatch) -> dict[str, Any]:
         ids = mb.input_ids
         special = np.isin(ids, self.tokenizer.all_special_ids)
         num_tokens = mb.num_tokens if mb.num_tokens is not None else np.full(len(ids), ids.shape[1])

@@ -6,8 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol
 
-import numpy as np
-
 from pretrain.config import TrainConfig
 from pretrain.data import MicroBatch
 from pretrain.distributed import DistInfo
@@ -50,8 +48,9 @@ class Engine(Protocol):
 class DataSource(Protocol):
     """Training and validation micro batches: ``pretrain.sources.ShardSource`` or ``StreamingSource``."""
 
-    num_train_sequences: int | None
-    """Sequences in the train split; None when streamed (unknown before reading it all)."""
+    @property
+    def num_train_sequences(self) -> int | None:
+        """Sequences in the train split; None when streamed (unknown before reading it all)."""
 
     def train_batches(self, rank: int, world_size: int, micro_batch_size: int, seed: int,
                       consumed_samples: int) -> Iterator[MicroBatch]:
@@ -64,8 +63,9 @@ class DataSource(Protocol):
 class InputBuilder(Protocol):
     """MicroBatch -> model inputs: ``pretrain.inputs.causal_lm_inputs`` (wrapped) or ``MaskedLMInputs``."""
 
-    def __call__(self, mb: MicroBatch) -> dict[str, np.ndarray | bool]:
-        """``(B, T)`` int64 arrays (``input_ids``, ``labels`` ...) and flags (``use_cache``)."""
+    def __call__(self, mb: MicroBatch) -> dict[str, Any]:
+        """``(B, T)`` int64 arrays (``input_ids``, ``labels`` ...), flags (``use_cache``) and, for masked LMs, a
+        ``(B, 1, T, T)`` bool attention mask or a per-layer-type mapping of them."""
 
 
 @dataclass

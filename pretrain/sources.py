@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from itertools import islice
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -40,6 +40,8 @@ class ShardSource:
         """``verify_checksums``: hash each shard once when first opened (``data.verify_checksums``).
         ``manifests``: :func:`read_manifests` of the data config when the caller has it (each read once)."""
         known = manifests or {}
+        self.train: Any  # a ShardReader, or a BlendedReader with its interface
+        self.val: Any
 
         def reader(d: str, split: str) -> ShardReader:
             return ShardReader(d, split, verify_checksums=verify_checksums, manifest=known.get(d))
@@ -129,7 +131,7 @@ def describe_data(data: dict, manifests: dict[str, dict] | None = None) -> tuple
     blend = BlendedReader([ShardReader(p, "train", manifest=manifests[p]) for p, _ in parts], [w for _, w in parts]).manifest
     each = [manifests[p] for p, _ in parts]
     counts = {k: sum(m["counts"].get(k, 0) for m in each) for k in each[0]["counts"]}
-    sources = [s for m in each for s in (m.get("sources") if isinstance(m.get("sources"), list) else [])]
+    sources = [s for m in each for s in (m["sources"] if isinstance(m.get("sources"), list) else [])]
     return {**blend, "counts": counts, "sources": sources}, fingerprint
 
 
@@ -173,6 +175,7 @@ class StreamingSource:
                 yield text
 
     def _sequences(self, rank: int, world_size: int, split: str, batch_docs: int = 64) -> Iterator[tuple[np.ndarray, list[int]]]:
+        assert self.tok.eos_token_id is not None  # preflight refuses a tokenizer without eos for a causal LM
         packer = Packer(self.seq_len, self.tok.eos_token_id, self.tok.bos_token_id)
         texts = self._texts(rank, world_size, split)
         while batch := list(islice(texts, batch_docs)):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 import numpy as np
 
@@ -36,11 +36,15 @@ def make_input_builder(cfg: TrainConfig, objective: str, model_config=None, eval
     if objective == "mlm":
         m = cfg.mlm
         probability = m.eval_probability if evaluation and m.eval_probability else m.probability
-        return MaskedLMInputs.for_model(cfg.data.tokenizer, model_config, cfg.data.document_masking, probability,
-                                        m.mask_replace_prob, m.random_replace_prob, m.whole_word_mask)
+        mlm: InputBuilder = MaskedLMInputs.for_model(cfg.data.tokenizer, model_config, cfg.data.document_masking, probability,
+                                                     m.mask_replace_prob, m.random_replace_prob, m.whole_word_mask)
+        return mlm
     document_masking = cfg.data.document_masking
     # no KV cache: transformers derives the per-document mask from position_ids only without one
-    return lambda mb: {**causal_lm_inputs(mb, document_masking), "use_cache": False}
+    def causal(mb: MicroBatch) -> dict[str, Any]:
+        return {**causal_lm_inputs(mb, document_masking), "use_cache": False}
+
+    return causal
 
 
 def train_step(engine: Engine, batches: Iterator[MicroBatch], build_inputs: InputBuilder,
@@ -55,7 +59,7 @@ def train_step(engine: Engine, batches: Iterator[MicroBatch], build_inputs: Inpu
     """
     if getattr(engine, "is_compiled", False) and not getattr(engine, COMPILE_LOGGED, False):
         return _first_compiled_step(engine, batches, build_inputs, accumulation_steps)
-    total = None
+    total: Any = None
     for _ in range(accumulation_steps):
         loss = engine(**to_device(build_inputs(next(batches)), engine.device)).loss
         engine.backward(loss)

@@ -20,7 +20,7 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator, Literal
 
 from data_prep.shards import check_shard_files
 from data_prep.tokenizer.folder import TokenizerInfo, load_tokenizer_info
@@ -90,7 +90,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def preflight(cfg: TrainConfig, data: tuple[dict | None, str] | None = None,
-              device: str | None = None) -> tuple[TokenizerInfo, object, int]:
+              device: str | None = None) -> tuple[TokenizerInfo, Any, int]:
     """Load tokenizer and manifest, build the model config and run every consistency check.
 
     Returns ``(tokenizer_info, model_config, seq_len)``; cheap (no weights), so launchers call it
@@ -105,7 +105,7 @@ def preflight(cfg: TrainConfig, data: tuple[dict | None, str] | None = None,
     """
     tok = load_tokenizer_info(run_tokenizer_dir(cfg))
     manifest = (data or describe_data(_data_dict(cfg)))[0]
-    seq_len = cfg.seq_len or manifest["seq_len"]
+    seq_len = cfg.seq_len or (manifest or {})["seq_len"]  # a raw corpus has no manifest: config validation requires seq_len
     overrides = dict(cfg.model.overrides)
     if cfg.model.init_from:
         model_config = load_model_config(cfg.model.init_from, overrides)
@@ -174,12 +174,13 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     engine = initialize_engine(model, cfg, dist.world_size, load_universal=universal)
     set_collective_timeout(cfg.distributed.timeout_minutes)
     ds = cfg.deepspeed
+    source: ShardSource | StreamingSource
     if cfg.data.path or cfg.data.blend:
         source = ShardSource.from_config(cfg.data, cfg.seed, ds.micro_batch_size * ds.gradient_accumulation_steps * dist.world_size,
                                          cfg.max_steps, manifests)
     else:
         source = StreamingSource(list(cfg.data.raw_inputs), tok, seq_len, cfg.data.raw_text_column, cfg.data.raw_val_fraction)
-    objective = objective_of(model_config)
+    objective: Literal["clm", "mlm"] = "mlm" if objective_of(model_config) == "mlm" else "clm"
     run = Run(cfg=cfg, dist=dist, engine=engine, objective=objective, resume_from=resume_from,
               resume_universal=universal, source=source, inputs=make_input_builder(cfg, objective, model_config),
               eval_inputs=make_input_builder(cfg, objective, model_config, evaluation=True)

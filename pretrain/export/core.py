@@ -30,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pretrain.errors import ExportError
 from pretrain.export.consolidate import CheckpointPlan, TensorPlan, TensorReader, plan_checkpoint, pwrite_all
@@ -75,6 +76,7 @@ class ExportOptions:
     @property
     def max_shard_bytes(self) -> int:
         m = SIZE_RE.match(self.max_shard_size)
+        assert m is not None  # validate() refused other sizes
         return int(float(m.group(1)) * SIZE_UNITS[m.group(3).upper() if m.group(3) else None])
 
     def validate(self) -> None:
@@ -121,14 +123,16 @@ def _copy_tokenizer(tmp: Path, tokenizer_dir: Path) -> list[str]:
     return copied
 
 
-def _write_metadata(tmp: Path, info: RunInfo, plan: CheckpointPlan, options: ExportOptions, export_name: str) -> tuple:
+def _write_metadata(tmp: Path, info: RunInfo, plan: CheckpointPlan, options: ExportOptions,
+                    export_name: str) -> tuple[list[str], dict[str, Any]]:
     """config.json, generation_config.json, tokenizer files, loss curve and README.md; returns
     ``(tokenizer files, card arguments)`` (the card is rendered again with the verification result)."""
     _write_configs(tmp, info, plan, options.dtype)
     tokenizer_files = _copy_tokenizer(tmp, info.tokenizer_dir)
     has_curve = plot_loss_curve(info, tmp / LOSS_CURVE_FILE)
-    card_args = (info, plan.n_params, plan.zero_stage, options.card, export_name, has_curve)
-    (tmp / "README.md").write_text(render_card(*card_args), encoding="utf-8")
+    card_args: dict[str, Any] = {"info": info, "n_params": plan.n_params, "zero_stage": plan.zero_stage, "options": options.card,
+                 "export_name": export_name, "has_curve": has_curve}
+    (tmp / "README.md").write_text(render_card(**card_args), encoding="utf-8")
     return tokenizer_files, card_args
 
 
@@ -166,7 +170,10 @@ def write_weights(tmp: Path, plan: CheckpointPlan, dtype: str, max_shard_bytes: 
                                         disable=None) as bar:
         def write(spec: TensorSpec, fd: int, offset: int) -> int:
             t = by_name[spec.name]
-            return reader.copy(t, fd, offset) if t.dtype == spec.dtype else cast(reader, t, spec.dtype, fd, offset)
+            if t.dtype == spec.dtype:
+                return reader.copy(t, fd, offset)
+            assert cast is not None  # built for every tensor whose dtype changes
+            return cast(reader, t, spec.dtype, fd, offset)
 
         files = write_sharded(tmp, specs, write, max_shard_bytes, plan.n_params, on_tensor=bar.update)
     log.info("consolidated %d tensors (%.3f GB, %s; %d cast) from ZeRO stage %d over %d rank(s) into %d file(s) in %.1f s",
@@ -221,9 +228,10 @@ def export(checkpoint: str | Path, output: str | Path, options: ExportOptions | 
         tokenizer_files, card_args = metadata.result()
     verification = None
     if options.verify:
+        assert info.probe is not None  # checked above: a verified export needs the probe
         verification = verify_in_fresh_process(tmp, info.probe, output.with_name(output.name + ".verify.json"))
         output.with_name(output.name + ".verify.json").unlink()
-        (tmp / "README.md").write_text(render_card(*card_args, verification), encoding="utf-8")
+        (tmp / "README.md").write_text(render_card(**card_args, verification=verification), encoding="utf-8")
         log.info("verified in a fresh process: logits within %.3g of the training engine's (%s, %s), %s works",
                  verification["max_abs_logit_diff"], verification["precision"],
                  "bit-identical required" if verification["exact"] else verification["inexact_reason"],
@@ -232,7 +240,7 @@ def export(checkpoint: str | Path, output: str | Path, options: ExportOptions | 
         log.warning("%s: exported WITHOUT verification (--no-verify)", output)
     harness = _evaluate(tmp, options) if options.eval_tasks else None
     if harness is not None:
-        (tmp / "README.md").write_text(render_card(*card_args, verification, harness), encoding="utf-8")
+        (tmp / "README.md").write_text(render_card(**card_args, verification=verification, harness=harness), encoding="utf-8")
     record = {"checkpoint": str(tag_dir.resolve()), "tag": tag_dir.name, "step": info.step, "tokens": int(info.state["tokens"]),
               "zero_stage": plan.zero_stage, "world_size": plan.world_size, "dtype": options.dtype,
               "n_params": plan.n_params, "weights": files, "tied": plan.aliases, "tokenizer_files": tokenizer_files,

@@ -353,7 +353,7 @@ def validate_card(text: str, where: str = "README.md"):
     missing = [k for k in REQUIRED_METADATA if not data.get(k)]
     if missing:
         raise ExportError(f"{where}: model card metadata lacks {', '.join(missing)}")
-    if not any(r.metric_type == "perplexity" for r in card.data.eval_results or []):
+    if not any(r.metric_type == "perplexity" for r in getattr(card.data, "eval_results", None) or []):
         log.warning("%s: no validation perplexity in model-index (no validation record up to this step)", where)
     if not card.text.strip():
         raise ExportError(f"{where}: model card has no body")

@@ -12,6 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from data_prep.tokenizer.folder import TOKENIZER_FILE, fingerprint
 from pretrain import checkpoint
@@ -165,7 +166,7 @@ def load_run_info(tag_dir: Path) -> RunInfo:
     from omegaconf import OmegaConf
 
     state = checkpoint.read_state(tag_dir)
-    config = OmegaConf.to_container(OmegaConf.create(state["config_yaml"]))
+    config: dict[str, Any] = OmegaConf.to_container(OmegaConf.create(state["config_yaml"]))  # type: ignore[assignment]
     run_dir = tag_dir.parent.parent
     model_config = _recorded_model_config(run_dir / MODEL_CONFIG_DIR)
     fingerprints = state.get("fingerprints", {})
