@@ -94,7 +94,9 @@ def keep_masks(sources: list[Source], cfg, plan: str, parts_dir: Path,
     first = np.zeros(len(flat), dtype=bool)
     first[np.unique(flat, return_index=True)[1]] = True
     keep = first & ~np.isin(flat, seen, assume_unique=False)
-    masks, dropped, pos = [], Counter(), 0
+    masks: list[np.ndarray] = []
+    dropped: Counter[str] = Counter()
+    pos = 0
     for source, h in own:
         masks.append(keep[pos:pos + len(h)])
         dropped[source] += int(len(h) - masks[-1].sum())

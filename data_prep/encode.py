@@ -28,7 +28,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar, cast
 
 import numpy as np
 
@@ -197,10 +197,11 @@ class Encoder:
         """Parse, drop the documents ``block.keep`` marks False (duplicates), tokenize and split."""
         parsed = parse_block(block, self.spec.text_column)
         if block.keep is not None:
-            if len(block.keep) != len(parsed.texts):
-                raise RuntimeError(f"{block.source}: the dedup pass saw {len(block.keep)} documents in the block at "
+            keep = cast(np.ndarray, block.keep)  # Block.keep is None or a bool array
+            if len(keep) != len(parsed.texts):
+                raise RuntimeError(f"{block.source}: the dedup pass saw {len(keep)} documents in the block at "
                                    f"record {block.first_record}, this pass {len(parsed.texts)}; did the file change?")
-            parsed.texts = [t for t, k in zip(parsed.texts, block.keep.tolist()) if k]
+            parsed.texts = [t for t, k in zip(parsed.texts, keep.tolist()) if k]
         fim = self.spec.fim
         ids = self._encode_fim(parsed.texts, fim) if fim is not None and fim.enabled else self._encode_texts(parsed.texts)
         to_val = [is_validation(t, self.spec.val_fraction) for t in parsed.texts]

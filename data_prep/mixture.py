@@ -24,7 +24,7 @@ still a pure function of its index, and a run resumes from ``consumed_samples`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, overload
 
 import numpy as np
 
@@ -67,7 +67,12 @@ class BlendOrder:
         self._perms = [GlobalOrder(n, seed, stream=d) for d, n in enumerate(self.lengths)]
         self.weights = w / w.sum()
 
-    def _taken(self, level: int, x: np.ndarray) -> np.ndarray:
+    @overload
+    def _taken(self, level: int, x: np.ndarray) -> np.ndarray: ...
+    @overload
+    def _taken(self, level: int, x: np.uint64) -> np.uint64: ...
+
+    def _taken(self, level: int, x: np.ndarray | np.uint64) -> np.ndarray | np.uint64:
         """``f_level(x)``: positions of ``[0, x)`` of the level's stream that go to dataset ``level`` (uint64)."""
         p, bits = self._share[level], np.uint64(SHARE_BITS)
         low = x & np.uint64((1 << SHARE_BITS) - 1)
@@ -101,7 +106,8 @@ class BlendOrder:
     def counts(self, num_samples: int) -> np.ndarray:
         """``(D,)`` int64: how many of blend positions ``[0, num_samples)`` go to each dataset (they sum to
         ``num_samples``)."""
-        out, left = [], np.uint64(num_samples)
+        out: list[int] = []
+        left = np.uint64(num_samples)
         for level in range(len(self.lengths) - 1):
             taken = self._taken(level, left)
             out.append(int(taken))

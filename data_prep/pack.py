@@ -190,7 +190,7 @@ class Packer:
     def add(self, ids) -> Iterator[tuple[np.ndarray, list[int]]]:
         """Add one document's ids; yields every ``(sequence, document_starts)`` it completes."""
         doc = np.concatenate([np.asarray(self.prefix, np.int64), np.asarray(ids, np.int64), np.asarray(self.suffix, np.int64)])
-        rows, offsets, starts = self._stream.add(doc, [len(doc)])
+        rows, offsets, starts = self._stream.add(doc, np.asarray([len(doc)], np.int64))
         for i, row in enumerate(rows):
             yield row, starts[offsets[i]:offsets[i + 1]].tolist()
 

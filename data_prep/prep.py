@@ -173,11 +173,17 @@ def _setup(cfg: PrepConfig) -> _Setup:
     info = tokenizer_info(cfg.tokenizer)
     tok = {"fingerprint": info.fingerprint, "vocab_size": info.vocab_size, "eos_token_id": info.eos_token_id,
            "bos_token_id": info.bos_token_id, "pad_token_id": info.pad_token_id}
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    doc_prefix: tuple[int, ...]
+    doc_suffix: tuple[int, ...]
+    pad_id: int | None
     if cfg.objective == "clm":
         if info.eos_token_id is None:
             raise UserError(f"{cfg.tokenizer}: tokenizer defines no eos token; packing needs one to mark document ends")
         prefix, suffix = (), ()
-        doc_prefix = (info.bos_token_id,) if info.bos_token_id not in (None, info.eos_token_id) else ()
+        bos = info.bos_token_id
+        doc_prefix = (bos,) if bos is not None and bos != info.eos_token_id else ()
         doc_suffix = (info.eos_token_id,)
         pad_id = info.pad_token_id if info.pad_token_id is not None else info.eos_token_id
     else:

@@ -23,7 +23,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence, cast
 
 from data_prep.errors import InputError
 from data_prep.sources import (  # noqa: F401 (re-exported)
@@ -37,6 +37,9 @@ from data_prep.sources import (  # noqa: F401 (re-exported)
     resolve_sources,
     stdlib_files,
 )
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 DEFAULT_BLOCK_BYTES = 1 << 20
 COUNT_CHUNK_BYTES = 1 << 24
@@ -102,6 +105,7 @@ class RejectLog:
 
     @property
     def _tmp(self) -> Path:
+        assert self.path is not None  # only used when writing, which needs a path
         return self.path.with_name(self.path.name + ".tmp")
 
     @property
@@ -123,6 +127,7 @@ class RejectLog:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+            assert self.path is not None  # a file is open only when a path was given
             os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
@@ -241,6 +246,7 @@ def _hub_blocks(seg: Segment, column: str, block_bytes: int) -> Iterator[Block]:
     import datasets
 
     spec, name = seg.source.hub, seg.source.path
+    assert spec is not None  # hub sources always carry their HubSpec
     try:
         ds = datasets.load_dataset(spec.name, spec.config, split=spec.split, streaming=True)
     except Exception as exc:  # datasets raises many types (not found, connection, bad config)
@@ -334,7 +340,7 @@ def _lines(payload: bytes) -> Iterator[memoryview]:
 
 
 def _parse_jsonl(block: Block, column: str, out: Parsed) -> None:
-    for i, raw in enumerate(_lines(block.payload)):
+    for i, raw in enumerate(_lines(cast(bytes, block.payload))):
         record = block.first_record + i
         try:
             line = str(raw, "utf-8")
@@ -356,7 +362,7 @@ def _parse_jsonl(block: Block, column: str, out: Parsed) -> None:
 
 
 def _parse_lines(block: Block, out: Parsed) -> None:
-    for i, raw in enumerate(_lines(block.payload)):
+    for i, raw in enumerate(_lines(cast(bytes, block.payload))):
         record = block.first_record + i
         raw = raw[:-1] if len(raw) and raw[-1] == 13 else raw  # \r of \r\n
         if not len(raw):
@@ -378,13 +384,13 @@ def parse_block(block: Block, text_column: str = "text") -> Parsed:
         _parse_lines(block, out)
     elif block.kind == "file":
         try:
-            text = block.payload.decode("utf-8")
+            text = cast(bytes, block.payload).decode("utf-8")
         except UnicodeDecodeError as exc:
             out.rejects.append((0, f"invalid UTF-8 at byte {exc.start}"))
         else:
             _check(text, 0, "text", out)
     else:
-        values = block.payload if isinstance(block.payload, list) else block.payload.to_pylist()
+        values = block.payload if isinstance(block.payload, list) else cast("pa.Array", block.payload).to_pylist()
         for i, value in enumerate(values):
             _check(value, block.first_record + i, text_column, out)
     return out

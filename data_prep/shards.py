@@ -106,7 +106,7 @@ class ShardWriter:
         self.shards: list[dict] = []
         self._pending: list[Rows] = []
         self._pending_rows = 0
-        self._writer = None
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
         self._rows_in_shard = 0
 
     def add(self, rows: Rows) -> None:
@@ -177,7 +177,7 @@ def write_datasets_metadata(out_dir: str | Path, shards_by_split: dict[str, list
             continue
         listed.append(split)
         digest = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
-        state = {"_data_files": [{"filename": Path(s["path"]).name} for s in shards], "_fingerprint": digest,
+        state: dict[str, object] = {"_data_files": [{"filename": Path(s["path"]).name} for s in shards], "_fingerprint": digest,
                  "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
                  "_split": split}
         write_json_atomic(out / split / "state.json", state)
@@ -385,8 +385,9 @@ class ShardReader:
             block, row = shard.locate(i - int(self._offsets[s]))
             ids[k] = shard.blocks[block][row]
             starts.append(shard.starts[block][row].as_py())
-            if shard.num_tokens[block] is not None:
-                nums[k] = shard.num_tokens[block][row]
+            block_nums = shard.num_tokens[block]
+            if block_nums is not None:
+                nums[k] = block_nums[row]
         return ids, starts, nums
 
     def batch_num_tokens(self, indices: list[int] | np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,7 @@ PROSE = str(ASSETS / "prose.jsonl")
 """Twenty short sentences in eight languages and scripts, with emoji, tabs and double spaces (x3)."""
 FAMILY_VOCAB = 700
 RETRAIN_VOCAB = 400
-FAMILY_OPTIONS = {  # bpe pads on the left and has an extra special token
+FAMILY_OPTIONS: dict[str, dict[str, Any]] = {  # bpe pads on the left and has an extra special token
     "byte-bpe": {"model_max_length": 128},
     "bpe": {"padding_side": "left", "extra_special_tokens": ["<|tool|>"]},
     "wordpiece": {},
@@ -60,8 +61,8 @@ def pretrained_sources(tmp_path_factory, family_dirs) -> dict[str, Path]:
     from transformers import PreTrainedTokenizerFast
 
     root = tmp_path_factory.mktemp("sources")
-    affixes = {"continuing_subword_prefix": "##", "end_of_word_suffix": "</w>"}
-    built = {
+    affixes: dict[str, Any] = {"continuing_subword_prefix": "##", "end_of_word_suffix": "</w>"}
+    built: dict[str, tuple[models.Model, trainers.BpeTrainer | trainers.WordLevelTrainer]] = {
         "bpe-affixes": (models.BPE(unk_token="<unk>", **affixes), trainers.BpeTrainer(vocab_size=200, **affixes)),
         "wordlevel": (models.WordLevel(unk_token="<unk>"), trainers.WordLevelTrainer(vocab_size=100)),
     }

@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -126,8 +127,10 @@ PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
         self._wait(self._nodes_idle, timeout_s, "both nodes idle")
 
     def _spawn(self, cmd: list[str], name: str) -> None:
+        exe = which(cmd[0])
+        assert exe is not None, f"{cmd[0]} not on PATH"  # the fixture skips unless every Slurm binary is found
         out = open(self.root / "log" / f"{name}.stdout", "wb")
-        self.procs.append(subprocess.Popen([which(cmd[0]), *cmd[1:]], env=self.env, stdout=out, stderr=subprocess.STDOUT))
+        self.procs.append(subprocess.Popen([exe, *cmd[1:]], env=self.env, stdout=out, stderr=subprocess.STDOUT))
         out.close()
 
     def _nodes_idle(self) -> bool:
@@ -138,7 +141,7 @@ PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
     def _wait(self, ready, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
         while not ready():
-            dead = [p.args[0] for p in self.procs if p.poll() is not None]
+            dead = [cast(list[str], p.args)[0] for p in self.procs if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 raise RuntimeError(f"test Slurm cluster: no {what} after {timeout_s} s (exited: {dead})\n{self.log_tail()}")
             time.sleep(0.2)
