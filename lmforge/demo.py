@@ -169,6 +169,8 @@ def run_demo(cfg: DemoConfig) -> dict:
              verification["pipeline"])
     log.info("validation perplexity: %.2f at start -> %.2f at end (%d steps, %d tokens, %.0f tokens/s)",
              summary["val_ppl_start"], summary["val_ppl_end"], summary["steps"], summary["tokens"], summary["tokens_per_s"])
+    if "val_bpb_end" in summary:  # causal LMs: comparable across tokenizers
+        log.info("validation bits per byte: %.4f at start -> %.4f at end", summary["val_bpb_start"], summary["val_bpb_end"])
     if cfg.objective == "mlm":
         result.update(_show_fill_mask(hf_dir))
     elif cfg.fim:
