@@ -1,8 +1,8 @@
 """Packaging for lmforge.
 
-torch is deliberately pinned only loosely: on CPU-only machines install the CPU wheel first
-(``pip install torch==2.13.0``, what the Makefile does); a bare ``torch`` requirement with nothing
-installed pulls several GB of CUDA packages.
+torch, DeepSpeed, transformers, datasets and tokenizers are capped at the minor versions the suite last
+ran with (below). On CPU-only machines install the CPU wheel of torch first (``pip install torch==2.13.0``,
+what the Makefile does): a bare ``torch`` requirement with nothing installed pulls several GB of CUDA packages.
 """
 from setuptools import find_packages, setup
 
@@ -26,6 +26,7 @@ setup(
         "tokenizers>=0.20,<0.24",
         "safetensors>=0.4",
         "omegaconf>=2.3",
+        "pydantic>=2.6,<3",  # config type checks (pretrain.config_check): dataclass config, coerce_numbers_to_str
         "tqdm>=4.66",
         "tensorboard>=2.15",
         "numpy>=1.26",
