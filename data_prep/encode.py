@@ -38,7 +38,9 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
     from concurrent.futures.process import BrokenProcessPool
 
-SPLITS = ("train", "val")
+TRAIN, VAL = "train", "val"
+"""The split names: folder names of the shards, keys of the manifest's ``splits``."""
+SPLITS = (TRAIN, VAL)
 T = TypeVar("T")
 
 
@@ -210,7 +212,7 @@ class Encoder:
         sizes = [len(t.encode("utf-8", "surrogatepass")) for t in parsed.texts]
         del parsed.texts
         streams, lengths, text_bytes = {}, {}, {}
-        for split, want in (("train", False), ("val", True)):
+        for split, want in ((TRAIN, False), (VAL, True)):
             streams[split], lengths[split] = self._stream([x for x, v in zip(ids, to_val) if v == want])
             text_bytes[split] = sum(n for n, v in zip(sizes, to_val) if v == want)
         return Encoded(block.source, block.input_bytes, streams, lengths, parsed.rejects, text_bytes)
