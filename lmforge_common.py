@@ -32,6 +32,10 @@ import os
 import socket
 from pathlib import Path
 
+VERSION = "0.1.0"
+"""lmforge's version: setup.py reads it from here, and prep writes it into each manifest (without the
+tens of milliseconds ``importlib.metadata`` costs to import, a share of prep's fixed cost)."""
+
 EXIT_PREEMPTED = 75
 """Exit code of a rank (and of ``lmforge launch local|mpi``) that saved a checkpoint on preemption or at
 its time budget and can be resumed by rerunning the same command: ``EX_TEMPFAIL`` of BSD
@@ -46,6 +50,18 @@ kernel does not hand it out as a client port."""
 
 RENDEZVOUS_PORT_SPAN = 20000
 """Number of distinct rendezvous ports; ports are ``RENDEZVOUS_PORT_BASE`` .. ``+ SPAN - 1`` (12000-31999)."""
+
+ENV_SCHEMES = (
+    ("torchrun", "RANK", "LOCAL_RANK", "WORLD_SIZE"),
+    ("OpenMPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"),
+    ("MPICH", "PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE"),
+    ("Slurm", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS"),
+)
+"""``(launcher, rank, local rank, world size)`` variables, in order of precedence. Slurm's world size
+is the step's task count: the batch script itself has ``SLURM_PROCID=0`` and ``SLURM_NTASKS=N`` too,
+and a training started there without srun must not wait for N-1 peers that never come. Here rather than
+in ``pretrain.distributed`` (which reads them): the CLI reads the rank from them first thing
+(``lmforge.cli.env_rank``), and ``lmforge prep`` should not import the training package for that."""
 
 TMP_SUFFIX = ".tmp"
 """Suffix of a file or folder being written; renamed away when complete, never read as complete."""

@@ -1,14 +1,19 @@
 """Packaging for lmforge.
 
-torch is deliberately pinned only loosely: on CPU-only machines install the CPU wheel first
-(``pip install torch==2.13.0``, what the Makefile does); a bare ``torch`` requirement with nothing
-installed pulls several GB of CUDA packages.
+torch, DeepSpeed, transformers, datasets and tokenizers are capped at the minor versions the suite last
+ran with (below). On CPU-only machines install the CPU wheel of torch first (``pip install torch==2.13.0``,
+what the Makefile does): a bare ``torch`` requirement with nothing installed pulls several GB of CUDA packages.
 """
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'^VERSION = "(.+)"$', (Path(__file__).parent / "lmforge_common.py").read_text(), re.M).group(1)  # type: ignore[union-attr]
 
 setup(
     name="lmforge",
-    version="0.1.0",
+    version=VERSION,
     description="Arrow-backed DeepSpeed ZeRO pretraining for causal and masked LMs, with tokenizer training and Hugging Face export",
     python_requires=">=3.10",
     packages=find_packages(include=["lmforge", "data_prep", "data_prep.*", "pretrain", "pretrain.*", "launch", "launch.*"]),
@@ -26,6 +31,7 @@ setup(
         "tokenizers>=0.20,<0.24",
         "safetensors>=0.4",
         "omegaconf>=2.3",
+        "pydantic>=2.6,<3",  # config type checks (pretrain.config_check): dataclass config, coerce_numbers_to_str
         "tqdm>=4.66",
         "tensorboard>=2.15",
         "numpy>=1.26",

@@ -24,7 +24,8 @@ most 1.2x the largest 1x peak) and on one 50 MB single-line document.
 
 Reported separately, prep's fixed cost (issue 17 section 4): ``python -m lmforge prep`` as a whole
 process on 5 short documents (interpreter start, imports, tokenizer load, plan, write, merge;
-bytecode cached, as installed), median wall and CPU seconds (target: < 0.5 s), next to a bare
+bytecode cached, as installed), median wall and CPU seconds (target: < 0.5 s), next to importing
+numpy, pyarrow and tokenizers alone (the floor: what prep cannot do without) and a bare
 ``python -c pass`` for scale; in
 ``bench/results/bench_prep_fixed.json``.
 
@@ -196,23 +197,31 @@ def measure_fixed_cost(work: Path, tok_dir: str, reps: int) -> list[dict]:
     common.write_jsonl(tiny, [f"document {i} of the fixed-cost run. " * 20 for i in range(FIXED_DOCS)])
     prep = common.lmforge_cmd("prep", "--input", str(tiny), "--tokenizer", tok_dir, "--output", str(work / "out_tiny"),
                               "--seq-len", "64", "--no-progress", "--overwrite")
-    runs: dict[str, list[tuple[float, float]]] = {"prep": [], "bare": []}
+    runs: dict[str, list[tuple[float, float]]] = {"prep": [], "floor": [], "bare": []}
 
     def side(name: str, cmd: list[str]) -> float:
         runs[name].append(_process_seconds(cmd, f"fixed-cost {name} run", work / "pycache"))
         return runs[name][-1][0]
 
     _process_seconds(prep, "fixed-cost warm-up run", work / "pycache")  # writes the bytecode cache
+    floor = [sys.executable, "-c", "import numpy, pyarrow, tokenizers"]
     bare = [sys.executable, "-c", "pass"]
-    common.alternate({"prep": lambda: side("prep", prep), "bare": lambda: side("bare", bare)}, reps)
+    common.alternate({"prep": lambda: side("prep", prep), "floor": lambda: side("floor", floor),
+                      "bare": lambda: side("bare", bare)}, reps)
     wall = {k: [w for w, _ in v] for k, v in runs.items()}
     cpu = {k: [c for _, c in v] for k, v in runs.items()}
+    own = [p - f for p, f in zip(cpu["prep"], cpu["floor"])]  # paired by round: the same machine load
     what = f"whole `lmforge prep` process, {FIXED_DOCS} documents"
+    load = f"1-min load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores at the end"
     return [
         common.row(f"fixed cost, wall time, {what}", "s", wall["prep"], target=f"< {FIXED_TARGET_S} s",
-                   note="interpreter start, imports, tokenizer load, plan, shards, merge, manifest"),
+                   note=f"interpreter start, imports, tokenizer load, plan, shards, merge, manifest; {load}"),
         common.row(f"fixed cost, CPU time, {what}", "CPU s", cpu["prep"], target=f"< {FIXED_TARGET_S} s",
                    note="user + system, workers included; less sensitive to other load than wall time"),
+        common.row("importing numpy, pyarrow and tokenizers alone (`python -c`), the floor prep cannot go below",
+                   "CPU s", cpu["floor"], note=f"wall {common.median(wall['floor']):.3f} s; pyarrow imports numpy"),
+        common.row("fixed cost above that floor: lmforge's own share (CPU, prep - floor per round)", "CPU s", own,
+                   note="argument parsing, lmforge's modules, tokenizer load, dedup pass, shards, merge, manifest"),
         common.row("bare interpreter start (`python -c pass`), for scale", "s", wall["bare"],
                    note=f"CPU {common.median(cpu['bare']):.3f} s"),
     ]

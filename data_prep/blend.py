@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
+from data_prep.encode import TRAIN
 from data_prep.errors import UserError
 from data_prep.mixture import BLEND_ORDER_NAME, BlendOrder, MixtureOrder
 from data_prep.shards import ShardReader
@@ -99,7 +100,7 @@ class BlendedReader:
                  "share": int(n) / max(1, num_samples)} for r, n in zip(self.readers, counts)]
 
     @classmethod
-    def from_dirs(cls, dirs: Sequence[str | Path], weights: Sequence[float], split: str = "train",
+    def from_dirs(cls, dirs: Sequence[str | Path], weights: Sequence[float], split: str = TRAIN,
                   num_samples: int | None = None, seed: int = 0, max_epochs: Sequence[float] | None = None,
                   schedule: Sequence[tuple[int, Sequence[float]]] = ()) -> BlendedReader:
         """Open ``split`` of each prepared folder and blend them (caps and schedule: :class:`MixtureOrder`)."""

@@ -24,11 +24,9 @@ import re
 import shutil
 import signal
 import tempfile
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar, cast
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar, cast
 
 import numpy as np
 
@@ -36,7 +34,13 @@ from data_prep.errors import UserError, WorkerDiedError
 from data_prep.fim import FimSpec, fim_draw
 from data_prep.reader import Block, parse_block
 
-SPLITS = ("train", "val")
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+TRAIN, VAL = "train", "val"
+"""The split names: folder names of the shards, keys of the manifest's ``splits``."""
+SPLITS = (TRAIN, VAL)
 T = TypeVar("T")
 
 
@@ -208,7 +212,7 @@ class Encoder:
         sizes = [len(t.encode("utf-8", "surrogatepass")) for t in parsed.texts]
         del parsed.texts
         streams, lengths, text_bytes = {}, {}, {}
-        for split, want in (("train", False), ("val", True)):
+        for split, want in ((TRAIN, False), (VAL, True)):
             streams[split], lengths[split] = self._stream([x for x, v in zip(ids, to_val) if v == want])
             text_bytes[split] = sum(n for n, v in zip(sizes, to_val) if v == want)
         return Encoded(block.source, block.input_bytes, streams, lengths, parsed.rejects, text_bytes)
@@ -318,6 +322,8 @@ def map_blocks(fn: Callable[[Block], T], blocks: Iterable[Block], workers: int) 
         yield from map(fn, blocks)
         return
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool  # here: ~20 ms of imports a one-worker prep skips
 
     threads = max(1, default_workers() // workers)
     marker_dir = tempfile.mkdtemp(prefix="lmforge-prep-workers-")

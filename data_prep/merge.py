@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from data_prep.near_dedup import NearDedupParams
 from data_prep.pack import Framing, StreamPacker
 from data_prep.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, ShardWriter, write_datasets_metadata
 from data_prep.stats import length_bin_edges
-from lmforge_common import write_json_atomic
+from lmforge_common import VERSION, write_json_atomic
 
 log = logging.getLogger(__name__)
 PARTS_DIR = "parts"
@@ -58,13 +57,6 @@ def task_files(out: Path, task_id: int) -> list[Path]:
     for split in SPLITS:
         files.extend((out / split).glob(f"{part_name(task_id)}-*.arrow*"))
     return files
-
-
-def _lmforge_version() -> str:
-    try:
-        return metadata.version("lmforge")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def read_markers(out: Path, plan: str | None = None) -> list[dict]:
@@ -223,7 +215,7 @@ def merge(out: str | Path, plan: str | None = None) -> dict:
     sequences = sum(v["sequences"] for v in splits.values())
     sources = first["sources"]
     manifest = {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "lmforge_version": _lmforge_version(),
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "lmforge_version": VERSION,
         "created_unix_s": round(time.time(), 3), "plan": first["plan"],
         "objective": cfg["objective"], "seq_len": cfg["seq_len"], "token_dtype": dtype.name, "tail": cfg["tail"],
         "pad_token_id": framing.pad_id, **{k: fr[k] for k in ("document_prefix_ids", "document_suffix_ids",

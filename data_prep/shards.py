@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from data_prep.encode import TRAIN
 from data_prep.errors import InputError, UserError
 from data_prep.pack import Rows
 from lmforge_common import write_json_atomic
@@ -284,7 +285,7 @@ class ShardReader:
             in bytes, sequence count or (``verify_checksums``) sha256 differs from the manifest.
     """
 
-    def __init__(self, data_dir: str | Path, split: str = "train", max_open_shards: int = 256,
+    def __init__(self, data_dir: str | Path, split: str = TRAIN, max_open_shards: int = 256,
                  verify_checksums: bool = False, manifest: dict | None = None):
         self.dir = Path(data_dir)
         self.manifest = manifest if manifest is not None else read_manifest(self.dir)

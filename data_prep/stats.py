@@ -13,13 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.encode import TRAIN
+
 log = logging.getLogger(__name__)
 HISTOGRAM_PNG = "doc_lengths.png"
 
 
 def length_bin_edges() -> np.ndarray:
     """Lower edges (tokens) of the document-length bins, int64, from 1 to 2**32."""
-    return np.unique(np.floor(2.0 ** (np.arange(0, 4 * 32 + 1) / 4)).astype(np.int64))
+    edges = np.floor(2.0 ** (np.arange(0, 4 * 32 + 1) / 4)).astype(np.int64)  # non-decreasing
+    return edges[np.concatenate(([True], edges[1:] != edges[:-1]))]  # np.unique, without importing numpy.ma (~40 ms)
 
 
 _EDGES = length_bin_edges()
@@ -81,7 +84,7 @@ def plot_histogram(manifest: dict, png_path: str | Path) -> Path:
             continue
         top = max(top, int(np.nonzero(counts)[0].max()) + 2)
         bottom = min(bottom, int(np.nonzero(counts)[0].min()))
-        ax.stairs(counts, edges[: len(counts) + 1], label=f"{name} ({int(counts.sum()):,} docs)", fill=name == "train", alpha=0.6)
+        ax.stairs(counts, edges[: len(counts) + 1], label=f"{name} ({int(counts.sum()):,} docs)", fill=name == TRAIN, alpha=0.6)
     ax.axvline(manifest["seq_len"], color="k", linestyle="--", label=f"seq_len = {manifest['seq_len']}")
     ax.set_xscale("log")
     ax.set_xlim(max(1, min(edges[bottom], manifest["seq_len"]) // 2), edges[min(top, len(edges) - 1)])

@@ -6,16 +6,24 @@ import logging
 import os
 import sys
 
+COMMANDS = {"demo": ("lmforge.commands", "add_demo"), "tokenizer": ("lmforge.cli_tokenizer", "add_tokenizer"),
+            "prep": ("lmforge.cli_prep", "add_prep"), "train": ("lmforge.commands", "add_train"),
+            "export": ("lmforge.cli_export", "add_export"), "verify": ("lmforge.cli_export", "add_verify"),
+            "eval": ("lmforge.cli_export", "add_eval"), "checkpoint": ("lmforge.cli_checkpoint", "add_checkpoint"),
+            "launch": ("lmforge.cli_launch", "add_launch"), "plan": ("lmforge.cli", "add_plan")}
+"""Subcommand -> (module, function adding its parser), in the order ``lmforge --help`` lists them."""
 
-def build_parser() -> argparse.ArgumentParser:
-    from lmforge import cli_checkpoint, cli_export, cli_launch, cli_prep, cli_tokenizer, commands
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand, or of ``command`` alone (only its module is imported: a short
+    command such as ``prep`` on a tiny input should not pay for importing the others)."""
+    import importlib
 
     parser = argparse.ArgumentParser(prog="lmforge", description="Pretrain language models: tokenizer, prep, train, export.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (commands.add_demo, cli_tokenizer.add_tokenizer, cli_prep.add_prep, commands.add_train,
-                cli_export.add_export, cli_export.add_verify, cli_export.add_eval, cli_checkpoint.add_checkpoint, cli_launch.add_launch,
-                add_plan):
-        add(sub)
+    for name, (module, function) in COMMANDS.items():
+        if command in (None, name):
+            getattr(importlib.import_module(module), function)(sub)
     return parser
 
 
@@ -52,7 +60,7 @@ def _plan(args) -> int:
 
 def env_rank() -> str | None:
     """This process's rank as its launcher set it (torchrun, MPI or Slurm variables), unchecked; None alone."""
-    from pretrain.distributed import ENV_SCHEMES
+    from lmforge_common import ENV_SCHEMES
 
     return next((os.environ[k[1]] for k in ENV_SCHEMES if k[1] in os.environ and k[3] in os.environ), None)
 
@@ -69,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     from data_prep.errors import UserError
 
     setup_logging()
-    parser = build_parser()
+    first = (sys.argv[1:] if argv is None else argv)[:1]
+    parser = build_parser(first[0] if first and first[0] in COMMANDS else None)
     args, extra = parser.parse_known_args(argv)
     if extra:  # trailing key=value overrides after options (`launch slurm CONFIG --nodes 2 max_steps=9`)
         if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):

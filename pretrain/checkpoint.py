@@ -27,18 +27,20 @@ import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
 from lmforge_common import UserError, write_json_atomic
 from pretrain import integrity
+from pretrain.config import CrashPoint
 
 STATE_FILE = "lmforge_state.json"
 PROBE_FILE = "probe.safetensors"
 TMP_PREFIX = ".tmp-"
 TAG_RE = re.compile(r"^step_(\d{8})$")
-CRASH_POINTS = ("", "after_engine_save", "before_rename", "before_latest")
-"""Fault-injection points inside a save (``debug.crash_in_save``), for the kill-during-save tests."""
+CRASH_POINTS: tuple[str, ...] = get_args(CrashPoint)
+"""Fault-injection points inside a save (``debug.crash_in_save``), for the kill-during-save tests; "" = none."""
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Typed training config: a YAML file plus dotted CLI overrides (``optim.lr=1e-3``), via OmegaConf.
 
-Every field states its unit. :func:`load_config` merges defaults < YAML < overrides, type-checks
-(parsed by OmegaConf), type-checks the result with pydantic against these dataclasses (``Literal``
-fields list their allowed values; unknown keys are refused), then :meth:`TrainConfig.validate`
+Every field states its unit. :func:`load_config` merges defaults < YAML < overrides (parsed by
+OmegaConf), type-checks the result with pydantic against these dataclasses (``pretrain.config_check``:
+``Literal`` fields list their allowed values; unknown keys are refused), then :meth:`TrainConfig.validate`
 checks the values that depend on each other. Every problem of all three steps is reported in one
 :class:`~pretrain.errors.ConfigError`. The DeepSpeed config is generated from this
 (``pretrain.engine.build_ds_config``): one source of truth.
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Sequence, get_args
 
+from pretrain.config_check import check, consequence
 from pretrain.errors import ConfigError
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -24,12 +25,12 @@ Schedule = Literal["cosine", "linear", "constant", "wsd"]
 """Learning-rate schedules after warmup."""
 Attention = Literal["sdpa", "flash_attention_2", "flex_attention", "eager"]
 """Attention kernels: transformers' ``attn_implementation`` values."""
+CrashPoint = Literal["", "after_engine_save", "before_rename", "before_latest"]
+"""Fault-injection points inside a save (``debug.crash_in_save``; "" = none), for the kill-during-save tests."""
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 ZERO_STAGES: tuple[int, ...] = get_args(ZeroStage)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
-STRICT = {"extra": "forbid", "coerce_numbers_to_str": True}
-"""pydantic settings of every config dataclass: unknown keys are errors; ``run_dir=123`` is the string "123"."""
 
 
 @dataclass
@@ -250,8 +251,8 @@ class DebugConfig:
     """Optimizer steps (1-based) whose loss is made NaN on rank 0."""
     kill_at_step: int = 0
     """SIGKILL every rank right after this optimizer step; 0 = never."""
-    crash_in_save: str = ""
-    """SIGKILL at this point of the next save: after_engine_save, before_rename or before_latest."""
+    crash_in_save: CrashPoint = ""
+    """SIGKILL at this point of the next save: after_engine_save, before_rename or before_latest; "" = never."""
     spike_at_steps: List[int] = field(default_factory=list)
     """Optimizer steps (1-based) whose training loss rank 0 multiplies by ``spike_loss_factor`` (the gradient too),
     once per step number in a process: a replay of the step after a rollback is clean."""
@@ -365,10 +366,6 @@ class TrainConfig:
         bad_signals = [n for n in self.preemption.signals if not isinstance(getattr(signal, n, None), signal.Signals)]
         if bad_signals:
             p.append(f"preemption.signals={bad_signals} (allowed: signal names such as SIGTERM, SIGUSR1)")
-        from pretrain.checkpoint import CRASH_POINTS
-
-        if self.debug.crash_in_save not in CRASH_POINTS:
-            p.append(f"debug.crash_in_save={self.debug.crash_in_save!r} (allowed: {', '.join(CRASH_POINTS[1:])})")
         for key, minutes in [("checkpoint.save_every_minutes", self.checkpoint.save_every_minutes),
                              ("preemption.max_minutes", self.preemption.max_minutes)]:
             if minutes < 0:
@@ -415,19 +412,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             :meth:`TrainConfig.problems` rejects.
     """
     raw = _merged_input(path, overrides)
-    problems: list[str] = []
-    cfg = None
-    for _ in range(8):  # drop each bad key and type-check again, so the valid rest is checked too
-        try:
-            cfg = _adapter().validate_python(raw)
-            break
-        except _validation_error() as exc:
-            for err in exc.errors():
-                problems.append(_describe(err))
-                _drop(raw, err["loc"])
+    cfg, problems = check(TrainConfig, raw)
     if cfg is None:
         raise ConfigError("invalid config: " + "; ".join(problems))
-    problems += [q for q in cfg.problems() if not any(q.split("=")[0] == k.split("=")[0].split(":")[0] for k in problems)]
+    problems += [q for q in cfg.problems() if not consequence(q, problems)]
     if problems:
         where = f"{path}: " if path else ""
         raise ConfigError(f"{where}invalid config: " + "; ".join(problems))
@@ -456,75 +444,6 @@ def _merged_input(path: str | Path | None, overrides: Sequence[str]) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys to values, not {type(raw).__name__}")
     return raw
-
-
-def _adapter():
-    from pydantic import TypeAdapter
-
-    for cls in _config_classes(TrainConfig):
-        cls.__pydantic_config__ = STRICT
-    return TypeAdapter(TrainConfig)
-
-
-def _validation_error() -> Any:
-    from pydantic import ValidationError
-
-    return ValidationError
-
-
-def _config_classes(cls: type) -> list[type]:
-    """``cls`` and every config dataclass nested in it (fields, list items)."""
-    import typing
-
-    out = [cls]
-    for f in dataclasses.fields(cls):
-        for t in (typing.get_type_hints(cls)[f.name], *get_args(typing.get_type_hints(cls)[f.name])):
-            if dataclasses.is_dataclass(t) and t not in out:
-                out += [c for c in _config_classes(t) if c not in out]  # type: ignore[arg-type]
-    return out
-
-
-def _section(loc: tuple) -> type | None:
-    """The config dataclass at ``loc`` (a key path, list indices included), or None past a free-form field."""
-    import typing
-
-    cls: Any = TrainConfig
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        hint = typing.get_type_hints(cls).get(part)
-        cls = next((t for t in (hint, *get_args(hint)) if dataclasses.is_dataclass(t)), None)
-        if cls is None:
-            return None
-    return cls
-
-
-def _describe(err: dict) -> str:
-    """One pydantic error as ``key=value (allowed: ...)``."""
-    loc = tuple(err["loc"])
-    key = ".".join(str(x) if not isinstance(x, int) else f"[{x}]" for x in loc).replace(".[", "[")
-    kind, value = err["type"], err.get("input")
-    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
-        section = _section(loc[:-1])
-        allowed = ", ".join(f.name for f in dataclasses.fields(section)) if section else "?"
-        return f"{key}: unknown key (allowed here: {allowed})"
-    if kind == "literal_error":
-        return f"{key}={value!r} (allowed: {err['ctx']['expected'].replace(' or ', ', ')})"
-    return f"{key}={value!r}: {err['msg']}"
-
-
-def _drop(raw: dict, loc: tuple) -> None:
-    """Remove the value at ``loc`` from the nested input, so its default is used on the next check."""
-    node: Any = raw
-    for part in loc[:-1]:
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            return
-    if isinstance(node, dict):
-        node.pop(loc[-1], None)
-    elif isinstance(node, list) and isinstance(loc[-1], int) and loc[-1] < len(node):
-        node.pop(loc[-1])
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -23,20 +23,11 @@ import subprocess
 import warnings
 from dataclasses import dataclass
 
-from lmforge_common import free_port, rendezvous_port
+from lmforge_common import ENV_SCHEMES, free_port, rendezvous_port
 from pretrain.errors import DistributedError
 
 log = logging.getLogger("lmforge")
 
-ENV_SCHEMES = (
-    ("torchrun", "RANK", "LOCAL_RANK", "WORLD_SIZE"),
-    ("OpenMPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"),
-    ("MPICH", "PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE"),
-    ("Slurm", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS"),
-)
-"""``(launcher, rank, local rank, world size)`` variables, in order of precedence. Slurm's world size
-is the step's task count: the batch script itself has ``SLURM_PROCID=0`` and ``SLURM_NTASKS=N`` too,
-and a training started there without srun must not wait for N-1 peers that never come."""
 
 @dataclass(frozen=True)
 class DistInfo:

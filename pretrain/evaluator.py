@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 
+from data_prep.encode import VAL
 from pretrain.config import TrainConfig
 from pretrain.distributed import all_reduce_sum, log_rank0
 from pretrain.errors import ConsistencyError
@@ -79,7 +80,7 @@ def check_validation_split(cfg: TrainConfig, manifest: dict | None) -> None:
     Raises:
         ConsistencyError: see above.
     """
-    val = ((manifest or {}).get("splits") or {}).get("val") or {}
+    val = ((manifest or {}).get("splits") or {}).get(VAL) or {}
     if manifest is not None and cfg.data.eval_batches and cfg.data.path and val.get("sequences") == 0:
         raise _empty_split(cfg.data.path, manifest)
 
@@ -102,7 +103,7 @@ def tokens_per_byte(manifest: dict | None, objective: str) -> float | None:
     """The validation split's tokens per UTF-8 byte of text, from the manifest (prep records both); None for a
     masked LM (its loss covers only the masked tokens, so a per-byte figure would not mean bits per byte) or
     data without the record (raw corpora, older prepared data)."""
-    val = ((manifest or {}).get("splits") or {}).get("val") or {}
+    val = ((manifest or {}).get("splits") or {}).get(VAL) or {}
     if objective != "clm" or not val.get("text_bytes") or not val.get("tokens"):
         return None
     return val["tokens"] / val["text_bytes"]

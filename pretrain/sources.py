@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from data_prep.blend import BlendedReader
+from data_prep.encode import TRAIN, VAL
 from data_prep.errors import InputError
 from data_prep.pack import Packer
 from data_prep.prep import is_validation
@@ -48,14 +49,14 @@ class ShardSource:
 
         if blend:
             dirs, weights = [d for d, _ in blend], [w for _, w in blend]
-            self.train = BlendedReader([reader(d, "train") for d in dirs], weights, seed=seed,
+            self.train = BlendedReader([reader(d, TRAIN) for d in dirs], weights, seed=seed,
                                        max_epochs=max_epochs, schedule=schedule)
-            vals = [(reader(d, "val"), w) for d, w in blend]
+            vals = [(reader(d, VAL), w) for d, w in blend]
             vals = [(r, w) for r, w in vals if len(r)]
             self.val = (BlendedReader([r for r, _ in vals], [w for _, w in vals], seed=seed) if vals
-                        else reader(dirs[0], "val"))
+                        else reader(dirs[0], VAL))
         else:
-            self.train, self.val = reader(data_dir, "train"), reader(data_dir, "val")
+            self.train, self.val = reader(data_dir, TRAIN), reader(data_dir, VAL)
         self.manifest = self.train.manifest
         self.num_train_sequences: int | None = len(self.train)
         self.num_val_sequences = len(self.val)
@@ -168,7 +169,7 @@ class StreamingSource:
         if world_size > 1:
             ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
         column = "text" if self.builder == "text" else self.text_column
-        want_val = split == "val"
+        want_val = split == VAL
         for record in ds:
             text = record.get(column)
             if isinstance(text, str) and text.strip() and is_validation(text, self.val_fraction) == want_val:
@@ -191,7 +192,7 @@ class StreamingSource:
         while True:
             produced = 0
             rows, starts = [], []
-            for seq, doc_starts in self._sequences(rank, world_size, "train"):
+            for seq, doc_starts in self._sequences(rank, world_size, TRAIN):
                 produced += 1
                 if skip:
                     skip -= 1
@@ -208,7 +209,7 @@ class StreamingSource:
     def val_batches(self, rank: int, world_size: int, micro_batch_size: int, max_batches: int) -> list[MicroBatch]:
         """The first held-out sequences of the whole stream (read unsplit), sliced per rank like the shard path."""
         need = max_batches * world_size * micro_batch_size
-        seqs = list(islice(self._sequences(0, 1, "val"), need))
+        seqs = list(islice(self._sequences(0, 1, VAL), need))
         out = []
         for idx in eval_indices(len(seqs), rank, world_size, micro_batch_size, max_batches):
             chunk = [seqs[i] for i in np.where(idx >= 0, idx, 0)]

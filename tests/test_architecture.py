@@ -154,3 +154,45 @@ def test_checker_catches_what_it_must(tmp_path, files, expected):
         path.write_text(text)
     graph = import_graph(tmp_path)
     assert (wrong_doors(graph), cycles(graph)) == expected
+
+
+SHARED = {"IGNORE_INDEX": "pretrain.inputs", "SPLITS": "data_prep.encode", "TRAIN": "data_prep.encode",
+          "VAL": "data_prep.encode", "free_port": "lmforge_common", "ENV_SCHEMES": "lmforge_common",
+          "VERSION": "lmforge_common", "EXIT_PREEMPTED": "lmforge_common", "write_json_atomic": "lmforge_common"}
+"""Names shared across modules (docs/architecture.md, "each constant defined once") -> the one module defining them."""
+
+
+def definitions_and_imports(root: Path = ROOT) -> tuple[dict[str, list[str]], dict[tuple[str, str], str]]:
+    """``({name: [defining modules]}, {(module, name): module it imports the name from})`` for the :data:`SHARED`
+    names, at any depth of the code (assignments, tuple targets and defs; absolute imports, as lmforge writes them)."""
+    defined: dict[str, list[str]] = {name: [] for name in SHARED}
+    imported: dict[tuple[str, str], str] = {}
+    for module, path in source_modules(root).items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in SHARED:
+                defined[node.name].append(module)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+                defined.update({n: [*defined[n], module] for n in names if n in SHARED})
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                imported.update({(module, a.name): node.module or "" for a in node.names if a.name in SHARED})
+    return defined, imported
+
+
+def test_shared_constants_are_defined_once_and_imported_from_there():
+    """IGNORE_INDEX, the split names, the free-port helper and the other shared names: one definition each, in the
+    module :data:`SHARED` names, and every import of them leads there (directly or through a re-export)."""
+    defined, imported = definitions_and_imports()
+    assert {name: modules for name, modules in defined.items()} == {name: [home] for name, home in SHARED.items()}
+    for (module, name), source in imported.items():
+        seen = [module]
+        while source != SHARED[name]:
+            assert (source, name) in imported and source not in seen, f"{module} imports {name} from {source}"
+            seen.append(source)
+            source = imported[(source, name)]
+    minus_100 = [module for module, path in source_modules().items()
+                 for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                 if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub)
+                 and isinstance(node.operand, ast.Constant) and node.operand.value == 100]
+    assert minus_100 == ["pretrain.inputs"], "write IGNORE_INDEX, not -100"

@@ -44,6 +44,13 @@ def test_bits_per_byte_is_the_loss_per_byte_of_held_out_text(demo):
     summary = json.loads((out / "run" / "summary.json").read_text())
     assert summary["val_bpb_end"] < summary["val_bpb_start"] and 0 < summary["val_bpb_end"] < 8
     assert "bits per byte" in (out / "hf" / "README.md").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(out / "run" / "tensorboard"))
+    board.Reload()
+    assert "val_bpb" in board.Tags()["scalars"]  # TensorBoard gets it beside val_loss, as float32
+    assert [(e.step, e.value) for e in board.Scalars("val_bpb")] == [
+        (r["step"], pytest.approx(r["val_bpb"], rel=1e-6)) for r in evals]
 
 
 def test_ranks_read_disjoint_samples(demo):

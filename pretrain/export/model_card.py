@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_prep.encode import TRAIN
 from pretrain.errors import ExportError
 from pretrain.export.run_info import RunInfo, training_wall_s
 
@@ -140,7 +141,7 @@ def _mixture(info: RunInfo) -> list[str]:
     consumed, seq_len = int(st.get("consumed_samples", 0)), int(m["seq_len"])
     blend = cfg["data"].get("blend") or []
     if not m.get("blend") or not blend:
-        train = (m.get("splits", {}).get("train") or {}).get("sequences")
+        train = (m.get("splits", {}).get(TRAIN) or {}).get("sequences")
         if not train:
             return []
         return [f"- trained on: {consumed:,} sequences = {consumed * seq_len:,} tokens, {consumed / train:.2f} epochs of the data"]

@@ -1,6 +1,7 @@
-"""Exact deduplication at prep: planted duplicates across two files and two array tasks."""
+"""Exact deduplication at prep: planted duplicates across two files and two array tasks; ``prep stats`` and ``--no-dedup``."""
 import hashlib
 import json
+from pathlib import Path
 
 from data_prep.dedup import normalise
 from data_prep.prep import PrepConfig, prepare
@@ -25,7 +26,22 @@ def _shard_digests(manifest, out):
             for s in split["shards"]]
 
 
-def test_exact_duplicates_are_dropped_first_occurrence_kept_whatever_the_tasks_and_workers(tmp_path, tokenizer_dir):
+def _task_order_stream(manifest, out, split="train"):
+    """The split's tokens in task order, as bytes: each task's full rows (its ``part-T-*`` shards) then the tail it
+    left for the merge (its marker). One task's stream and two tasks' are the same corpus order cut in other places."""
+    import numpy as np
+    import pyarrow as pa
+
+    parts = []
+    for marker in sorted((out / "parts").glob("part-*.json")):
+        rows = [pa.ipc.open_stream(pa.memory_map(str(out / s["path"]), "r")).read_all().column("input_ids").combine_chunks()
+                for s in manifest["splits"][split]["shards"] if Path(s["path"]).name.startswith(marker.stem + "-")]
+        parts += [np.asarray(r.values, dtype=np.int64) for r in rows]
+        parts.append(np.asarray(json.loads(marker.read_text())["splits"][split]["tail_tokens"], dtype=np.int64))
+    return np.concatenate(parts).tobytes()
+
+
+def test_exact_duplicates_are_dropped_first_occurrence_kept_whatever_the_tasks_and_workers(tmp_path, tokenizer_dir, capsys):
     a, b = _write(tmp_path / "a.jsonl", A), _write(tmp_path / "b.jsonl", B)
     assert normalise(B[-3]) == UNIQUE[5]
     one = _prep(tokenizer_dir, [a, b], tmp_path / "one", workers=1)
@@ -34,8 +50,8 @@ def test_exact_duplicates_are_dropped_first_occurrence_kept_whatever_the_tasks_a
 
     hand = tmp_path / "hand"  # the same first occurrences, deduplicated by hand: the same shard bytes
     hand.mkdir()
-    reference = _prep(tokenizer_dir, [_write(hand / "a.jsonl", A[:-1]), _write(hand / "b.jsonl", B[:-3])],
-                      tmp_path / "ref", workers=1, dedup=False)
+    hand_inputs = [_write(hand / "a.jsonl", A[:-1]), _write(hand / "b.jsonl", B[:-3])]
+    reference = _prep(tokenizer_dir, hand_inputs, tmp_path / "ref", workers=1, dedup=False)
     assert _shard_digests(one, tmp_path / "one") == _shard_digests(reference, tmp_path / "ref")
 
     digests = []
@@ -46,7 +62,17 @@ def test_exact_duplicates_are_dropped_first_occurrence_kept_whatever_the_tasks_a
         assert two["counts"] == one["counts"] and two["duplicates_by_source"] == {a: 1, b: 3}
         assert not list((out / "parts").glob("hashes-*"))  # removed after the merge
         digests.append(_shard_digests(two, out))
+        for split in ("train", "val"):  # the same kept documents, token for token, as with one task
+            assert _task_order_stream(two, out, split) == _task_order_stream(one, tmp_path / "one", split), split
     assert digests[0] == digests[1]
 
-    kept = _prep(tokenizer_dir, [a, b], tmp_path / "all", workers=1, dedup=False)
-    assert kept["counts"]["documents"] == 44 and kept["counts"]["duplicates"] == 0
+    from lmforge.cli import main
+
+    assert main(["prep", "stats", str(tmp_path / "one")]) == 0
+    assert f"duplicates dropped 4: {a} 1, {b} 3" in capsys.readouterr().out.splitlines()
+    assert main(["prep", "--input", a, b, "--tokenizer", str(tokenizer_dir), "--output", str(tmp_path / "all"),
+                 "--seq-len", "32", "--val-fraction", "0.2", "--workers", "1", "--no-progress", "--no-dedup"]) == 0
+    kept = json.loads((tmp_path / "all" / "manifest.json").read_text())
+    assert kept["counts"]["documents"] == 44 and kept["counts"]["duplicates"] == 0 and kept["config"]["dedup"] is False
+    assert main(["prep", "stats", str(tmp_path / "all")]) == 0
+    assert "duplicates kept (prepared with --no-dedup)" in capsys.readouterr().out.splitlines()

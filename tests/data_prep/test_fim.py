@@ -59,7 +59,8 @@ def test_malformed_fim_text_is_refused(bad):
 
 
 def test_prep_fim_shards_decode_and_reassemble_to_the_original_documents(tmp_path, corpus_dirs):
-    """prep --fim-rate: every document of the shards, decoded and un-FIM'd, is the corpus document."""
+    """prep --fim-rate: every document of the shards, decoded and un-FIM'd, is the corpus document; the shards are the
+    same bytes with one worker as with two."""
     import json
 
     import numpy as np
@@ -95,6 +96,12 @@ def test_prep_fim_shards_decode_and_reassemble_to_the_original_documents(tmp_pat
         assert manifest["splits"][split]["text_bytes"] == sum(len(d.encode()) for d in expected)
     assert 0.3 < transformed / len(docs) < 0.7
     json.dumps(manifest)
+    one = prepare(PrepConfig(inputs=inputs, tokenizer=str(tok_dir), output=str(tmp_path / "one-worker"), seq_len=256,
+                             val_fraction=0.1, tail="pad", fim_rate=0.5, fim_spm_rate=0.5, workers=1, show_progress=False,
+                             block_bytes=1 << 16))
+    for split in ("train", "val"):  # the FIM draw is per document, not per worker: the same bytes with 1 and 2 workers
+        assert [sh["sha256"] for sh in one["splits"][split]["shards"]] == [
+            sh["sha256"] for sh in manifest["splits"][split]["shards"]], split
 
     plain = tmp_path / "plain"
     train_byte_bpe(inputs, plain, vocab_size=400)

@@ -55,10 +55,11 @@ def test_unknown_keys_bad_values_and_bad_choices_all_in_one_message():
 def test_enumerated_fields_are_literal_types():
     import typing
 
-    from pretrain.config import DeepSpeedConfig, OptimConfig
+    from pretrain.config import DebugConfig, DeepSpeedConfig, OptimConfig
 
     hints = {**typing.get_type_hints(DeepSpeedConfig), **typing.get_type_hints(OptimConfig)}
-    for name in ("zero_stage", "precision", "schedule"):
+    hints["crash_in_save"] = typing.get_type_hints(DebugConfig)["crash_in_save"]
+    for name in ("zero_stage", "precision", "schedule", "crash_in_save"):
         assert typing.get_origin(hints[name]) is typing.Literal, name
 
 
@@ -123,3 +124,19 @@ def test_wandb_needs_wandb_installed():
         pytest.skip("wandb is installed here")
     with pytest.raises(ConfigError, match="wandb_project='proj' but wandb is not installed"):
         load_config(None, ["data.path=d", "data.tokenizer=t", "wandb_project=proj"])
+
+
+def test_each_bad_value_is_reported_once_under_its_own_key_lists_included():
+    """A list with two bad items names each item once and nothing else about the list (indices do not shift)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.tokenizer=t", "optim.lrr=1", "deepspeed.zero_stage=5", "model.preset=llama-huge",
+                           "optim.betas=[a, b]", "data.blend=[{path: a, weight: x}, {path: b, weight: y}]",
+                           "debug.crash_in_save=nope"])
+    problems = str(err.value).removeprefix("invalid config: ").split("; ")
+    keys = [p.split("=")[0].split(":")[0] for p in problems]
+    assert sorted(keys) == sorted(["optim.lrr", "deepspeed.zero_stage", "model.preset", "optim.betas[0]", "optim.betas[1]",
+                                   "data.blend[0].weight", "data.blend[1].weight", "debug.crash_in_save"]), problems
+    assert "optim.betas[0]='a': Input should be a valid number" in problems[keys.index("optim.betas[0]")]
+    assert "optim.betas[1]='b': Input should be a valid number" in problems[keys.index("optim.betas[1]")]
+    assert "'before_rename'" in problems[keys.index("debug.crash_in_save")]
+    assert "model.preset='llama-huge' (allowed: bert-base," in problems[keys.index("model.preset")]
