@@ -260,6 +260,14 @@ class DebugConfig:
     start_skip_batches: int = 0
     """Global batches skipped when this process starts (fresh or resumed), as a rollback skips them: the reference
     run of the rollback tests."""
+    skip_batches_after_step: int = 0
+    """Skip the ``start_skip_batches`` after this optimizer step instead of at start (once per process): a run from
+    step 0 that skips the batches a rollback to this step's checkpoint skips; 0 = at start."""
+    write_error_in_save: str = ""
+    """This write of a save fails with a real EFBIG (it runs under a file size limit of 0 bytes): engine (DeepSpeed's
+    files and the RNG states), digests, probe or state (see ``pretrain.checkpoint.WRITE_POINTS``)."""
+    write_error_at_step: int = 0
+    """The save of this optimizer step gets ``write_error_in_save``; 0 = every save (so the first one fails)."""
     sigterm_at_step: int = 0
     """Rank 0 sends itself SIGTERM after this optimizer step (1-based), or, with ``sigterm_in_eval``, inside the first
     evaluation forward after it (as a preemption notice would arrive); 0 = never."""
@@ -331,6 +339,8 @@ class TrainConfig:
                                 ("guard.skip_batches", self.guard.skip_batches, 0),
                                 ("guard.max_rollbacks", self.guard.max_rollbacks, 0),
                                 ("debug.start_skip_batches", self.debug.start_skip_batches, 0),
+                                ("debug.skip_batches_after_step", self.debug.skip_batches_after_step, 0),
+                                ("debug.write_error_at_step", self.debug.write_error_at_step, 0),
                                 ("preemption.poll_every_steps", self.preemption.poll_every_steps, 1),
                                 ("seq_len", self.seq_len, 0), ("optim.warmup_steps", opt.warmup_steps, 0),
                                 ("data.eval_batches", self.data.eval_batches, 0), ("model.vocab_size", self.model.vocab_size, 0),
@@ -365,10 +375,12 @@ class TrainConfig:
         bad_signals = [n for n in self.preemption.signals if not isinstance(getattr(signal, n, None), signal.Signals)]
         if bad_signals:
             p.append(f"preemption.signals={bad_signals} (allowed: signal names such as SIGTERM, SIGUSR1)")
-        from pretrain.checkpoint import CRASH_POINTS
+        from pretrain.checkpoint import CRASH_POINTS, WRITE_POINTS
 
         if self.debug.crash_in_save not in CRASH_POINTS:
             p.append(f"debug.crash_in_save={self.debug.crash_in_save!r} (allowed: {', '.join(CRASH_POINTS[1:])})")
+        if self.debug.write_error_in_save not in WRITE_POINTS:
+            p.append(f"debug.write_error_in_save={self.debug.write_error_in_save!r} (allowed: {', '.join(WRITE_POINTS[1:])})")
         for key, minutes in [("checkpoint.save_every_minutes", self.checkpoint.save_every_minutes),
                              ("preemption.max_minutes", self.preemption.max_minutes)]:
             if minutes < 0:

@@ -222,7 +222,8 @@ def _train(run: Run, heartbeat: Heartbeat) -> dict:
         closing.callback(stop.restore)
         faults = FaultInjector(cfg.debug, dist, run.engine)
         faults.at_start(state, run.global_batch)
-        checkpointer = Checkpointer(run, saved_step=state.step, crash_point=faults.crash_in_save)
+        checkpointer = Checkpointer(run, saved_step=state.step, crash_point=faults.crash_in_save,
+                                    write_error=(faults.write_error_in_save, faults.write_error_at_step))
         g = cfg.guard
         guard = DivergenceGuard(g.max_consecutive_nonfinite, g.spike_factor, g.spike_window, g.rollback,
                                 g.spike_patience, g.max_rollbacks, state.rollbacks)
@@ -234,6 +235,8 @@ def _train(run: Run, heartbeat: Heartbeat) -> dict:
         closing.callback(metrics.close)
         heartbeat.beat(state.step)  # this process is alive: a rank hanging before its first step shows as stale
         while state.step < cfg.max_steps:
+            if faults.skip_now(state):
+                batches = _training_batches(run, state, index_log)
             faults.before_step(state.step + 1)
             loss, applied = train_step(run.engine, batches, run.inputs, cfg.deepspeed.gradient_accumulation_steps)
             state.advance(run.global_batch, run.tokens_per_step, applied)
