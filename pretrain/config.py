@@ -446,9 +446,22 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return cfg
 
 
+def is_run_config(path: str | Path) -> bool:
+    """``path`` is the ``config.yaml`` a run wrote into its own run folder (next to its ``ds_config.json``).
+
+    Such a file names that folder as its ``run_dir``, whatever ``run_dir`` it records: the run folder is where
+    the file is, so ``lmforge train RUN_DIR/config.yaml`` resumes the run from any directory and after the
+    folder was moved (the recorded ``run_dir`` may be relative to the directory the run was started in).
+    """
+    from pretrain.layout import DS_CONFIG_FILE, RUN_CONFIG_FILE
+
+    path = Path(path)
+    return path.name == RUN_CONFIG_FILE and (path.parent / DS_CONFIG_FILE).is_file()
+
+
 def _merged_input(path: str | Path | None, overrides: Sequence[str]) -> dict:
     """The YAML file merged with the dotted overrides, as plain containers (no type checks yet)."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     bad = [o for o in overrides if "=" not in o]
@@ -460,6 +473,8 @@ def _merged_input(path: str | Path | None, overrides: Sequence[str]) -> dict:
             if not Path(path).is_file():
                 raise ConfigError(f"{path}: config file not found")
             base = OmegaConf.load(str(path))
+            if is_run_config(path) and isinstance(base, DictConfig):
+                base.run_dir = str(Path(path).resolve().parent)  # run_dir= on the command line still wins
         merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
         raw = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as exc:

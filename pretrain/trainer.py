@@ -45,7 +45,7 @@ from pretrain.faults import FaultInjector
 from pretrain.flops import flops_per_token, peak_flops_per_device
 from pretrain.guard import DivergenceGuard, RollbackRequest
 from pretrain.heartbeat import Heartbeat, is_timeout, stall_error
-from pretrain.layout import CHECKPOINT_DIR, MODEL_CONFIG_DIR, SUMMARY_FILE
+from pretrain.layout import CHECKPOINT_DIR, DS_CONFIG_FILE, MODEL_CONFIG_DIR, RUN_CONFIG_FILE, SUMMARY_FILE
 from pretrain.metrics import MetricsLogger, MetricsWriter
 from pretrain.model import (
     attention_problem,
@@ -159,8 +159,8 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     run_dir = Path(cfg.run_dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        write_json_atomic(run_dir / "ds_config.json", build_ds_config(cfg, dist.world_size, model_config=model_config))
+        (run_dir / RUN_CONFIG_FILE).write_text(to_yaml(cfg))
+        write_json_atomic(run_dir / DS_CONFIG_FILE, build_ds_config(cfg, dist.world_size, model_config=model_config))
         model_config.save_pretrained(str(run_dir / MODEL_CONFIG_DIR))
     resume_from = resume_point(cfg)
     universal = resume_from is not None and checkpoint.read_state(resume_from)["world_size"] != dist.world_size
