@@ -101,8 +101,9 @@ class DataConfig:
     """Validation micro batches per data-parallel rank for each evaluation."""
     verify_checksums: bool = False
     """Hash each prepared shard (sha256) the first time a rank opens it and stop with one line naming a shard
-    that differs from its manifest record (bit rot, a partial copy). Costs 1.3 s per GB of shard when the
-    file is in the page cache (measured on one AMD EPYC core), per rank that opens it; the size check is always on."""
+    that differs from its manifest record (bit rot, a partial copy). Costs 2.3 s per GB of shard when the
+    file is in the page cache, per rank that opens it (median of 3 rounds on one AMD EPYC core at load 12,
+    bench/bench_integrity.py); the size check is always on."""
     document_masking: bool = True
     """Causal LMs: block-diagonal attention per document in packed sequences, and no loss on the
     EOS -> next document transition. False trains on packed sequences as one stream (GPT-2 style).
@@ -195,9 +196,11 @@ class CheckpointConfig:
     verify: Literal["off", "size", "checksum"] = "checksum"
     """How a resume checks the checkpoint it picks against the sizes and XXH3-128 digests recorded at save
     (pretrain.integrity): size compares byte counts (a stat per file); checksum also re-reads and hashes
-    every byte, 0.35 s per GB of checkpoint when its pages are cached (measured on one AMD EPYC core;
-    a cold read costs what the file system's read bandwidth allows); off trusts it. A bad checkpoint is
-    named with its bad file and the newest one that verifies is used instead."""
+    every byte: 0.35 s per GB of checkpoint with its pages cached, 0.75 s per GB read from the disk (medians
+    of 3 rounds on a 1 GB checkpoint-like folder, one AMD EPYC core at load 12, bench/bench_integrity.py;
+    a slower file system costs its read bandwidth); off trusts it. A bad checkpoint (a file, or its state
+    file) is named with its bad file and the newest one that verifies is used instead. Every save hashes
+    what it wrote whatever this is (0.5 s per GB in the same bench, about 6% of writing it, split over the ranks)."""
 
 
 @dataclass
