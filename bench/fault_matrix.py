@@ -1,13 +1,40 @@
-"""Fault matrix: each fault N times on real 2-rank runs, fault points drawn at random (seeded); does the run survive?
+"""Fault matrix: the 11 faults of issue 15, each survived or not, N times on real 2-rank runs (seeded draws).
 
-Per case and run: start a run with one injected fault (``debug.*``), let it end, rerun the same command
-without the fault, and compare every step's training loss with one uninterrupted reference run
-(llama-test, fp32, ZeRO 2, a checkpoint every 2 steps). A run **survives** when the rerun finishes
-(exit 0) and every loss equals the reference's bit for bit; **steps lost** counts the steps whose loss is
-missing or differs; **time to resume** is from the rerun's start to its first new training step.
+Start-up dominates the cost of a run (imports, gloo rendezvous, engine set-up: tens of seconds on 2 busy
+cores, against well under a second for the steps of llama-test), so each of the N runs is **one chain**:
+one run folder takes every fault in turn, and each launch both resumes from the previous fault and
+injects the next (as ``tests/faults/test_matrix.py`` does). Per run:
 
-Usage: ``python bench/fault_matrix.py [--runs 10] [--seed 20261125] [--steps 8]``; writes
-``bench/results/fault_matrix.json`` (``bench/report.py`` renders it into BENCHMARKS.md).
+====  ==================================================  ==========================================================
+ #    launch (or action between launches)                   fault
+====  ==================================================  ==========================================================
+ 1    ``debug.inject_nan_at_steps=[a,a+1]``, K=2            2 non-finite steps in a row (``a`` odd, drawn)
+ 2    ``debug.kill_at_step``                                kill -9 at a random step
+ 3-5  ``debug.crash_in_save`` = each point in turn          kill -9 at each crash point of a save (all 3 every run)
+ 6    ``debug.sigterm_in_eval``                             SIGTERM inside an evaluation
+ 7    ``checkpoint.export_every_steps`` + SIGTERM           SIGTERM while a background export runs
+ 8    ``debug.write_error_in_save`` (points in turn)        a write error during a save (a real EFBIG)
+ --   damage the 3 newest checkpoints                       truncated file / flipped byte / truncated state file
+ 9    ``debug.hang_at_step``                                rank 1 hangs
+ 10   ``data.verify_checksums`` on a rotted data copy        a corrupt shard (one byte flipped in every train shard)
+ --   move the run folder, delete the tokenizer folder       moved run dir (then ``train MOVED/config.yaml``, no run_dir)
+ 11   ``guard.rollback=true`` + ``debug.spike_at_steps``    a loss spike with rollback on; runs to the end
+====  ==================================================  ==========================================================
+
+The launch after a fault **judges** it (the corrupt-shard launch writes nothing, so the launch after it judges
+the hang too). References: one uninterrupted run (``REFERENCE``), and per rollback target step ``r`` one
+uninterrupted run from step 0 that skips the same global batches after step ``r``
+(``debug.skip_batches_after_step``), cached by ``r``.
+
+What **survived** means per case (``SURVIVED`` below, also in the JSON): the fault happened as injected (exit
+codes, log lines), and the judging launch resumed from the newest checkpoint that verifies and logged every
+step's loss equal to the reference's, bit for bit. **Steps lost** counts the judging launch's steps whose loss
+differs from the reference (or that it did not reach); **time to resume** is from the judging launch's start
+(imports and set-up included) to its first new training step.
+
+Usage: ``python bench/fault_matrix.py [--runs 10] [--seed 20261125]``; writes ``bench/results/fault_matrix.json``
+(``bench/report.py`` renders it into BENCHMARKS.md) after every run, so an interrupted matrix records the N it
+reached. ``--merge A.json B.json`` combines invocations run side by side with other seeds into one table.
 """
 from __future__ import annotations
 
@@ -15,38 +42,71 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's packages (bench/ is on sys.path already)
 
 from common import bench_data, check_child, lmforge_cmd, python_env, run_child, write_result  # noqa: E402
 
+from data_prep.shards import MANIFEST_NAME  # noqa: E402
 from launch.local import rank_env  # noqa: E402
-from lmforge_common import free_port  # noqa: E402
-from pretrain.checkpoint import CRASH_POINTS  # noqa: E402
+from lmforge_common import EXIT_PREEMPTED, free_port  # noqa: E402
+from pretrain.checkpoint import CRASH_POINTS, STATE_FILE, WRITE_POINTS, complete_checkpoints, read_state, verify_saved  # noqa: E402
+from pretrain.integrity import DIGESTS_KEY  # noqa: E402
 
 NPROC = 2
+STEPS = 24
 TIMEOUT_MINUTES = 0.25
-"""distributed.timeout_minutes of every run: a rank left alone (hang, a kill of rank 0 only) ends after it."""
+"""distributed.timeout_minutes of every run: a rank left alone (a hang) ends after it."""
 BASE = ["model.preset=llama-test", "deepspeed.micro_batch_size=2", "deepspeed.precision=fp32", "deepspeed.zero_stage=2",
         "data.eval_batches=1", "log_every_steps=1", "show_progress=false", "optim.warmup_steps=2", "optim.lr=3e-3",
-        "seed=11", "checkpoint.save_every_steps=2", f"distributed.timeout_minutes={TIMEOUT_MINUTES}"]
-CASES = {
-    "kill -9 at a random step": lambda rng, steps: [f"debug.kill_at_step={rng.randint(1, steps - 1)}"],
-    "kill -9 inside a save": lambda rng, steps: [f"debug.crash_in_save={rng.choice(CRASH_POINTS[1:])}"],
-    "SIGTERM at a random step": lambda rng, steps: [f"debug.sigterm_at_step={rng.randint(1, steps - 1)}"],
-    "SIGTERM during an evaluation": lambda rng, steps: ["eval_every_steps=2", "debug.sigterm_in_eval=true",
-                                                        f"debug.sigterm_at_step={2 * rng.randint(1, steps // 2 - 1)}"],
-    "2 non-finite steps in a row": lambda rng, steps: [f"debug.inject_nan_at_steps=[{(k := rng.randint(1, steps - 2))},{k + 1}]",
-                                                       "guard.max_consecutive_nonfinite=2"],
-    "a rank hangs": lambda rng, steps: [f"debug.hang_at_step={rng.randint(1, steps - 1)}"],
+        "seed=11", "checkpoint.save_every_steps=2", "checkpoint.keep_last=0", "eval_every_steps=2",
+        f"distributed.timeout_minutes={TIMEOUT_MINUTES}"]
+ROLLBACK = ["guard.rollback=true", "guard.spike_patience=2", "guard.spike_window=3", "guard.skip_batches=3",
+            "guard.max_rollbacks=1"]
+SKIP_BATCHES = 3
+
+CASES = ["kill -9 at a random step", "kill -9 at each crash point of a save",
+         "corrupted newest checkpoints (truncated file, flipped byte, truncated state file)",
+         "SIGTERM during an evaluation", "SIGTERM while a background export runs", "2 non-finite steps in a row",
+         "a write error during a save", "a rank hangs", "a corrupt shard", "moved run dir, tokenizer folder deleted",
+         "loss spike with rollback on"]
+SURVIVED = {
+    CASES[0]: "both ranks died by SIGKILL; the rerun resumed from the newest checkpoint and every step's loss "
+              "equals the reference's, bit for bit",
+    CASES[1]: "for each of the 3 crash points (after DeepSpeed's files, before the rename, before `latest`): rank 0 "
+              "died by SIGKILL there, no partial folder was taken, and the rerun's losses equal the reference's",
+    CASES[2]: "the 3 newest checkpoints were damaged (a file truncated to half, one byte flipped, the state file "
+              "truncated); the rerun logged one 'fails verification' line for each, resumed from the 4th newest, "
+              "and its losses equal the reference's",
+    CASES[3]: "SIGTERM inside an evaluation forward: both ranks exited 75 after a save; the rerun's losses equal "
+              "the reference's",
+    CASES[4]: "SIGTERM while the background export of the previous checkpoint ran: both ranks exited 75; the export "
+              "finished and verified on its own (model.safetensors written); the rerun's losses equal the reference's",
+    CASES[5]: "NaN losses on 2 steps in a row starting after a save: both ranks stopped with exit 2 before saving a "
+              "skipped step; the rerun's losses equal the reference's",
+    CASES[6]: "one write of a save failed with a real EFBIG (points in turn: DeepSpeed's files, digest files, probe, "
+              "state file): exit 2 with exactly one line naming the folder and the bytes needed, no traceback, no "
+              "partial folder, the previous checkpoint verifies; the rerun's losses equal the reference's",
+    CASES[7]: "rank 1 slept before a step: rank 0 ended after distributed.timeout_minutes with the line naming "
+              "rank 1; the rerun's losses equal the reference's",
+    CASES[8]: "a byte flipped in every train shard, data.verify_checksums=true: each rank stopped (non-zero) with "
+              "exactly one line naming a shard, before any step; nothing written (no new checkpoint, no partial "
+              "folder, no loss record); after the shard was restored the rerun's losses equal the reference's",
+    CASES[9]: "the run folder moved and its original tokenizer folder deleted: `lmforge train MOVED/config.yaml` "
+              "from another directory, without run_dir=, resumed in the moved folder (nothing created at the old "
+              "path) and its losses equal the reference's",
+    CASES[10]: "an injected spike on 2 steps: exactly one rollback to the newest checkpoint before it, 3 global "
+               "batches skipped; the run ended (exit 0) and every step's final loss equals that of an uninterrupted "
+               "run that skipped the same batches after the same step, bit for bit",
 }
-"""Case name -> the fault's overrides for one run, drawn from ``rng`` for a run of ``steps`` steps."""
 
 
 def fault_data() -> tuple[Path, Path]:
@@ -63,97 +123,394 @@ def fault_data() -> tuple[Path, Path]:
     return tok, data
 
 
-def start(config: Path, run_dir: Path, overrides: list[str]) -> list[subprocess.Popen]:
-    """The ``NPROC`` ranks of one ``lmforge train`` of ``run_dir``."""
+@dataclass
+class Launch:
+    """One finished ``lmforge train`` of a run folder: exit codes, its new metrics records and log text, timing."""
+
+    codes: list[int]
+    records: list[dict]
+    log0: str
+    log1: str
+    resume_s: float
+    """Seconds from the start to the first new loss record (nan: none)."""
+
+    def resumed_from(self) -> int | None:
+        marker = "resumed from step_"
+        at = self.log0.find(marker)
+        return int(self.log0[at + len(marker):at + len(marker) + 8]) if at >= 0 else None
+
+    def losses(self) -> dict[int, float]:
+        """Training loss per step logged by this launch before a rollback (a step logged twice keeps the last)."""
+        out = {}
+        for r in self.records:
+            if "rollback_to_step" in r:
+                break
+            if "loss" in r:
+                out[r["step"]] = r["loss"]
+        return out
+
+
+def launch(config: Path, run_dir: Path, overrides: list[str], cwd: Path | None = None, with_run_dir: bool = True,
+           base: bool = True) -> Launch:
+    """Start the ``NPROC`` ranks of one ``lmforge train CONFIG`` of ``run_dir`` and wait for them: a rank still
+    running 2 s after another died by a signal is killed (as ``lmforge launch local`` does), one still running
+    10 s after another exited (the hung rank, once the others gave up on it) too."""
     port = free_port()
     run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = run_dir / "metrics.jsonl"
+    before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    logs = [run_dir / f"rank{r}.log" for r in range(NPROC)]
+    offsets = [p.stat().st_size if p.exists() else 0 for p in logs]
+    args = [*(BASE if base else []), *([f"run_dir={run_dir}"] if with_run_dir else []), *overrides]
+    t0 = time.monotonic()
     procs = []
     for r in range(NPROC):
-        env = {**python_env(DS_ACCELERATOR="cpu"), **rank_env(r, NPROC, "127.0.0.1", port, 1)}
-        with open(run_dir / f"rank{r}.log", "ab") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "lmforge", "train", str(config), *BASE,
-                                           f"run_dir={run_dir}", *overrides], env=env, stdout=log, stderr=subprocess.STDOUT))
-    return procs
-
-
-def wait(procs: list[subprocess.Popen], alone_s: float = TIMEOUT_MINUTES * 60 + 10) -> list[int]:
-    """Exit codes; a rank still running ``alone_s`` after another ended (a hung rank) is killed."""
-    while all(p.poll() is None for p in procs):
+        env = {**os.environ, **python_env(DS_ACCELERATOR="cpu"), **rank_env(r, NPROC, "127.0.0.1", port, 1)}  # HOME: DeepSpeed's built ops
+        with open(logs[r], "ab") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "lmforge", "train", str(config), *args], env=env,
+                                          stdout=log, stderr=subprocess.STDOUT, cwd=cwd))
+    first_s = float("nan")
+    ended_at = None
+    while any(p.poll() is None for p in procs):
+        if first_s != first_s and metrics.exists():
+            if any("loss" in json.loads(line) for line in metrics.read_text().splitlines()[before:] if line.strip()):
+                first_s = time.monotonic() - t0
+        done = [p.returncode for p in procs if p.poll() is not None]
+        if done and ended_at is None:
+            ended_at = time.monotonic()
+        if ended_at is not None:
+            grace = 2.0 if any(c < 0 for c in done) else 10.0
+            if time.monotonic() - ended_at > grace:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
         time.sleep(0.2)
-    deadline = time.monotonic() + alone_s
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    return [p.wait() for p in procs]
+    codes = [p.wait() for p in procs]
+    lines = metrics.read_text().splitlines()[before:] if metrics.exists() else []
+    records = [json.loads(line) for line in lines if line.strip()]
+    if first_s != first_s and any("loss" in r for r in records):
+        first_s = time.monotonic() - t0  # ended within the last poll
+    texts = [p.read_bytes()[o:].decode("utf-8", "replace") for p, o in zip(logs, offsets)]
+    return Launch(codes, records, texts[0], texts[1], first_s)
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    """Training loss per step; a step logged again after a resume keeps the last value."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
+def newest_verified(run_dir: Path) -> int:
+    """Step of the newest checkpoint that verifies (checksum), 0 for none: where a resume must start."""
+    for step, path in reversed(complete_checkpoints(run_dir / "checkpoints")):
+        if verify_saved(path).usable:
+            return step
+    return 0
+
+
+@dataclass
+class Verdict:
+    """One case of one run."""
+
+    fault_ok: bool
+    notes: list[str] = field(default_factory=list)
+    steps_lost: int = 0
+    resume_s: float = float("nan")
+    judged: bool = False
+
+    @property
+    def survived(self) -> bool:
+        return self.fault_ok and self.judged and self.steps_lost == 0 and not self.notes
+
+
+def judge(verdict: Verdict, nxt: Launch, expected_from: int, reference: dict[int, float], until: int | None = None) -> None:
+    """Score ``verdict`` by launch ``nxt``: it resumed from ``expected_from`` and its losses (steps before ``until``)
+    equal ``reference``'s; steps from the resume to its last logged step that differ or are missing are lost."""
+    verdict.judged = True
+    verdict.resume_s = nxt.resume_s
+    got = nxt.losses()
+    if expected_from and nxt.resumed_from() != expected_from:
+        verdict.notes.append(f"resumed from {nxt.resumed_from()}, expected {expected_from}")
+    last = max([s for s in got if until is None or s < until], default=expected_from)
+    if last <= expected_from:
+        verdict.notes.append("no training step after the resume")
+        verdict.steps_lost += 1
+    verdict.steps_lost += sum(got.get(s) != reference.get(s) for s in range(expected_from + 1, last + 1))
+
+
+def damage(run_dir: Path, rng: random.Random) -> list[tuple[int, str]]:
+    """Damage the 3 newest checkpoints (truncate a file to half / flip one byte / truncate the state file);
+    returns ``(step, what)`` of each."""
+    found = complete_checkpoints(run_dir / "checkpoints")[-3:]
+    out = []
+    for (step, path), how in zip(reversed(found), ("truncated", "flipped", "state")):
+        record = read_state(path)[DIGESTS_KEY]
+        victim = max(record, key=lambda n: record[n]["bytes"]) if how != "flipped" else rng.choice(sorted(record))
+        if how == "state":
+            os.truncate(path / STATE_FILE, (path / STATE_FILE).stat().st_size // 2)
+            victim = STATE_FILE
+        elif how == "truncated":
+            os.truncate(path / victim, record[victim]["bytes"] // 2)
+        else:
+            offset = rng.randrange(record[victim]["bytes"])
+            with open(path / victim, "r+b") as fh:
+                fh.seek(offset)
+                byte = fh.read(1)
+                fh.seek(offset)
+                fh.write(bytes([byte[0] ^ 0xFF]))
+        out.append((step, f"{how} {victim}"))
     return out
 
 
-def resume_timed(config: Path, run_dir: Path) -> tuple[int, float]:
-    """Rerun without the fault: ``(rank 0's exit code, seconds from start to the first new training record)``."""
-    metrics = run_dir / "metrics.jsonl"
-    before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-    t0 = time.monotonic()
-    procs = start(config, run_dir, [])
-    first_s = float("nan")
-    while procs[0].poll() is None:
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        if any("loss" in json.loads(line) for line in lines[before:]):
-            first_s = time.monotonic() - t0
-            break
-        time.sleep(0.2)
-    return wait(procs)[0], first_s
+def rot_shards(data: Path, rng: random.Random) -> dict[Path, tuple[int, bytes]]:
+    """Flip one byte (drawn offset) in every train shard of ``data``; returns what to restore."""
+    records = json.loads((data / MANIFEST_NAME).read_text())["splits"]["train"]["shards"]
+    saved = {}
+    for record in records:
+        path = data / record["path"]
+        offset = rng.randrange(record["bytes"] // 4, record["bytes"])  # past the header, in the token ids
+        with open(path, "r+b") as fh:
+            fh.seek(offset)
+            byte = fh.read(1)
+            fh.seek(offset)
+            fh.write(bytes([byte[0] ^ 0x01]))
+        saved[path] = (offset, byte)
+    return saved
 
 
-def one_run(config: Path, run_dir: Path, overrides: list[str], reference: dict[int, float]) -> dict:
-    t0 = time.monotonic()
-    fault_codes = wait(start(config, run_dir, overrides))
-    code, resume_s = resume_timed(config, run_dir)
-    got = losses(run_dir)
-    lost = sum(got.get(s) != v for s, v in reference.items())
-    return {"fault": overrides, "fault_exit_codes": fault_codes, "resume_exit_code": code, "steps_lost": lost,
-            "survived": code == 0 and lost == 0, "time_to_resume_s": round(resume_s, 2),
-            "wall_s": round(time.monotonic() - t0, 1)}
+def restore(saved: dict[Path, tuple[int, bytes]]) -> None:
+    for path, (offset, byte) in saved.items():
+        with open(path, "r+b") as fh:
+            fh.seek(offset)
+            fh.write(byte)
+
+
+def wait_for(path: Path, timeout_s: float = 600) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    return path.exists()
+
+
+class References:
+    """The uninterrupted reference run, and one per rollback target step (cached)."""
+
+    def __init__(self, work: Path, config: Path):
+        self.work, self.config = work, config
+        self.main = self._run("reference", [])
+        self.rollback: dict[int, dict[int, float]] = {}
+
+    def _run(self, name: str, overrides: list[str]) -> dict[int, float]:
+        ran = launch(self.config, self.work / name, overrides)
+        assert ran.codes == [0] * NPROC, f"reference run failed: see {self.work / name}"
+        got = ran.losses()
+        assert sorted(got) == list(range(1, STEPS + 1)), f"reference {name} logged steps {sorted(got)}"
+        return got
+
+    def skipped_after(self, step: int) -> dict[int, float]:
+        if step not in self.rollback:
+            self.rollback[step] = self._run(f"reference-skip-after-{step}", [f"debug.start_skip_batches={SKIP_BATCHES}",
+                                                                              f"debug.skip_batches_after_step={step}"])
+        return self.rollback[step]
+
+
+def one_chain(index: int, work: Path, tok: Path, data: Path, refs: References, rng: random.Random) -> dict:
+    """Every fault, in turn, on one run folder (see the module docstring); ``{case: verdict dict}`` plus the draws."""
+    t_start = time.monotonic()
+    home = work / f"run{index}"
+    own_tok, own_data = home / "tok", home / "data"
+    shutil.copytree(tok, own_tok)
+    shutil.copytree(data, own_data)
+    config = home / "train.yaml"
+    config.write_text(f"data:\n  path: {own_data}\n  tokenizer: {own_tok}\nmax_steps: {STEPS}\n")
+    run = home / "run"
+    ref = refs.main
+    v = {name: Verdict(False) for name in CASES}
+    draws: dict = {}
+    ckpt = lambda: newest_verified(run)  # noqa: E731
+
+    # 1. K=2 non-finite steps in a row, from an odd step (right after a save)
+    a = draws["nan_from"] = rng.choice((3, 5, 7))
+    f = launch(config, run, [f"debug.inject_nan_at_steps=[{a},{a + 1}]", "guard.max_consecutive_nonfinite=2"])
+    v[CASES[5]].fault_ok = f.codes == [2, 2] and ckpt() == a - 1
+    if not v[CASES[5]].fault_ok:
+        v[CASES[5]].notes.append(f"exit {f.codes}, newest {ckpt()}")
+    # 2. kill -9 at a random step
+    c = ckpt()
+    k = draws["kill_at"] = c + rng.randint(2, 4)  # the kill comes before step k is logged: one step at least is
+    f = launch(config, run, [f"debug.kill_at_step={k}"])
+    judge(v[CASES[5]], f, c, ref)
+    v[CASES[0]].fault_ok = f.codes == [-9, -9]
+    # 3-5. kill -9 at each crash point of the next save
+    crash = v[CASES[1]]
+    crash.fault_ok, crash.judged, resumes = True, True, []
+    previous, prev_from = v[CASES[0]], ckpt()
+    for point in CRASH_POINTS[1:]:
+        c = ckpt()
+        f = launch(config, run, [f"debug.crash_in_save={point}"])
+        part = Verdict(True)
+        judge(part, f, c, ref)
+        if previous is not crash:
+            judge(previous, f, prev_from, ref)
+        else:
+            crash.steps_lost += part.steps_lost
+            crash.notes += part.notes
+            resumes.append(part.resume_s)
+        if f.codes[0] != -9 or list(run.glob("checkpoints/step_*/digests-rank*")):
+            crash.fault_ok = False
+            crash.notes.append(f"{point}: exit {f.codes}")
+        previous, prev_from = crash, ckpt()
+    # 6. SIGTERM inside the evaluation after the next even step
+    c = ckpt()
+    e = draws["sigterm_eval_at"] = c + 2 - c % 2
+    f = launch(config, run, [f"debug.sigterm_at_step={e}", "debug.sigterm_in_eval=true"])
+    part = Verdict(True)
+    judge(part, f, c, ref)
+    crash.steps_lost += part.steps_lost
+    crash.notes += part.notes
+    crash.resume_s = max([*resumes, part.resume_s])
+    v[CASES[3]].fault_ok = f.codes == [EXIT_PREEMPTED] * NPROC and ckpt() in (e, e + 1)
+    # 7. SIGTERM while the background export of the next even step's checkpoint runs
+    c = ckpt()
+    x = c + 2 - c % 2
+    f = launch(config, run, ["checkpoint.export_every_steps=2", f"debug.sigterm_at_step={x + 1}"])
+    judge(v[CASES[3]], f, c, ref)
+    export = run / "hf" / f"step_{x:08d}"
+    v[CASES[4]].fault_ok = f.codes == [EXIT_PREEMPTED] * NPROC
+    draws["export_of"] = x
+    # 8. a write error in the save of the next even step, the writes in turn
+    c = ckpt()
+    w = c + 2 - c % 2
+    point = draws["write_error"] = WRITE_POINTS[1:][index % (len(WRITE_POINTS) - 1)]
+    f = launch(config, run, [f"debug.write_error_in_save={point}", f"debug.write_error_at_step={w}"])
+    judge(v[CASES[4]], f, c, ref)
+    lines = [line for line in f.log0.splitlines() if "could not write the checkpoint" in line]
+    we = v[CASES[6]]
+    we.fault_ok = (f.codes == [2, 2] and len(lines) == 1 and "it needs about" in lines[0] and "Traceback" not in f.log0
+                   and not list(run.glob("checkpoints/.tmp-*")) and ckpt() == c)
+    if not we.fault_ok:
+        we.notes.append(f"exit {f.codes}, {len(lines)} lines, newest {ckpt()} (was {c})")
+    # (export of step x: it must have finished on its own, verified)
+    if not wait_for(export / "model.safetensors"):
+        v[CASES[4]].notes.append("background export did not finish")
+    # -- damage the 3 newest checkpoints; 9. rank 1 hangs 2-3 steps after the checkpoint the resume must fall back to
+    damaged = draws["damaged"] = damage(run, rng)
+    c = ckpt()
+    h = draws["hang_at"] = c + rng.randint(2, 3)
+    f = launch(config, run, [f"debug.hang_at_step={h}"])
+    judge(we, f, c, ref)
+    dmg = v[CASES[2]]
+    dmg.fault_ok = True
+    judge(dmg, f, c, ref)
+    fails = [line for line in f.log0.splitlines() if "fails verification" in line]
+    if len(fails) != len(damaged) or any(f"step_{s:08d}" not in line for (s, _), line in zip(damaged, fails)):
+        dmg.notes.append(f"{len(fails)} 'fails verification' lines for {len(damaged)} damaged checkpoints")
+    hang = v[CASES[7]]
+    hang.fault_ok = (f.codes[0] == 2 and f"step {h}: a collective waited" in f.log0 and "not arrived: rank 1" in f.log0)
+    # 10. a corrupt shard: stops at the first read, naming it, writing nothing
+    c = ckpt()
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    saved = rot_shards(own_data, rng)
+    try:
+        f = launch(config, run, ["data.verify_checksums=true"])
+    finally:
+        restore(saved)
+    shard = v[CASES[8]]
+    named = [[line for line in log.splitlines() if "shard sha256" in line] for log in (f.log0, f.log1)]
+    shard.fault_ok = (all(code not in (0, -9) for code in f.codes) and all(len(n) == 1 for n in named)
+                      and all(any(str(p) in n[0] for p in saved) for n in named)
+                      and sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+                      and not any("loss" in r for r in f.records))
+    if not shard.fault_ok:
+        shard.notes.append(f"exit {f.codes}, shard lines per rank {[len(n) for n in named]}")
+    # -- move the run folder, delete the tokenizer folder; 11. resume it by its own config.yaml, spike, roll back
+    moved = home / "moved" / "run"
+    moved.parent.mkdir()
+    shutil.move(str(run), str(moved))
+    shutil.rmtree(own_tok)
+    elsewhere = home / "elsewhere"
+    elsewhere.mkdir()
+    s = draws["spike_at"] = c + 4 + rng.randint(0, 1)
+    f = launch(moved / "config.yaml", moved, [*ROLLBACK, f"debug.spike_at_steps=[{s},{s + 1}]"], cwd=elsewhere,
+               with_run_dir=False, base=False)
+    mv = v[CASES[9]]
+    mv.fault_ok = not run.exists() and not (elsewhere / "runs").exists()
+    for case in (hang, shard, mv):
+        judge(case, f, c, ref, until=s)
+    rb = v[CASES[10]]
+    marks = [r for r in f.records if "rollback_to_step" in r]
+    rb.fault_ok = f.codes == [0, 0] and len(marks) == 1
+    rb.judged, rb.resume_s = True, f.resume_s
+    if rb.fault_ok:
+        r = draws["rolled_back_to"] = marks[0]["rollback_to_step"]
+        final = {}
+        for line in (moved / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if "loss" in rec:
+                final[rec["step"]] = rec["loss"]
+        expected = refs.skipped_after(r)
+        rb.steps_lost = sum(final.get(step) != loss for step, loss in expected.items())
+        summary = json.loads((moved / "summary.json").read_text())
+        if (summary["rollbacks"], summary["skipped_samples"]) != (1, SKIP_BATCHES * 2 * NPROC):
+            rb.notes.append(f"summary {summary['rollbacks']} rollbacks, {summary['skipped_samples']} skipped")
+    else:
+        rb.notes.append(f"exit {f.codes}, {len(marks)} rollbacks")
+    out = {name: {"survived": x.survived, "steps_lost": x.steps_lost, "time_to_resume_s": round(x.resume_s, 2),
+                  "notes": x.notes} for name, x in v.items()}
+    return {"cases": out, "draws": draws, "wall_s": round(time.monotonic() - t_start, 1), "dir": str(home)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=10, help="runs per case")
+    parser.add_argument("--runs", type=int, default=10, help="runs (chains) per case")
     parser.add_argument("--seed", type=int, default=20261125, help="seed of the fault points")
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (max_steps)")
-    parser.add_argument("--cases", nargs="*", default=list(CASES), help="case names (default: all)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (default: remove each run's when it survived)")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                        help="instead of running: merge the results of separate invocations (other seeds, run side "
+                             "by side) into one table; each keeps its seed, draws and reference runs")
     args = parser.parse_args(argv)
+    if args.merge:
+        parts = [json.loads(path.read_text())["details"] for path in args.merge]
+        chains = [dict(chain, seed=part["seed"]) for part in parts for chain in part["runs"]]
+        write(chains, [part["seed"] for part in parts], sum(part["reference_runs"] for part in parts),
+              max(part["wall_s"] for part in parts), [part["work_dir"] for part in parts],
+              sum(part.get("runs_asked", part["runs_per_case"]) for part in parts))
+        return 0 if all(c["survived"] for chain in chains for c in chain["cases"].values()) else 1
     tok, data = fault_data()
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="fault_matrix-"))
     config = work / "train.yaml"
-    config.write_text(f"data:\n  path: {data}\n  tokenizer: {tok}\nmax_steps: {args.steps}\n")
-    assert wait(start(config, work / "reference", [])) == [0] * NPROC, f"reference run failed: see {work / 'reference'}"
-    reference = losses(work / "reference")
-    rows, details = [], {}
-    print(f"{'case':<32} {'runs':>4} {'survived':>8} {'steps lost':>10} {'worst resume s':>14}")
-    for name in args.cases:
-        runs = [one_run(config, work / f"{name.replace(' ', '_')}-{i}", CASES[name](rng, args.steps), reference)
-                for i in range(args.runs)]
-        details[name] = runs
-        worst = max(r["time_to_resume_s"] for r in runs)
-        survived, lost = sum(r["survived"] for r in runs), sum(r["steps_lost"] for r in runs)
-        print(f"{name:<32} {len(runs):>4} {survived:>8} {lost:>10} {worst:>14.1f}", flush=True)
-        rows.append({"case": name, "runs": len(runs), "survived": survived, "steps_lost": lost, "worst_time_to_resume_s": worst})
+    config.write_text(f"data:\n  path: {data}\n  tokenizer: {tok}\nmax_steps: {STEPS}\n")
+    t0 = time.monotonic()
+    refs = References(work, config)
+    chains = []
+    print(f"work folder {work}", flush=True)
+    for i in range(args.runs):
+        chain = dict(one_chain(i, work, tok, data, refs, rng), seed=args.seed)
+        chains.append(chain)
+        bad = [n for n, c in chain["cases"].items() if not c["survived"]]
+        print(f"run {i + 1}/{args.runs}: {chain['wall_s']:.0f} s, {len(CASES) - len(bad)}/{len(CASES)} cases survived"
+              + (f"; not: {bad} {[chain['cases'][n]['notes'] for n in bad]}" if bad else ""), flush=True)
+        if not bad and not args.keep:
+            shutil.rmtree(chain["dir"], ignore_errors=True)
+        # after every run: an interrupted matrix keeps its honest N
+        write(chains, [args.seed], 1 + len(refs.rollback), time.monotonic() - t0, [str(work)], args.runs)
+    return 0 if all(c["survived"] for chain in chains for c in chain["cases"].values()) else 1
+
+
+def write(chains: list[dict], seeds: list[int], reference_runs: int, wall_s: float, work_dirs: list[str],
+          runs_asked: int) -> None:
+    """Print the table and write ``bench/results/fault_matrix.json`` for ``chains`` (every run so far)."""
+    rows = []
+    for name in CASES:
+        runs = [chain["cases"][name] for chain in chains]
+        times = [r["time_to_resume_s"] for r in runs if r["time_to_resume_s"] == r["time_to_resume_s"]]
+        rows.append({"case": name, "runs": len(runs), "survived": sum(r["survived"] for r in runs),
+                     "steps_lost": sum(r["steps_lost"] for r in runs), "worst_time_to_resume_s": max(times, default=float("nan"))})
+    print(f"{'case':<84} {'runs':>4} {'survived':>8} {'steps lost':>10} {'worst resume s':>14}")
+    for row in rows:
+        print(f"{row['case']:<84} {row['runs']:>4} {row['survived']:>8} {row['steps_lost']:>10} "
+              f"{row['worst_time_to_resume_s']:>14.1f}", flush=True)
     write_result("fault_matrix", "Fault matrix (2 CPU ranks, llama-test, fp32, ZeRO 2)", [],
-                 {"cases": rows, "runs": details, "seed": args.seed, "steps": args.steps, "runs_per_case": args.runs,
-                  "work_dir": str(work)})
-    return 0 if all(r["survived"] == r["runs"] for r in rows) else 1
+                 {"cases": rows, "survived_means": SURVIVED, "runs": chains, "seed": seeds[0] if len(seeds) == 1 else seeds,
+                  "steps": STEPS, "runs_per_case": len(chains), "runs_asked": runs_asked, "reference_runs": reference_runs,
+                  "wall_s": round(wall_s, 1), "work_dir": work_dirs[0] if len(work_dirs) == 1 else work_dirs,
+                  "method": "one chain per run: one run folder takes every fault in turn; each launch resumes "
+                            "from the previous fault and injects the next (see bench/fault_matrix.py)"})
 
 
 if __name__ == "__main__":

@@ -30,11 +30,10 @@ def _checkpoints(path: Path) -> list[Path]:
 
 
 def _verify(args) -> int:
-    from pretrain.checkpoint import read_state
-    from pretrain.integrity import DIGESTS_KEY, verify
+    from pretrain.checkpoint import verify_saved
 
     found = _checkpoints(Path(args.path))
-    verdicts = [verify(p, read_state(p).get(DIGESTS_KEY), args.mode) for p in reversed(found)]  # newest first
+    verdicts = [verify_saved(p, args.mode) for p in reversed(found)]  # newest first
     for verdict in verdicts:
         rate = f" ({verdict.bytes_checked / 1e9:.2f} GB in {verdict.seconds:.1f} s)" if verdict.bytes_checked else ""
         print(verdict.line() + rate)

@@ -12,12 +12,16 @@ Layout under ``run_dir/checkpoints``::
 Save protocol (every rank): DeepSpeed writes its partitions under the temporary tag; each rank adds
 its RNG state; barrier; each rank hashes its share of the files (:mod:`pretrain.integrity`); barrier;
 rank 0 merges the digests, writes the probe (and its digest) and ``lmforge_state.json`` (with the
-size and XXH3-128 of every other file under ``files``) and renames the folder to its final tag
-(the atomic completion mark), then rewrites ``latest``; barrier. A kill -9 at any point leaves either
-the previous complete checkpoint or the new one, never a partial one that resume would pick.
+size and XXH3-128 of every other file under ``files``, and the XXH3-128 of its own content under
+``state_xxh3_128``) and renames the folder to its final tag (the atomic completion mark), then rewrites
+``latest``; barrier. A kill -9 at any point leaves either the previous complete checkpoint or the new
+one, never a partial one that resume would pick. A write error at any point (disk full, quota, file
+size limit) ends the save on every rank with one :class:`CheckpointWriteError` line and removes the
+partial folder; the previous checkpoint is untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -31,9 +35,9 @@ from typing import get_args
 
 import numpy as np
 
-from lmforge_common import UserError, write_json_atomic
+from lmforge_common import UserError, write_bytes_atomic, write_json_atomic
 from pretrain import integrity
-from pretrain.config import CrashPoint
+from pretrain.config import CrashPoint, WritePoint
 
 STATE_FILE = "lmforge_state.json"
 PROBE_FILE = "probe.safetensors"
@@ -41,6 +45,10 @@ TMP_PREFIX = ".tmp-"
 TAG_RE = re.compile(r"^step_(\d{8})$")
 CRASH_POINTS: tuple[str, ...] = get_args(CrashPoint)
 """Fault-injection points inside a save (``debug.crash_in_save``), for the kill-during-save tests; "" = none."""
+WRITE_POINTS: tuple[str, ...] = get_args(WritePoint)
+"""The writes of a save, in order (``debug.write_error_in_save``); "" = none."""
+STATE_DIGEST_KEY = "state_xxh3_128"
+"""Key of the XXH3-128 of the state file's own content (every other key, canonical JSON) in ``lmforge_state.json``."""
 
 
 @dataclass
@@ -94,9 +102,46 @@ def latest_complete(checkpoint_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def state_digest(state: dict) -> str:
+    """XXH3-128 of ``state`` as canonical JSON (keys sorted, after a JSON round trip, so what is read back hashes
+    the same as what was written)."""
+    import xxhash
+
+    canonical = json.dumps(json.loads(json.dumps(state)), sort_keys=True, separators=(",", ":"))
+    return xxhash.xxh3_128_hexdigest(canonical.encode("utf-8"))
+
+
 def read_state(tag_dir: str | Path) -> dict:
-    """The ``lmforge_state.json`` of a complete checkpoint."""
-    return json.loads((Path(tag_dir) / STATE_FILE).read_text(encoding="utf-8"))
+    """The ``lmforge_state.json`` of a complete checkpoint, checked against its own recorded digest
+    (a state file written before the digest existed is taken as it is).
+
+    Raises:
+        integrity.StateFileError: the file is not valid UTF-8 JSON (truncated, a flipped byte) or its
+            content does not match its recorded digest.
+    """
+    path = Path(tag_dir) / STATE_FILE
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        raise integrity.StateFileError(f"{path}: unreadable ({exc})") from None
+    want = state.pop(STATE_DIGEST_KEY, None)
+    if want is not None and (got := state_digest(state)) != want:
+        raise integrity.StateFileError(f"{path}: content {integrity.HASH_NAME} {got}, recorded {want}")
+    return state
+
+
+def verify_saved(tag_dir: str | Path, mode: integrity.VerifyMode = "checksum",
+                 record: dict | None = None) -> integrity.Verdict:
+    """:func:`pretrain.integrity.verify` of checkpoint ``tag_dir`` against the record in its state file
+    (or ``record``, a share of it); a state file that cannot be read makes the checkpoint bad, naming it."""
+    if record is None:
+        try:
+            record = read_state(tag_dir).get(integrity.DIGESTS_KEY)
+        except integrity.StateFileError as exc:
+            return integrity.Verdict(Path(tag_dir), "bad", [f"{STATE_FILE}: {str(exc).split(': ', 1)[1]}"])
+    return integrity.verify(tag_dir, record, mode)
 
 
 def rng_states() -> dict:
@@ -126,8 +171,27 @@ def _save_atomic_torch(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _write_error_if(point: str, fault_point: str):
+    """Fault injection (``debug.write_error_in_save``): the writes of ``point`` run under a file size limit of
+    0 bytes (RLIMIT_FSIZE, SIGXFSZ ignored), so they fail with a real EFBIG, as on a full disk or quota."""
+    if not fault_point or point != fault_point:
+        yield
+        return
+    import resource
+
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
 def save(engine, checkpoint_dir: str | Path, state: TrainState, rank: int, lmforge_state: dict,
-         probe_fn=None, crash_point: str = "") -> Path:
+         probe_fn=None, crash_point: str = "", write_error: str = "") -> Path:
     """Collective: write a complete checkpoint for ``state.step`` (see the module docstring).
 
     Args:
@@ -135,8 +199,13 @@ def save(engine, checkpoint_dir: str | Path, state: TrainState, rank: int, lmfor
         probe_fn: collective callable returning ``{name: tensor}`` on rank 0 (``None`` elsewhere) to
             store as ``probe.safetensors``.
         crash_point: fault injection, one of :data:`CRASH_POINTS`.
+        write_error: fault injection, one of :data:`WRITE_POINTS`: that write fails (a real EFBIG).
 
     Returns the final checkpoint folder.
+
+    Raises:
+        CheckpointWriteError: on every rank, when a write of any rank failed for lack of space (one line
+            naming the folder and the bytes needed); the partial folder is removed.
     """
     import torch.distributed as dist
 
@@ -147,35 +216,47 @@ def save(engine, checkpoint_dir: str | Path, state: TrainState, rank: int, lmfor
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
+    failure = None
     try:
-        engine.save_checkpoint(str(root), tag=TMP_PREFIX + tag, client_state={"train_state": vars(state)}, save_latest=False)
-        _save_atomic_torch(rng_states(), tmp / f"rng_state_rank{rank}.pt")
-        failure = None
+        with _write_error_if("engine", write_error):
+            engine.save_checkpoint(str(root), tag=TMP_PREFIX + tag, client_state={"train_state": vars(state)},
+                                   save_latest=False)
+            _save_atomic_torch(rng_states(), tmp / f"rng_state_rank{rank}.pt")
     except (OSError, RuntimeError) as exc:
         failure = _storage_failure(exc, tmp, rank, engine)
     _agree_on_write(failure, tmp, rank)
     probe = probe_fn() if probe_fn is not None else None
     _crash_if("after_engine_save", crash_point)
     dist.barrier()  # every rank's files exist: hash them while their pages are still cached
-    integrity.write_rank_digests(tmp, rank, dist.get_world_size(), exclude=(STATE_FILE, PROBE_FILE))
-    dist.barrier()
+    try:
+        with _write_error_if("digests", write_error):
+            integrity.write_rank_digests(tmp, rank, dist.get_world_size(), exclude=(STATE_FILE, PROBE_FILE))
+    except OSError as exc:
+        failure = _storage_failure(exc, tmp, rank, engine)
+    _agree_on_write(failure, tmp, rank)
     if rank == 0:
-        record = integrity.merge_rank_digests(tmp, dist.get_world_size())
-        if probe is not None:
-            from safetensors.torch import save_file
+        try:
+            record = integrity.merge_rank_digests(tmp, dist.get_world_size())
+            if probe is not None:
+                from safetensors.torch import save as safetensors_bytes
 
-            save_file(probe["tensors"], str(tmp / PROBE_FILE), metadata=probe["metadata"])
-            record.update(integrity.digest(tmp, [PROBE_FILE]))
-        write_json_atomic(tmp / STATE_FILE, {**vars(state), "tag": tag, **lmforge_state,
-                                             integrity.DIGESTS_KEY: dict(sorted(record.items()))})
+                with _write_error_if("probe", write_error):  # bytes written by Python: a failed write is an OSError
+                    write_bytes_atomic(tmp / PROBE_FILE, safetensors_bytes(probe["tensors"], metadata=probe["metadata"]))
+                record.update(integrity.digest(tmp, [PROBE_FILE]))
+            content = {**vars(state), "tag": tag, **lmforge_state, integrity.DIGESTS_KEY: dict(sorted(record.items()))}
+            with _write_error_if("state", write_error):
+                write_json_atomic(tmp / STATE_FILE, {**content, STATE_DIGEST_KEY: state_digest(content)})
+                write_bytes_atomic(root / "latest.tmp", tag.encode())  # space taken now: the rename below cannot fail for it
+        except OSError as exc:
+            failure = _storage_failure(exc, tmp, rank, engine)
+    _agree_on_write(failure, tmp, rank)
+    if rank == 0:
         _crash_if("before_rename", crash_point)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _crash_if("before_latest", crash_point)
-        latest_tmp = root / "latest.tmp"
-        latest_tmp.write_text(tag)
-        os.replace(latest_tmp, root / "latest")
+        os.replace(root / "latest.tmp", root / "latest")
     dist.barrier()
     return final
 
@@ -198,16 +279,29 @@ def _storage_failure(exc: Exception, tmp: Path, rank: int, engine) -> str:
     if isinstance(exc, RuntimeError) and TORCH_WRITE_FAILURE not in str(exc):
         raise exc
     free = shutil.disk_usage(tmp.parent).free if tmp.parent.is_dir() else 0
-    return (f"{tmp}: rank {rank} could not write the checkpoint ({exc.strerror if isinstance(exc, OSError) else 'torch.save write failed'}): "
+    return (f"{tmp}: rank {rank} could not write the checkpoint ({_write_error_text(exc, tmp)}): "
             f"it needs about {needed_bytes(tmp.parent, engine)} bytes, {free} bytes free on that file system (or a quota / "
             "file size limit); the previous checkpoint is intact")
+
+
+def _write_error_text(exc: Exception, tmp: Path) -> str:
+    """``strerror``, with the file when the error names one (relative to the checkpoint folder)."""
+    if not isinstance(exc, OSError):
+        return "torch.save write failed"
+    name = exc.filename if isinstance(exc.filename, str) else ""
+    if name:
+        name = os.path.relpath(name, tmp) if os.path.abspath(name).startswith(str(tmp.absolute())) else name
+    return f"{exc.strerror}{f' writing {name}' if name else ''}"
 
 
 def needed_bytes(checkpoint_dir: Path, engine) -> int:
     """Bytes a checkpoint takes: the newest complete one's recorded file sizes, else 16 bytes per parameter
     (fp32 weights, fp32 master copy, Adam's two moments; Rajbhandari et al. 2020, ZeRO, section 3.1)."""
     newest = latest_complete(checkpoint_dir)
-    record = read_state(newest).get(integrity.DIGESTS_KEY) if newest is not None else None
+    try:
+        record = read_state(newest).get(integrity.DIGESTS_KEY) if newest is not None else None
+    except integrity.StateFileError:
+        record = None
     if record:
         return sum(f["bytes"] for f in record.values())
     return 16 * sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # ZeRO-3: full size

@@ -138,7 +138,10 @@ def verify_checkpoint(path: Path, mode: integrity.VerifyMode) -> integrity.Verdi
     """
     import torch.distributed as dist
 
-    record = checkpoint.read_state(path).get(integrity.DIGESTS_KEY)
+    try:  # every rank reads the same state file, so every rank takes the same branch
+        record = checkpoint.read_state(path).get(integrity.DIGESTS_KEY)
+    except integrity.StateFileError:
+        return checkpoint.verify_saved(path, mode)  # bad, naming the state file
     if not (dist.is_available() and dist.is_initialized()) or mode == "off" or not record:
         return integrity.verify(path, record, mode)
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -181,11 +184,12 @@ def resume(run: Run, tag_dir: Path) -> tuple[TrainState, dict]:
 
 def rollback(run: Run, before_step: int, protect=()) -> tuple[TrainState, Path]:
     """Collective: restore the newest complete checkpoint older than ``before_step`` (the first step of a loss
-    spike); rank 0 then deletes the newer ones (they hold the spike) except those in ``protect`` (being
+    spike) that passes ``checkpoint.verify``; rank 0 then deletes the newer ones (they hold the spike) except those in ``protect`` (being
     exported), and points ``latest`` at the restored one, so a resume never starts inside the spike.
 
     Raises:
         UserError: no complete checkpoint older than ``before_step`` is left.
+        CheckpointIntegrityError: none of them verifies.
     """
     import torch.distributed as dist
 
@@ -195,7 +199,15 @@ def rollback(run: Run, before_step: int, protect=()) -> tuple[TrainState, Path]:
         ck = run.cfg.checkpoint
         raise UserError(f"{run.checkpoint_dir}: no complete checkpoint before step {before_step} to roll back to "
                         f"(checkpoint.save_every_steps={ck.save_every_steps}, keep_last={ck.keep_last})")
-    step, path = older[-1]
+    for candidate in reversed(older):  # the newest that verifies (a checkpoint damaged since its save is passed over)
+        verdict = verify_checkpoint(candidate[1], run.cfg.checkpoint.verify)
+        if verdict.usable:
+            step, path = candidate
+            break
+        log_rank0("checkpoint %s fails verification (%s), rolling back further", candidate[1], "; ".join(verdict.problems))
+    else:
+        raise CheckpointIntegrityError(f"{run.checkpoint_dir}: no checkpoint before step {before_step} verifies; "
+                                       "restore the files or set guard.rollback=false")
     universal = checkpoint.read_state(path)["world_size"] != run.dist.world_size
     state = checkpoint.load(run.engine, path, run.dist.rank, universal=universal)
     dist.barrier()
@@ -236,10 +248,12 @@ def probe(run: Run) -> dict | None:
 class Checkpointer:
     """Owns the save cadence, pruning and (rank 0) the background Hugging Face exports."""
 
-    def __init__(self, run: Run, saved_step: int, crash_point: str = ""):
+    def __init__(self, run: Run, saved_step: int, crash_point: str = "", write_error: tuple[str, int] = ("", 0)):
         """``saved_step``: the step of the checkpoint the run resumed from (0 for a fresh start);
-        ``crash_point``: fault injection inside the next save (``pretrain.checkpoint.CRASH_POINTS``)."""
-        self.run, self.crash_point = run, crash_point
+        ``crash_point``: fault injection inside the next save (``pretrain.checkpoint.CRASH_POINTS``);
+        ``write_error``: fault injection ``(write, step)``: that write of the save of that step (0: of every save)
+        fails (``pretrain.checkpoint.WRITE_POINTS``)."""
+        self.run, self.crash_point, self.write_error = run, crash_point, write_error
         ck = run.cfg.checkpoint
         self.save_every_steps, self.save_every_minutes = ck.save_every_steps, ck.save_every_minutes
         self.saved_step = saved_step
@@ -276,7 +290,8 @@ class Checkpointer:
                                 "data_order": ORDER_NAME, "config_yaml": to_yaml(cfg),
                                 "tokenizer_dir": RUN_TOKENIZER_DIR,
                                 "hardware": f"{run.dist.world_size} x {device_description()}", **extras},
-                               probe_fn=lambda: probe(run), crash_point=self.crash_point)
+                               probe_fn=lambda: probe(run), crash_point=self.crash_point,
+                               write_error=self.write_error[0] if self.write_error[1] in (0, state.step) else "")
         if run.dist.is_main:
             every = cfg.checkpoint.export_every_steps
             if every and state.step % every == 0:

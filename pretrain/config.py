@@ -27,6 +27,9 @@ Attention = Literal["sdpa", "flash_attention_2", "flex_attention", "eager"]
 """Attention kernels: transformers' ``attn_implementation`` values."""
 CrashPoint = Literal["", "after_engine_save", "before_rename", "before_latest"]
 """Fault-injection points inside a save (``debug.crash_in_save``; "" = none), for the kill-during-save tests."""
+WritePoint = Literal["", "engine", "digests", "probe", "state"]
+"""The writes of a save, in order (``debug.write_error_in_save``; "" = none): DeepSpeed's files and the RNG states
+(every rank), the digest files (every rank), the probe and the state file (rank 0)."""
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 ZERO_STAGES: tuple[int, ...] = get_args(ZeroStage)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
@@ -102,8 +105,9 @@ class DataConfig:
     """Validation micro batches per data-parallel rank for each evaluation."""
     verify_checksums: bool = False
     """Hash each prepared shard (sha256) the first time a rank opens it and stop with one line naming a shard
-    that differs from its manifest record (bit rot, a partial copy). Costs 1.3 s per GB of shard when the
-    file is in the page cache (measured on one AMD EPYC core), per rank that opens it; the size check is always on."""
+    that differs from its manifest record (bit rot, a partial copy). Costs 2.3 s per GB of shard when the
+    file is in the page cache, per rank that opens it (median of 3 rounds on one AMD EPYC core at load 12,
+    bench/bench_integrity.py); the size check is always on."""
     document_masking: bool = True
     """Causal LMs: block-diagonal attention per document in packed sequences, and no loss on the
     EOS -> next document transition. False trains on packed sequences as one stream (GPT-2 style).
@@ -196,9 +200,11 @@ class CheckpointConfig:
     verify: Literal["off", "size", "checksum"] = "checksum"
     """How a resume checks the checkpoint it picks against the sizes and XXH3-128 digests recorded at save
     (pretrain.integrity): size compares byte counts (a stat per file); checksum also re-reads and hashes
-    every byte, 0.35 s per GB of checkpoint when its pages are cached (measured on one AMD EPYC core;
-    a cold read costs what the file system's read bandwidth allows); off trusts it. A bad checkpoint is
-    named with its bad file and the newest one that verifies is used instead."""
+    every byte: 0.35 s per GB of checkpoint with its pages cached, 0.75 s per GB read from the disk (medians
+    of 3 rounds on a 1 GB checkpoint-like folder, one AMD EPYC core at load 12, bench/bench_integrity.py;
+    a slower file system costs its read bandwidth); off trusts it. A bad checkpoint (a file, or its state
+    file) is named with its bad file and the newest one that verifies is used instead. Every save hashes
+    what it wrote whatever this is (0.5 s per GB in the same bench, about 6% of writing it, split over the ranks)."""
 
 
 @dataclass
@@ -261,6 +267,14 @@ class DebugConfig:
     start_skip_batches: int = 0
     """Global batches skipped when this process starts (fresh or resumed), as a rollback skips them: the reference
     run of the rollback tests."""
+    skip_batches_after_step: int = 0
+    """Skip the ``start_skip_batches`` after this optimizer step instead of at start (once per process): a run from
+    step 0 that skips the batches a rollback to this step's checkpoint skips; 0 = at start."""
+    write_error_in_save: WritePoint = ""
+    """This write of a save fails with a real EFBIG (it runs under a file size limit of 0 bytes): engine (DeepSpeed's
+    files and the RNG states), digests, probe or state (see ``pretrain.checkpoint.WRITE_POINTS``)."""
+    write_error_at_step: int = 0
+    """The save of this optimizer step gets ``write_error_in_save``; 0 = every save (so the first one fails)."""
     sigterm_at_step: int = 0
     """Rank 0 sends itself SIGTERM after this optimizer step (1-based), or, with ``sigterm_in_eval``, inside the first
     evaluation forward after it (as a preemption notice would arrive); 0 = never."""
@@ -332,6 +346,8 @@ class TrainConfig:
                                 ("guard.skip_batches", self.guard.skip_batches, 0),
                                 ("guard.max_rollbacks", self.guard.max_rollbacks, 0),
                                 ("debug.start_skip_batches", self.debug.start_skip_batches, 0),
+                                ("debug.skip_batches_after_step", self.debug.skip_batches_after_step, 0),
+                                ("debug.write_error_at_step", self.debug.write_error_at_step, 0),
                                 ("preemption.poll_every_steps", self.preemption.poll_every_steps, 1),
                                 ("seq_len", self.seq_len, 0), ("optim.warmup_steps", opt.warmup_steps, 0),
                                 ("data.eval_batches", self.data.eval_batches, 0), ("model.vocab_size", self.model.vocab_size, 0),
@@ -422,9 +438,22 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return cfg
 
 
+def is_run_config(path: str | Path) -> bool:
+    """``path`` is the ``config.yaml`` a run wrote into its own run folder (next to its ``ds_config.json``).
+
+    Such a file names that folder as its ``run_dir``, whatever ``run_dir`` it records: the run folder is where
+    the file is, so ``lmforge train RUN_DIR/config.yaml`` resumes the run from any directory and after the
+    folder was moved (the recorded ``run_dir`` may be relative to the directory the run was started in).
+    """
+    from pretrain.layout import DS_CONFIG_FILE, RUN_CONFIG_FILE
+
+    path = Path(path)
+    return path.name == RUN_CONFIG_FILE and (path.parent / DS_CONFIG_FILE).is_file()
+
+
 def _merged_input(path: str | Path | None, overrides: Sequence[str]) -> dict:
     """The YAML file merged with the dotted overrides, as plain containers (no type checks yet)."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     bad = [o for o in overrides if "=" not in o]
@@ -436,6 +465,8 @@ def _merged_input(path: str | Path | None, overrides: Sequence[str]) -> dict:
             if not Path(path).is_file():
                 raise ConfigError(f"{path}: config file not found")
             base = OmegaConf.load(str(path))
+            if is_run_config(path) and isinstance(base, DictConfig):
+                base.run_dir = str(Path(path).resolve().parent)  # run_dir= on the command line still wins
         merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
         raw = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as exc:

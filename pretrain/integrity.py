@@ -33,6 +33,10 @@ class CheckpointIntegrityError(UserError):
     """No checkpoint matches the sizes and digests recorded when it was saved (the message names the bad files)."""
 
 
+class StateFileError(CheckpointIntegrityError):
+    """A checkpoint's ``lmforge_state.json`` is unreadable or does not match its own recorded digest."""
+
+
 def hash_file(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> str:
     """XXH3-128 hex digest of a file, read in ``chunk_bytes`` pieces (bytes)."""
     import xxhash

@@ -1,5 +1,10 @@
 """Names inside a run dir, shared by the trainer and the export without importing the trainer."""
 
+RUN_CONFIG_FILE = "config.yaml"
+"""The resolved lmforge config of the run, rewritten at every start; as a config file it names its own folder
+as ``run_dir`` (:func:`pretrain.config.is_run_config`)."""
+DS_CONFIG_FILE = "ds_config.json"
+"""The generated DeepSpeed config of the run."""
 CHECKPOINT_DIR = "checkpoints"
 """Complete checkpoints (pretrain.checkpoint)."""
 MODEL_CONFIG_DIR = "model"

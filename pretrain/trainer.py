@@ -45,7 +45,7 @@ from pretrain.faults import FaultInjector
 from pretrain.flops import flops_per_token, peak_flops_per_device
 from pretrain.guard import DivergenceGuard, RollbackRequest
 from pretrain.heartbeat import Heartbeat, is_timeout, stall_error
-from pretrain.layout import CHECKPOINT_DIR, MODEL_CONFIG_DIR, SUMMARY_FILE
+from pretrain.layout import CHECKPOINT_DIR, DS_CONFIG_FILE, MODEL_CONFIG_DIR, RUN_CONFIG_FILE, SUMMARY_FILE
 from pretrain.metrics import MetricsLogger, MetricsWriter
 from pretrain.model import (
     attention_problem,
@@ -159,8 +159,8 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> Run:
     run_dir = Path(cfg.run_dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        write_json_atomic(run_dir / "ds_config.json", build_ds_config(cfg, dist.world_size, model_config=model_config))
+        (run_dir / RUN_CONFIG_FILE).write_text(to_yaml(cfg))
+        write_json_atomic(run_dir / DS_CONFIG_FILE, build_ds_config(cfg, dist.world_size, model_config=model_config))
         model_config.save_pretrained(str(run_dir / MODEL_CONFIG_DIR))
     resume_from = resume_point(cfg)
     universal = resume_from is not None and checkpoint.read_state(resume_from)["world_size"] != dist.world_size
@@ -222,7 +222,8 @@ def _train(run: Run, heartbeat: Heartbeat) -> dict:
         closing.callback(stop.restore)
         faults = FaultInjector(cfg.debug, dist, run.engine)
         faults.at_start(state, run.global_batch)
-        checkpointer = Checkpointer(run, saved_step=state.step, crash_point=faults.crash_in_save)
+        checkpointer = Checkpointer(run, saved_step=state.step, crash_point=faults.crash_in_save,
+                                    write_error=(faults.write_error_in_save, faults.write_error_at_step))
         g = cfg.guard
         guard = DivergenceGuard(g.max_consecutive_nonfinite, g.spike_factor, g.spike_window, g.rollback,
                                 g.spike_patience, g.max_rollbacks, state.rollbacks)
@@ -234,6 +235,8 @@ def _train(run: Run, heartbeat: Heartbeat) -> dict:
         closing.callback(metrics.close)
         heartbeat.beat(state.step)  # this process is alive: a rank hanging before its first step shows as stale
         while state.step < cfg.max_steps:
+            if faults.skip_now(state):
+                batches = _training_batches(run, state, index_log)
             faults.before_step(state.step + 1)
             loss, applied = train_step(run.engine, batches, run.inputs, cfg.deepspeed.gradient_accumulation_steps)
             state.advance(run.global_batch, run.tokens_per_step, applied)

@@ -17,7 +17,7 @@ from typing import Any
 from data_prep.tokenizer.folder import TOKENIZER_FILE, fingerprint
 from pretrain import checkpoint
 from pretrain.errors import ExportError
-from pretrain.integrity import DIGESTS_KEY, VerifyMode, verify
+from pretrain.integrity import VerifyMode
 from pretrain.layout import CHECKPOINT_DIR, MODEL_CONFIG_DIR, SUMMARY_FILE
 from pretrain.metrics import METRICS_FILE
 from pretrain.model import MASKED_LM_TYPES
@@ -96,7 +96,7 @@ def verify_files(tag_dir: Path, mode: VerifyMode = "checksum") -> Path:
     Raises:
         ExportError: a file is missing, has another size or another digest (the message names it).
     """
-    verdict = verify(tag_dir, checkpoint.read_state(tag_dir).get(DIGESTS_KEY), mode)
+    verdict = checkpoint.verify_saved(tag_dir, mode)
     if not verdict.usable:
         raise ExportError(f"{verdict.line()}; this checkpoint cannot be exported "
                           "(`lmforge checkpoint verify RUN_DIR` lists the checkpoints that verify)")

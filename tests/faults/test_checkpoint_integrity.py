@@ -3,7 +3,8 @@
 One 2-rank gloo run saves step 2 and step 4; a file of step 4 is truncated, as a flaky file system
 leaves it; the resume falls back to step 2 by itself with one log line naming the file, and
 ``lmforge checkpoint verify`` names it and exits 1. A flipped byte (same size) is caught by the
-checksum mode only.
+checksum mode only; a training resume then falls back past it and trains the lost steps again to the same
+losses, bit for bit. A corrupt state file is in test_save_writes.py.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pretrain.errors import ExportError
 from pretrain.export.run_info import resolve_checkpoint
 from pretrain.integrity import DIGESTS_KEY, CheckpointIntegrityError, checkpoint_files
 from pretrain.trainer import resume_point
-from tests.pretrain.conftest import TINY, Ranks
+from tests.pretrain.conftest import TINY, Ranks, losses_by_step
 
 
 def _largest(record: dict) -> str:
@@ -76,7 +77,17 @@ def test_resume_falls_back_from_a_truncated_checkpoint_and_verify_names_the_file
     assert resume_point(load_config(None, base)) == ck / "step_00000004"
     with pytest.raises(CheckpointIntegrityError, match=f"step_00000006: BAD: {victim}"):
         resume_point(load_config(None, [*base, "checkpoint.resume=step_00000006"]))
-    for tag_dir in (step2, ck / "step_00000004"):
-        (tag_dir / "probe.safetensors").unlink()
+
+    # a training resume past the flipped byte: back to step 4, and steps 5 and 6 trained again to the same losses
+    before = losses_by_step(run_dir)
+    assert Ranks(config, 2, [*args, "max_steps=8"], run_dir).wait() == [0, 0]
+    log = (run_dir / "rank0.log").read_text()
+    why = [line for line in log.splitlines() if "fails verification" in line]
+    assert len(why) == 2 and str(step6) in why[1] and f"{victim}: xxh3_128 " in why[1], why
+    assert "resumed from step_00000004: step 4" in log
+    after = losses_by_step(run_dir)
+    assert [after[s] for s in (5, 6)] == [before[s] for s in (5, 6)]  # bit for bit
+    for tag_dir in (step2, ck / "step_00000004", ck / "step_00000006", ck / "step_00000008"):
+        (tag_dir / "probe.safetensors").unlink(missing_ok=True)
     with pytest.raises(CheckpointIntegrityError, match="no checkpoint verifies .*probe.safetensors: missing"):
         resume_point(load_config(None, base))

@@ -1,13 +1,13 @@
 """The fault matrix on real 2-rank DeepSpeed runs (llama-test, fp32, ZeRO 2): each fault, then a check that
 nothing is lost, i.e. the losses after it match an uninterrupted reference bit for bit.
 
-One reference run serves the kill and signal cases; a rollback case has its own reference (the same
-data skipped from its start). Checkpoint-integrity faults (truncated files, write errors) are in
+One reference run serves the kill and signal cases; the rollback case has its own reference: a run from
+step 0 without spikes that skips the same global batches after the step the rollback returns to
+(``debug.skip_batches_after_step``), as the issue asks. Checkpoint-integrity faults (truncated files, write errors) are in
 test_checkpoint_integrity.py.
 """
 import json
 import random
-import shutil
 import time
 
 from lmforge_common import EXIT_PREEMPTED, read_heartbeat
@@ -87,15 +87,13 @@ def test_loss_spike_rolls_back_skips_data_and_a_resume_replays_the_same_data(sta
     assert "step 7: loss spike for 2 steps from step 6; rolled back to step_00000004 and skipping 3 global batches" in log
     assert read_state(tmp_path / "spiked" / "checkpoints" / "step_00000008")["skipped_samples"] == 3 * GLOBAL_BATCH
     assert start_run("spiked", 2, *BASE, *ROLLBACK, "debug.spike_at_steps=[6,7]").wait() == [0, 0]
-    # reference: the same step-4 checkpoint, the same 3 batches skipped from its start
-    (tmp_path / "skipped" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "spiked" / "checkpoints" / "step_00000004", tmp_path / "skipped" / "checkpoints" / "step_00000004")
-    assert start_run("skipped", 2, *BASE, "debug.start_skip_batches=3").wait() == [0, 0]
+    # reference: an uninterrupted run from step 0, without spikes, that skips the same 3 global batches after step 4
+    assert start_run("skipped", 2, *BASE, "debug.start_skip_batches=3", "debug.skip_batches_after_step=4").wait() == [0, 0]
     spiked, skipped = losses_by_step(tmp_path / "spiked"), losses_by_step(tmp_path / "skipped")
-    assert sorted(skipped) == list(range(5, 13))
-    assert {s: spiked[s] for s in skipped} == skipped  # bit for bit, through the rollback and the kill
+    assert sorted(skipped) == list(range(1, 13))
+    assert spiked == skipped  # every step, bit for bit, through the spike, the rollback, the kill and the resume
     visits = sample_visits(tmp_path / "spiked")
-    assert {s: v[-1] for s, v in visits.items() if s >= 4} == samples_by_step(tmp_path / "skipped")
+    assert {s: v[-1] for s, v in visits.items()} == samples_by_step(tmp_path / "skipped")
     spike_batches = set().union(*(visits[s][0] for s in (4, 5, 6)))  # steps 5-7 before the rollback
     assert len(visits[4]) == 2 and not spike_batches & set().union(*(v[-1] for v in visits.values()))
     summary = json.loads((tmp_path / "spiked" / "summary.json").read_text())

@@ -1,5 +1,6 @@
 """A run folder stands on its own: export, resume and ``lmforge verify`` work from another directory, after
-the run folder moved and the original tokenizer folder was deleted (the run keeps its own copy)."""
+the run folder moved and the original tokenizer folder was deleted (the run keeps its own copy). The resume is
+``lmforge train MOVED/config.yaml`` with no ``run_dir=``: a run folder's own config.yaml names that folder."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,7 @@ from data_prep.tokenizer.folder import fingerprint
 from launch.local import rank_env
 from lmforge_common import free_port
 from pretrain.checkpoint import read_state
+from pretrain.config import load_config
 from tests.pretrain.conftest import TINY
 
 
@@ -48,7 +50,13 @@ def test_run_folder_moved_without_its_tokenizer_exports_resumes_and_verifies_fro
     assert fingerprint(elsewhere / "hf") == fingerprint(tokenizer_dir)
     verified = _lmforge(elsewhere, "verify", "hf", "--probe", str(moved / "checkpoints" / "step_00000002" / "probe.safetensors"))
     assert verified.returncode == 0 and "logits match the trained model's" in verified.stdout, verified.stderr[-3000:]
-    resumed = _lmforge(elsewhere, "train", str(moved / "config.yaml"), f"run_dir={moved}", "max_steps=3", rank=True)
+    # the run folder's own config.yaml names that folder as run_dir (it records the relative runs/r), unless overridden
+    assert yaml.safe_load((moved / "config.yaml").read_text())["run_dir"] == "runs/r"
+    assert load_config(moved / "config.yaml").run_dir == str(moved.resolve())
+    assert load_config(moved / "config.yaml", ["run_dir=other"]).run_dir == "other"
+    assert load_config(start / "train.yaml").run_dir == "runs/train"  # any other config file: as written
+    resumed = _lmforge(elsewhere, "train", str(moved / "config.yaml"), "max_steps=3", rank=True)  # no run_dir=
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from step_00000002: step 2" in resumed.stdout + resumed.stderr
     assert read_state(moved / "checkpoints" / "step_00000003")["step"] == 3
+    assert not (elsewhere / "runs").exists() and not run_dir.exists()  # no new run started beside it

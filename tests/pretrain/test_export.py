@@ -21,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pretrain.checkpoint import STATE_FILE
+from pretrain.checkpoint import STATE_DIGEST_KEY, STATE_FILE, state_digest
 from pretrain.export.verify import LOGIT_TOLERANCE
 from pretrain.integrity import DIGESTS_KEY, digest
 from tests.pretrain.conftest import TINY, Ranks
@@ -80,8 +80,9 @@ def _corrupt(tag_dir: Path, name: str) -> None:
     # wrong values written at save time, not rot after it: the checkpoint's own digests match the files,
     # so it is the export's logits check, not pretrain.integrity, that must catch them
     state = json.loads((tag_dir / STATE_FILE).read_text())
+    state.pop(STATE_DIGEST_KEY, None)
     state[DIGESTS_KEY].update(digest(tag_dir, sorted({os.path.relpath(ext.path, tag_dir) for ext in plan.extents})))
-    (tag_dir / STATE_FILE).write_text(json.dumps(state))
+    (tag_dir / STATE_FILE).write_text(json.dumps({**state, STATE_DIGEST_KEY: state_digest(state)}))
 
 
 @pytest.fixture(scope="module")
