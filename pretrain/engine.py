@@ -160,8 +160,9 @@ def build_optimizer(model, cfg: TrainConfig):
     CPU is the single-tensor loop, whose ``exp_avg_sq.sqrt() / bias_correction2_sqrt`` makes two temporaries the
     size of the tensor; under ZeRO a tensor is a rank's whole flat partition (stage 1-2) or sub-group (stage 3),
     so each optimizer step held two more copies of it (issue 14, with the flat gradient copy of
-    :func:`zero3_sizes`: the 0.87 GiB transient of llama-350m's ZeRO-3 step on 4 CPU ranks). The loop's update within fp32 rounding (the kernel orders its operations differently); a resume stays
-    bit-exact, as every step of a run uses the same kernel.
+    :func:`zero3_sizes`: the 0.87 GiB transient of llama-350m's ZeRO-3 step on 4 CPU ranks). The loop's update
+    within fp32 rounding (the kernel orders its operations differently); a resume stays bit-exact, as every step
+    of a run uses the same kernel.
     """
     import torch
 
