@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from pretrain.config import TrainConfig
 from pretrain.errors import ConfigError
 
-FIXED_OVERHEAD_BYTES = 590_557_184
+FIXED_OVERHEAD_BYTES = 616_775_680
 """Peak RSS of one rank of a model too small to matter (llama-test, 0.36M parameters: under 10 MB of model
-states and activations; ZeRO 3, 4 CPU ranks, micro batch 1, seq_len 256, 3 steps): the largest of the 4 ranks,
-measured with bench/memory_plan.py on the 2-core dev box (BENCHMARKS.md, "Memory plan")."""
+states and activations; fp32, ZeRO 3, 4 CPU ranks, micro batch 1, seq_len 256, 3 steps): the largest of the 4
+ranks, measured with bench/memory_plan.py on the 2-core dev box (BENCHMARKS.md, "Memory plan"; the same launch
+in bf16 peaked at 590,557,184)."""
 GPU_OVERHEAD_BYTES = 2**30
 """Device memory outside the model on GPU (CUDA context, allocator caching): an estimate, not measured here."""
 THIS_MACHINE = "this machine"
@@ -154,10 +155,17 @@ def model_state_bytes(n: int, largest: int, stage: int, ranks_per_node: int, nod
         int(cpu), int(gpu)
 
 
-def _split(gpu_mem: int, n: int, largest: int, cfg: TrainConfig, world_size: int) -> tuple[int, int, int]:
-    """``gpu_mem`` split into (parameters, gradients, optimizer states) with DeepSpeed's per-parameter bytes."""
+def _split(gpu_mem: int, n: int, largest: int, cfg: TrainConfig, world_size: int,
+           sub_group: int = 0) -> tuple[int, int, int]:
+    """``gpu_mem`` split into (parameters, gradients, optimizer states) with DeepSpeed's per-parameter bytes.
+
+    Stage 3 in fp32 without optimizer offload is lmforge's own count instead (:func:`_zero3_fp32`);
+    ``sub_group``: its ``zero_optimization.sub_group_size``.
+    """
     ds = cfg.deepspeed
     shards = 1 if ds.zero_stage == 0 else world_size
+    if ds.zero_stage == 3 and ds.precision == "fp32" and not ds.offload_optimizer:
+        return _zero3_fp32(gpu_mem, n, world_size, sub_group)
     if ds.offload_optimizer:
         params = gpu_mem
         grads = optimizer = 0
@@ -170,6 +178,22 @@ def _split(gpu_mem: int, n: int, largest: int, cfg: TrainConfig, world_size: int
         params += 2 * resident
         grads += 2 * (n // shards if ds.zero_stage >= 2 else n) * (not ds.offload_optimizer)
     return params, grads, optimizer
+
+
+def _zero3_fp32(gpu_mem: int, n: int, world_size: int, sub_group: int) -> tuple[int, int, int]:
+    """Stage 3, fp32, optimizer on the device: (parameters, gradients, optimizer states) per rank.
+
+    The estimator's 18 bytes per parameter (2 16-bit params + 2 16-bit grads + 4 fp32 grads + 4 fp32 master + 8 Adam)
+    do not describe lmforge's fp32 stage 3: the parameter partitions are the fp32 master weights
+    (:func:`pretrain.engine.share_fp32_master_weights`), the gradient partition is fp32, and the fp32 gradient copy
+    exists for one sub-group at a time during the step (``sub_group_size``, :func:`pretrain.engine.zero3_sizes`). So:
+    parameters 4 n/R plus the estimator's term for the gathered layers (``gpu_mem`` less its 18 n/R), gradients
+    4 n/R, optimizer states 8 n/R (Adam) plus 4 x ``sub_group``: 16 bytes per parameter, as the ZeRO paper
+    counts, measured so (BENCHMARKS.md, "Memory plan": steady RSS rises by 16 n/R over construction and step 1).
+    """
+    shard = n // world_size
+    gathered = max(gpu_mem - 18 * shard, 0)
+    return 4 * shard + gathered, 4 * shard, 8 * shard + 4 * min(sub_group or shard, shard)
 
 
 def plan_memory(cfg: TrainConfig, model_config, seq_len: int, world_size: int, ranks_per_node: int,
@@ -188,7 +212,15 @@ def plan_memory(cfg: TrainConfig, model_config, seq_len: int, world_size: int, r
     nodes = max(world_size // ranks_per_node, 1)
     estimator, cpu_mem, gpu_mem = model_state_bytes(n, largest, ds.zero_stage, ranks_per_node, nodes,
                                                     ds.offload_optimizer, ds.offload_params)
-    params, grads, optimizer = _split(gpu_mem, n, largest, cfg, world_size)
+    sub_group = 0
+    if ds.zero_stage == 3:
+        from pretrain.engine import DEEPSPEED_SUB_GROUP_SIZE, build_ds_config
+
+        zero = build_ds_config(cfg, world_size, model_config=model_config)["zero_optimization"]
+        sub_group = int(zero.get("sub_group_size", DEEPSPEED_SUB_GROUP_SIZE))
+        if ds.precision == "fp32" and not ds.offload_optimizer:
+            estimator += " (fp32: lmforge's count of 16 bytes per parameter, see pretrain.plan._zero3_fp32)"
+    params, grads, optimizer = _split(gpu_mem, n, largest, cfg, world_size, sub_group)
     host = cpu_mem // ranks_per_node if device == "cpu" else 0
     fused = bool(cfg.model.loss_chunk_tokens) and ds.zero_stage < 3 and model_config.model_type in FUSED_LOSS_MODEL_TYPES
     acts = activation_bytes(cfg, model_config, seq_len, fused)

@@ -40,6 +40,25 @@ def test_model_states_are_deepspeeds_estimates(stage):
     assert plan.fits is True
 
 
+def test_zero3_fp32_model_states_are_16_bytes_per_parameter_plus_one_sub_group():
+    """fp32 partitions are the master weights (pretrain.engine.share_fp32_master_weights): 4 params + 4 grads + 8 Adam
+    bytes per parameter over the ranks, the estimator's gathered layers, and one sub-group's fp32 gradient copy."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    from pretrain.engine import zero3_sizes
+
+    model_config = build_model_config("llama-350m", 2048, 256, {})
+    cfg = TrainConfig()
+    cfg.model.preset, cfg.deepspeed.zero_stage, cfg.deepspeed.precision = "llama-350m", 3, "fp32"
+    plan = plan_memory(cfg, model_config, 256, world_size=4, ranks_per_node=4, device="cpu", available_bytes=2**40)
+    n = count_parameters(model_config)
+    _, gpu, _ = estimate_zero3_model_states_mem_needs(n, plan.largest_layer_params, 4, 1, cpu_offload=False, zero_init=True)
+    gathered = gpu - 18 * (n // 4)
+    assert (plan.params_bytes, plan.grads_bytes) == (4 * (n // 4) + gathered, 4 * (n // 4))
+    assert plan.optimizer_bytes == 8 * (n // 4) + 4 * zero3_sizes(model_config)["sub_group_size"]
+    assert "lmforge's count of 16 bytes per parameter" in plan.estimator
+
+
 def test_plan_refuses_llama_7b_at_zero3_on_2_ranks(config_file, capsys, monkeypatch):
     monkeypatch.setenv(AVAILABLE_ENV, str(24 * 2**30))  # this dev box: 24 GB
     code = main(["plan", str(config_file), "model.preset=llama-7b", "deepspeed.zero_stage=3",
