@@ -89,9 +89,13 @@ def zero3_sizes(model_config) -> dict:
     - ``reduce_bucket_size = h*h``, ``stage3_prefetch_bucket_size = 0.9*h*h`` and
       ``stage3_param_persistence_threshold = 10*h``: the Hugging Face Trainer's ``"auto"`` values
       (``transformers.integrations.deepspeed.HfTrainerDeepSpeedConfig.trainer_config_finalize``).
-    - ``stage3_max_live_parameters = stage3_max_reuse_distance`` = two transformer layers' parameters (the
-      layer computing and the one prefetched), at least the prefetch bucket: lmforge's choice, as DeepSpeed's
-      tuning guide advises lowering both when memory is short (docs: "ZeRO-3 Offload", max_live_parameters).
+    - ``stage3_max_live_parameters = stage3_max_reuse_distance`` = the prefetch bucket, ``0.9*h*h``: lmforge's
+      choice, measured. DeepSpeed's docs say smaller values use less memory and communicate more. At two
+      transformer layers (the first choice) llama-350m's ZeRO-3 peak (fp32, 4 CPU ranks) rose by 0.11 GiB
+      per rank from the third step on, once DeepSpeed had traced the module order and prefetched up to the
+      limit: 2.40 against 2.29 GiB at the prefetch bucket, which keeps it within the ZeRO paper's bound
+      (issue 14, BENCHMARKS.md). Raise both in ``deepspeed.config_file`` when device memory is plentiful
+      and the all-gathers are the bottleneck.
     - ``sub_group_size`` = one transformer layer's parameters, at least ``h*h``, at most DeepSpeed's default 1e9:
       lmforge's choice. Stage 3 runs the optimizer one sub-group of this rank's partition at a time and first
       copies the sub-group's gradients into a new flat fp32 tensor (``_prepare_fp32_grad_for_sub_group``), 4 bytes
@@ -109,7 +113,7 @@ def zero3_sizes(model_config) -> dict:
     h = hidden_size(model_config)
     embeddings = model_config.vocab_size * h * (1 if getattr(model_config, "tie_word_embeddings", False) else 2)
     per_layer = max(count_parameters(model_config) - embeddings, 0) // num_layers(model_config)
-    live = max(2 * per_layer, int(0.9 * h * h))
+    live = int(0.9 * h * h)
     return {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
             "stage3_param_persistence_threshold": 10 * h, "stage3_max_live_parameters": live,
             "stage3_max_reuse_distance": live, "sub_group_size": min(max(per_layer, h * h), DEEPSPEED_SUB_GROUP_SIZE)}
