@@ -215,7 +215,7 @@ def memory_plan_section(results: dict[str, dict], source: str) -> list[str]:
              "and the final checkpoint save included), on the bench's stdlib slice with a 2048-token tokenizer. Plan = "
              "`lmforge plan` with the same overrides, run with the measurement (`pretrain/plan.py` of that commit).", "",
              "| model | ZeRO stage | ranks | steps | overrides | peak RSS per rank, each rank (GiB) | measured max (GiB) "
-             "| plan (GiB) | plan vs measured | result |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| plan (GiB) | plan vs measured | result | measured on |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in sorted(measured.items(), key=lambda kv: (kv[1].get("preset") != FOOTPRINT_PRESET, kv[0])):
         peak, plan = r.get("max_peak_rss_bytes"), (r.get("plan") or {}).get("per_rank_bytes")
         each = " / ".join(_gib(v) for _, v in sorted(r.get("peak_rss_bytes", {}).items(), key=lambda kv: int(kv[0])))
@@ -223,7 +223,7 @@ def memory_plan_section(results: dict[str, dict], source: str) -> list[str]:
         model = r.get("preset", "?") + (" (footprint B)" if r.get("preset") == FOOTPRINT_PRESET else "")
         lines.append(f"| {model} | {r.get('zero_stage')} | {r.get('nproc')} | {r.get('max_steps')} | "
                      f"{' '.join(r.get('overrides', [])) or '-'} | {each} | {_gib(peak)} | {_gib(plan)} | {versus} | "
-                     f"`{name}` |")
+                     f"`{name}` | {(r.get('date') or 'not recorded')[:10]} |")
     lines.append("")
     for name, r in sorted(measured.items()):
         if r.get("zero_stage") != 3 or r.get("preset") == FOOTPRINT_PRESET or not r.get("plan"):
