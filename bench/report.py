@@ -213,7 +213,8 @@ def memory_plan_section(results: dict[str, dict], source: str) -> list[str]:
              "Peak RSS per rank = the largest `VmHWM` of the rank's process, sampled from /proc every 0.2 s, of a real "
              "`lmforge launch local --force` run: micro batch 1, seq_len 256, the steps given (start and end evaluation "
              "and the final checkpoint save included), on the bench's stdlib slice with a 2048-token tokenizer. Plan = "
-             "`lmforge plan` with the same overrides, run with the measurement (`pretrain/plan.py` of that commit).", "",
+             "`lmforge plan` with the same overrides, run with the measurement (`pretrain/plan.py` of that commit) or "
+             "recomputed later by `bench/memory_plan.py --replan` (the file's `replanned` date).", "",
              "| model | ZeRO stage | ranks | steps | overrides | peak RSS per rank, each rank (GiB) | measured max (GiB) "
              "| plan (GiB) | plan vs measured | result | measured on |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in sorted(measured.items(), key=lambda kv: (kv[1].get("preset") != FOOTPRINT_PRESET, kv[0])):
@@ -223,7 +224,7 @@ def memory_plan_section(results: dict[str, dict], source: str) -> list[str]:
         model = r.get("preset", "?") + (" (footprint B)" if r.get("preset") == FOOTPRINT_PRESET else "")
         lines.append(f"| {model} | {r.get('zero_stage')} | {r.get('nproc')} | {r.get('max_steps')} | "
                      f"{' '.join(r.get('overrides', [])) or '-'} | {each} | {_gib(peak)} | {_gib(plan)} | {versus} | "
-                     f"`{name}` | {(r.get('date') or 'not recorded')[:10]} |")
+                     f"`{name}` | {r['date'][:10] if r.get('date') else 'not recorded'} |")
     lines.append("")
     for name, r in sorted(measured.items()):
         if r.get("zero_stage") != 3 or r.get("preset") == FOOTPRINT_PRESET or not r.get("plan"):
@@ -231,7 +232,7 @@ def memory_plan_section(results: dict[str, dict], source: str) -> list[str]:
         base = [(k, b) for k, b in sorted(measured.items()) if b.get("preset") == FOOTPRINT_PRESET and _same_launch(b, r)]
         if not base:
             lines.append(f"- ZeRO-3 bound for {r['preset']} on {r['nproc']} ranks: not checked, no "
-                         f"{FOOTPRINT_PRESET} run of the same launch (`{name}.json`).")
+                         f"{FOOTPRINT_PRESET} run of the same launch (`{name}`).")
             continue
         base_name, b, n, ranks = base[0][0], base[0][1]["max_peak_rss_bytes"], r["plan"]["n_params"], r["nproc"]
         bound = b + 1.5 * 16 * n / ranks
