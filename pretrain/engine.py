@@ -225,7 +225,7 @@ def share_fp32_master_weights() -> bool:
             self.device = name
 
     create_fp32_partitions.lmforge_shares_fp32 = True  # type: ignore[attr-defined]
-    DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions = create_fp32_partitions  # type: ignore[method-assign]
+    DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions = create_fp32_partitions
     return True
 
 
