@@ -291,12 +291,13 @@ def flops_per_token(model_config, seq_len: int) -> tuple[float, int]:
 
 
 def bench_data(name: str = "stdlib", corpus: Sequence[str] = ("stdlib",), vocab_size: int = 8192,
-               seq_len: int = 256) -> tuple[Path, Path]:
+               seq_len: int = 256, prep_args: Sequence[str] = ()) -> tuple[Path, Path]:
     """``(tokenizer_dir, prepared_dir)`` of the bench corpus, built once with the lmforge CLI and cached.
 
     The default is the demo's input: the Python standard library (~31.5 MB, ~8.6M tokens), a
     byte-level BPE of 8192 tokens, 256-token packed sequences. Built with ``lmforge tokenizer
-    train`` and ``lmforge prep`` (about a minute on 2 cores) under ``bench/.cache/<name>``.
+    train`` and ``lmforge prep`` (about a minute on 2 cores) under ``bench/.cache/<name>``. ``prep_args``:
+    more ``lmforge prep`` options (give the cache its own ``name`` when they change the data).
     """
     root = CACHE_DIR / f"{name}-v{vocab_size}-s{seq_len}"
     tok, data = root / "tokenizer", root / "data"
@@ -308,7 +309,7 @@ def bench_data(name: str = "stdlib", corpus: Sequence[str] = ("stdlib",), vocab_
     if not (data / "manifest.json").is_file():
         print(f"bench data: prep at seq_len {seq_len} -> {data}", flush=True)
         check_child(run_child(lmforge_cmd("prep", "--input", *corpus, "--tokenizer", str(tok), "--output", str(data),
-                                          "--seq-len", str(seq_len), "--overwrite"), env=env), "lmforge prep")
+                                          "--seq-len", str(seq_len), "--overwrite", *prep_args), env=env), "lmforge prep")
     return tok, data
 
 

@@ -41,6 +41,9 @@ def add_launch(sub) -> None:
     slurm.add_argument("--signal-grace-s", type=int, default=300,
                        help="seconds before the time limit at which the ranks get SIGUSR1 to save (default 300)")
     slurm.add_argument("--socket-ifname", default=None, help="network interface for NCCL / gloo (e.g. ib0)")
+    slurm.add_argument("--gpu-mem", default=None,
+                       help="memory of one GPU, e.g. 80G: the memory plan checks each rank against it before submitting "
+                            "(without it, GPU ranks are not checked: this machine cannot see the nodes' devices)")
     _add_train_args(slurm)
     slurm.set_defaults(handler=_slurm)
 
@@ -129,10 +132,13 @@ def _preempted(cfg) -> int:
 
 
 def memory_preflight(args, world_size: int, ranks_per_node: int, device: str | None = None,
-                     available_bytes: int | str | None = "this machine") -> None:
+                     available_bytes: int | str | None = "this machine",
+                     host_available_bytes: int | str | None = "this machine", unknown: str = "") -> None:
     """Refuse before any rank starts when the memory plan (pretrain.plan) does not fit; ``--force`` only warns.
 
-    ``available_bytes`` per rank: ``"this machine"`` (measured here), a number, or None (unknown: only printed).
+    ``available_bytes`` per rank: ``"this machine"`` (measured here), a number, or None (unknown: only printed,
+    with ``unknown`` saying what would make it checked); ``host_available_bytes`` the same for the host memory of
+    a GPU rank.
 
     Raises:
         MemoryPlanError: one line: needed and available bytes per rank, and the knob that would fit.
@@ -142,13 +148,13 @@ def memory_preflight(args, world_size: int, ranks_per_node: int, device: str | N
 
     try:
         plan = check_memory(load_config(args.config, args.overrides), world_size, ranks_per_node, device,
-                            available_bytes)
+                            available_bytes, host_available_bytes)
     except MemoryPlanError as exc:
         if not args.force:
             raise
         print(f"lmforge: warning (--force): {exc}", file=sys.stderr)
         return
-    verdict = "fits" if plan.fits else "not checked (available memory unknown)"
+    verdict = "fits" if plan.fits else f"NOT CHECKED: available memory unknown{unknown}"
     print(f"memory plan: {plan.per_rank_bytes / 2**30:.2f} GiB per rank of "
           f"{(plan.available_bytes or 0) / 2**30:.2f} GiB available: {verdict}", file=sys.stderr)
 
@@ -161,13 +167,44 @@ def _hosts(hostfile: str | None) -> int:
     return max(1, sum(1 for ln in lines if ln))
 
 
-def _mem_bytes(mem: str | None) -> int | None:
-    """sbatch ``--mem`` (default unit MiB; K, M, G, T suffixes) in bytes; None when absent or 0 (all)."""
+def _cluster_node_mem(partition: str | None) -> int | None:
+    """The smallest node memory (bytes) ``sinfo`` reports for ``partition`` (all partitions without one); None
+    when sinfo is missing, fails or reports none. Slurm's ``RealMemory`` is in MiB (``%m``, "+" when nodes differ)."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("sinfo"):
+        return None
+    command = ["sinfo", "--noheader", "--format=%m", *(["--partition", partition] if partition else [])]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sizes = [int(word.rstrip("+")) for word in out.split() if word.rstrip("+").isdigit()]
+    return min(sizes) * 2**20 if sizes and min(sizes) > 0 else None
+
+
+def _slurm_memory(args, gpus_per_node: int) -> tuple[int | None, int | None, str]:
+    """``(device bytes per rank, host bytes per rank, what is unknown)`` for the memory plan of a Slurm job: the
+    host memory is ``--mem`` (per node) or, without it, the smallest node of the partition per ``sinfo``, divided
+    among the node's ranks; the device memory ``--gpu-mem``. CPU nodes: both are the host memory."""
+    per_node = max(gpus_per_node, 1)
+    node_mem = _mem_bytes(args.mem) or _cluster_node_mem(args.partition)
+    host = node_mem // per_node if node_mem else None
+    if not gpus_per_node:
+        return host, host, "" if host else " (give --mem, or run where sinfo answers)"
+    device = _mem_bytes(args.gpu_mem, default_unit=2**30) if args.gpu_mem else None
+    return device, host, "" if device else " (give --gpu-mem, e.g. 80G)"
+
+
+def _mem_bytes(mem: str | None, default_unit: int = 2**20) -> int | None:
+    """sbatch ``--mem`` (default unit MiB; K, M, G, T suffixes) in bytes; None when absent or 0 (all). ``default_unit``:
+    bytes of a number without a suffix."""
     if not mem or mem.strip() in ("0", "0M", "0G"):
         return None
     units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     text = mem.strip().upper()
-    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(float(text) * 2**20)
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(float(text) * default_unit)
 
 
 def _local(args) -> int:
@@ -205,11 +242,10 @@ def _slurm(args) -> int:
     from launch.slurm import submit, write_script
 
     opts = _slurm_options(args)
-    if not args.dry_run:  # the nodes' memory: --mem on CPU; unknown on GPU nodes (the plan is printed, not enforced)
-        per_node = max(opts.gpus_per_node, 1)
-        node_mem = _mem_bytes(args.mem) if not opts.gpus_per_node else None
-        memory_preflight(args, opts.world_size, per_node, "gpu" if opts.gpus_per_node else "cpu",
-                         node_mem // per_node if node_mem else None)
+    if not args.dry_run:  # the plan is checked against the nodes' memory where it is known (_slurm_memory)
+        device, host, unknown = _slurm_memory(args, opts.gpus_per_node)
+        memory_preflight(args, opts.world_size, max(opts.gpus_per_node, 1), "gpu" if opts.gpus_per_node else "cpu",
+                         device, host, unknown)
     command, cfg = _train_command(args, check=not args.dry_run, device="cuda" if opts.gpus_per_node else "cpu")
     run_dir = os.path.abspath(cfg.run_dir)
     script = render_train_script(opts, command, run_dir, os.getcwd())

@@ -215,10 +215,12 @@ class PreemptionConfig:
     """Under Slurm, run ``scontrol requeue $SLURM_JOB_ID`` after the preemption save."""
     max_minutes: float = 0.0
     """Wall-clock budget in minutes; when spent, save and exit with code 75 as on a signal. 0 = none."""
-    poll_every_steps: int = 1
+    poll_every_steps: int = 0
     """Optimizer steps between the all-reduces that agree on a stop (signal, time budget) and a time-based
-    save; the last step always polls. Above 1 saves a collective and a host-device sync per step, and
-    reacts up to that many steps later (keep the signal's grace time above that many steps plus a save)."""
+    save; the last step always polls. 0 (default) = every step on CPU ranks, every 10 steps on GPU ranks
+    (``pretrain.preemption.AUTO_POLL_EVERY_STEPS_GPU``): on GPU the all-reduce's result is read back, a host-device sync per
+    step, while a CPU step (seconds) dwarfs a 3-float gloo all-reduce. Above 1 the ranks react up to that
+    many steps later: keep the signal's grace time above that many steps plus a save."""
 
 
 @dataclass
@@ -348,7 +350,7 @@ class TrainConfig:
                                 ("debug.start_skip_batches", self.debug.start_skip_batches, 0),
                                 ("debug.skip_batches_after_step", self.debug.skip_batches_after_step, 0),
                                 ("debug.write_error_at_step", self.debug.write_error_at_step, 0),
-                                ("preemption.poll_every_steps", self.preemption.poll_every_steps, 1),
+                                ("preemption.poll_every_steps", self.preemption.poll_every_steps, 0),
                                 ("seq_len", self.seq_len, 0), ("optim.warmup_steps", opt.warmup_steps, 0),
                                 ("data.eval_batches", self.data.eval_batches, 0), ("model.vocab_size", self.model.vocab_size, 0),
                                 ("model.loss_chunk_tokens", self.model.loss_chunk_tokens, 0)]:

@@ -89,19 +89,38 @@ def zero3_sizes(model_config) -> dict:
     - ``reduce_bucket_size = h*h``, ``stage3_prefetch_bucket_size = 0.9*h*h`` and
       ``stage3_param_persistence_threshold = 10*h``: the Hugging Face Trainer's ``"auto"`` values
       (``transformers.integrations.deepspeed.HfTrainerDeepSpeedConfig.trainer_config_finalize``).
-    - ``stage3_max_live_parameters = stage3_max_reuse_distance`` = two transformer layers' parameters (the
-      layer computing and the one prefetched), at least the prefetch bucket: lmforge's choice, as DeepSpeed's
-      tuning guide advises lowering both when memory is short (docs: "ZeRO-3 Offload", max_live_parameters).
+    - ``stage3_max_live_parameters = stage3_max_reuse_distance`` = the prefetch bucket, ``0.9*h*h``: lmforge's
+      choice, measured. DeepSpeed's docs say smaller values use less memory and communicate more. At two
+      transformer layers (the first choice) llama-350m's ZeRO-3 peak (fp32, 4 CPU ranks) rose by 0.11 GiB
+      per rank from the third step on, once DeepSpeed had traced the module order and prefetched up to the
+      limit: 2.40 against 2.29 GiB at the prefetch bucket, which keeps it within the ZeRO paper's bound
+      (issue 14, BENCHMARKS.md). Raise both in ``deepspeed.config_file`` when device memory is plentiful
+      and the all-gathers are the bottleneck.
+    - ``sub_group_size`` = one transformer layer's parameters, at least ``h*h``, at most DeepSpeed's default 1e9:
+      lmforge's choice. Stage 3 runs the optimizer one sub-group of this rank's partition at a time and first
+      copies the sub-group's gradients into a new flat fp32 tensor (``_prepare_fp32_grad_for_sub_group``), 4 bytes
+      per element; at the default the whole partition is one sub-group, so that copy was a whole extra partition
+      during every optimizer step. With :func:`build_optimizer`'s fused AdamW, the step's transient on top of the
+      resident states fell from 0.87 GiB to 0.05 GiB per rank (llama-350m, fp32, 4 CPU ranks; VmHWM reset and read
+      around ``optimizer.step``).
+      One layer keeps it to a few hundred MB at 70B while each sub-group's step stays a large vectorised call.
+      The sub-groups are the optimizer states' layout in a checkpoint: a run started with another value resumes
+      through a universal checkpoint (a world-size change does that already) or with the old value in
+      ``deepspeed.config_file``.
     """
     from pretrain.model import count_parameters, hidden_size, num_layers
 
     h = hidden_size(model_config)
     embeddings = model_config.vocab_size * h * (1 if getattr(model_config, "tie_word_embeddings", False) else 2)
     per_layer = max(count_parameters(model_config) - embeddings, 0) // num_layers(model_config)
-    live = max(2 * per_layer, int(0.9 * h * h))
+    live = int(0.9 * h * h)
     return {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
             "stage3_param_persistence_threshold": 10 * h, "stage3_max_live_parameters": live,
-            "stage3_max_reuse_distance": live}
+            "stage3_max_reuse_distance": live, "sub_group_size": min(max(per_layer, h * h), DEEPSPEED_SUB_GROUP_SIZE)}
+
+
+DEEPSPEED_SUB_GROUP_SIZE = 10**9
+"""DeepSpeed's default ``zero_optimization.sub_group_size`` (elements), the cap of lmforge's (:func:`zero3_sizes`)."""
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -139,7 +158,16 @@ def optimizer_group(ndim: int) -> int:
 
 
 def build_optimizer(model, cfg: TrainConfig):
-    """AdamW with weight decay on matrices only: norms, biases (all 1-D tensors) get none (GPT-3, nanoGPT)."""
+    """AdamW with weight decay on matrices only: norms, biases (all 1-D tensors) get none (GPT-3, nanoGPT).
+
+    torch's fused AdamW (``fused=True``; CPU and CUDA kernels, one pass per tensor, no temporaries). The default on
+    CPU is the single-tensor loop, whose ``exp_avg_sq.sqrt() / bias_correction2_sqrt`` makes two temporaries the
+    size of the tensor; under ZeRO a tensor is a rank's whole flat partition (stage 1-2) or sub-group (stage 3),
+    so each optimizer step held two more copies of it (issue 14, with the flat gradient copy of
+    :func:`zero3_sizes`: the 0.87 GiB transient of llama-350m's ZeRO-3 step on 4 CPU ranks). The loop's update
+    within fp32 rounding (the kernel orders its operations differently); a resume stays bit-exact, as every step
+    of a run uses the same kernel.
+    """
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -149,7 +177,7 @@ def build_optimizer(model, cfg: TrainConfig):
         {"params": [p for p, n in zip(params, ndims) if optimizer_group(n) == 1], "weight_decay": 0.0},
     ]
     beta1, beta2 = cfg.optim.betas  # validated: two values
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(beta1, beta2), eps=cfg.optim.eps)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(beta1, beta2), eps=cfg.optim.eps, fused=True)
 
 
 def build_scheduler(optimizer, cfg: TrainConfig):
@@ -166,6 +194,41 @@ def build_scheduler(optimizer, cfg: TrainConfig):
                          num_training_steps=cfg.max_steps, scheduler_specific_kwargs=kwargs)
 
 
+def share_fp32_master_weights() -> bool:
+    """Let DeepSpeed's stage 3 use the fp32 parameter partitions as its fp32 master weights, as it means to.
+
+    ``DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions`` skips the separate fp32 copy when a sub-group's
+    partition already has the master dtype and sits on ``self.device`` ("we don't need another copy of the
+    weights"), but ``self.device`` is the accelerator's device *name*, a str ('cpu', 'cuda:0'), and a
+    ``torch.device`` never equals a str, so the test always fails and fp32 training kept every rank's partition
+    twice: 4 more bytes per partitioned parameter (llama-350m, 4 CPU ranks: +0.31 GB per rank, measured; issue 14).
+    The wrapper makes ``self.device`` a ``torch.device`` for that call only. The master weights then alias the
+    parameter partitions, which DeepSpeed's step already allows for (its copy back is then a no-op), so the
+    numbers are those of the copy. Patched once per process; returns False when this DeepSpeed has no such method.
+    """
+    import torch
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    original = getattr(DeepSpeedZeroOptimizer_Stage3, "_create_fp32_partitions", None)
+    if original is None:
+        return False
+    if getattr(original, "lmforge_shares_fp32", False):
+        return True
+
+    def create_fp32_partitions(self):
+        name = self.device
+        if isinstance(name, str) and not self.offload_optimizer:
+            self.device = torch.device(name)
+        try:
+            return original(self)
+        finally:
+            self.device = name
+
+    create_fp32_partitions.lmforge_shares_fp32 = True  # type: ignore[attr-defined]
+    DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions = create_fp32_partitions
+    return True
+
+
 def initialize_engine(model, cfg: TrainConfig, world_size: int, load_universal: bool = False):
     """Wrap ``model`` in a DeepSpeed engine with the generated config, optimizer and schedule.
 
@@ -180,6 +243,7 @@ def initialize_engine(model, cfg: TrainConfig, world_size: int, load_universal: 
     setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
     if cfg.deepspeed.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    share_fp32_master_weights()
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

@@ -17,7 +17,10 @@ Per rank (bytes):
 On CPU every rank lives in host memory: a rank needs ``gpu_mem + cpu_mem / ranks per node`` plus
 activations and the footprint, against the node's available memory (``MemAvailable`` of /proc/meminfo)
 divided among its ranks. On GPU a rank needs ``gpu_mem`` plus activations and :data:`GPU_OVERHEAD_BYTES`
-against its device's memory. Calibrated against measured peak RSS (bench/memory_plan.py, BENCHMARKS.md).
+against its device's memory, and, in host memory, ``cpu_mem / ranks per node`` (model construction and, with
+``offload_optimizer`` / ``offload_params``, the offloaded states) plus the host footprint
+(:data:`FIXED_OVERHEAD_BYTES`) against the node's available memory divided among its ranks; it fits when both
+do. Calibrated against measured peak RSS (bench/memory_plan.py, BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -27,10 +30,11 @@ from dataclasses import dataclass
 from pretrain.config import TrainConfig
 from pretrain.errors import ConfigError
 
-FIXED_OVERHEAD_BYTES = 590_557_184
+FIXED_OVERHEAD_BYTES = 616_775_680
 """Peak RSS of one rank of a model too small to matter (llama-test, 0.36M parameters: under 10 MB of model
-states and activations; ZeRO 3, 4 CPU ranks, micro batch 1, seq_len 256, 3 steps): the largest of the 4 ranks,
-measured with bench/memory_plan.py on the 2-core dev box (BENCHMARKS.md, "Memory plan")."""
+states and activations; fp32, ZeRO 3, 4 CPU ranks, micro batch 1, seq_len 256, 3 steps): the largest of the 4
+ranks, measured with bench/memory_plan.py on the 2-core dev box (BENCHMARKS.md, "Memory plan"; the same launch
+in bf16 peaked at 590,557,184)."""
 GPU_OVERHEAD_BYTES = 2**30
 """Device memory outside the model on GPU (CUDA context, allocator caching): an estimate, not measured here."""
 THIS_MACHINE = "this machine"
@@ -78,6 +82,12 @@ class MemoryPlan:
     available_bytes: int | None
     """Memory one rank may use: node memory available / ranks per node (CPU), device memory (GPU); None = unknown."""
     fits: bool | None
+    """Both checks pass (False: one fails; None: the device's memory is unknown)."""
+    host_per_rank_bytes: int | None = None
+    """GPU only: host memory one rank needs, ``cpu_mem / ranks per node`` plus the host footprint (None on CPU, where
+    ``per_rank_bytes`` is host memory already)."""
+    host_available_bytes: int | None = None
+    """GPU only: host memory one rank may use (node memory available / ranks per node); None = unknown or CPU."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -145,10 +155,17 @@ def model_state_bytes(n: int, largest: int, stage: int, ranks_per_node: int, nod
         int(cpu), int(gpu)
 
 
-def _split(gpu_mem: int, n: int, largest: int, cfg: TrainConfig, world_size: int) -> tuple[int, int, int]:
-    """``gpu_mem`` split into (parameters, gradients, optimizer states) with DeepSpeed's per-parameter bytes."""
+def _split(gpu_mem: int, n: int, largest: int, cfg: TrainConfig, world_size: int,
+           sub_group: int = 0) -> tuple[int, int, int]:
+    """``gpu_mem`` split into (parameters, gradients, optimizer states) with DeepSpeed's per-parameter bytes.
+
+    Stage 3 in fp32 without optimizer offload is lmforge's own count instead (:func:`_zero3_fp32`);
+    ``sub_group``: its ``zero_optimization.sub_group_size``.
+    """
     ds = cfg.deepspeed
     shards = 1 if ds.zero_stage == 0 else world_size
+    if ds.zero_stage == 3 and ds.precision == "fp32" and not ds.offload_optimizer:
+        return _zero3_fp32(gpu_mem, n, world_size, sub_group)
     if ds.offload_optimizer:
         params = gpu_mem
         grads = optimizer = 0
@@ -163,12 +180,30 @@ def _split(gpu_mem: int, n: int, largest: int, cfg: TrainConfig, world_size: int
     return params, grads, optimizer
 
 
+def _zero3_fp32(gpu_mem: int, n: int, world_size: int, sub_group: int) -> tuple[int, int, int]:
+    """Stage 3, fp32, optimizer on the device: (parameters, gradients, optimizer states) per rank.
+
+    The estimator's 18 bytes per parameter (2 16-bit params + 2 16-bit grads + 4 fp32 grads + 4 fp32 master + 8 Adam)
+    do not describe lmforge's fp32 stage 3: the parameter partitions are the fp32 master weights
+    (:func:`pretrain.engine.share_fp32_master_weights`), the gradient partition is fp32, and the fp32 gradient copy
+    exists for one sub-group at a time during the step (``sub_group_size``, :func:`pretrain.engine.zero3_sizes`). So:
+    parameters 4 n/R plus the estimator's term for the gathered layers (``gpu_mem`` less its 18 n/R), gradients
+    4 n/R, optimizer states 8 n/R (Adam) plus 4 x ``sub_group``: 16 bytes per parameter, as the ZeRO paper
+    counts, measured so (BENCHMARKS.md, "Memory plan": steady RSS rises by 16 n/R over construction and step 1).
+    """
+    shard = n // world_size
+    gathered = max(gpu_mem - 18 * shard, 0)
+    return 4 * shard + gathered, 4 * shard, 8 * shard + 4 * min(sub_group or shard, shard)
+
+
 def plan_memory(cfg: TrainConfig, model_config, seq_len: int, world_size: int, ranks_per_node: int,
-                device: str = "cpu", available_bytes: int | str | None = THIS_MACHINE) -> MemoryPlan:
+                device: str = "cpu", available_bytes: int | str | None = THIS_MACHINE,
+                host_available_bytes: int | str | None = THIS_MACHINE) -> MemoryPlan:
     """The memory plan of ``cfg`` on ``world_size`` ranks, ``ranks_per_node`` of them per node.
 
-    ``available_bytes``: memory one rank may use; :data:`THIS_MACHINE` = this machine's
-    (:func:`available_per_rank`); None = unknown (``fits`` is then None).
+    ``available_bytes``: memory one rank may use (device memory on GPU); :data:`THIS_MACHINE` = this machine's
+    (:func:`available_per_rank`); None = unknown (``fits`` is then None). ``host_available_bytes``: on GPU, the
+    host memory one rank may use, the same way (None = unknown: the host side is not checked); ignored on CPU.
     """
     from pretrain.loss import FUSED_LOSS_MODEL_TYPES
 
@@ -177,21 +212,38 @@ def plan_memory(cfg: TrainConfig, model_config, seq_len: int, world_size: int, r
     nodes = max(world_size // ranks_per_node, 1)
     estimator, cpu_mem, gpu_mem = model_state_bytes(n, largest, ds.zero_stage, ranks_per_node, nodes,
                                                     ds.offload_optimizer, ds.offload_params)
-    params, grads, optimizer = _split(gpu_mem, n, largest, cfg, world_size)
+    sub_group = 0
+    if ds.zero_stage == 3:
+        from pretrain.engine import DEEPSPEED_SUB_GROUP_SIZE, build_ds_config
+
+        zero = build_ds_config(cfg, world_size, model_config=model_config)["zero_optimization"]
+        sub_group = int(zero.get("sub_group_size", DEEPSPEED_SUB_GROUP_SIZE))
+        if ds.precision == "fp32" and not ds.offload_optimizer:
+            estimator += " (fp32: lmforge's count of 16 bytes per parameter, see pretrain.plan._zero3_fp32)"
+    params, grads, optimizer = _split(gpu_mem, n, largest, cfg, world_size, sub_group)
     host = cpu_mem // ranks_per_node if device == "cpu" else 0
     fused = bool(cfg.model.loss_chunk_tokens) and ds.zero_stage < 3 and model_config.model_type in FUSED_LOSS_MODEL_TYPES
     acts = activation_bytes(cfg, model_config, seq_len, fused)
     overhead = FIXED_OVERHEAD_BYTES if device == "cpu" else GPU_OVERHEAD_BYTES
     total = params + grads + optimizer + host + acts + overhead
     available = available_per_rank(device, ranks_per_node) if available_bytes == THIS_MACHINE else available_bytes
-    if isinstance(available, str):
-        raise ValueError(f"available_bytes={available!r}: a byte count, None, or THIS_MACHINE")
+    host_need = host_available = None
+    if device != "cpu":
+        host_need = cpu_mem // ranks_per_node + FIXED_OVERHEAD_BYTES
+        host_available = (available_per_rank("cpu", ranks_per_node) if host_available_bytes == THIS_MACHINE
+                          else host_available_bytes)
+    if isinstance(available, str) or isinstance(host_available, str):
+        raise ValueError(f"available_bytes={available!r}, host_available_bytes={host_available!r}: a byte count, "
+                         "None, or THIS_MACHINE")
+    fits = None if available is None else total <= available
+    if fits and host_need is not None and host_available is not None:
+        fits = host_need <= host_available
     return MemoryPlan(preset=cfg.model.init_from or cfg.model.preset, n_params=n, largest_layer_params=largest,
                       zero_stage=ds.zero_stage, precision=ds.precision, world_size=world_size,
                       ranks_per_node=ranks_per_node, device=device, estimator=estimator, params_bytes=params,
                       grads_bytes=grads, optimizer_bytes=optimizer, host_model_bytes=host, activations_bytes=acts,
-                      overhead_bytes=overhead, per_rank_bytes=total, available_bytes=available,
-                      fits=None if available is None else total <= available)
+                      overhead_bytes=overhead, per_rank_bytes=total, available_bytes=available, fits=fits,
+                      host_per_rank_bytes=host_need, host_available_bytes=host_available)
 
 
 def available_per_rank(device: str, ranks_per_node: int) -> int | None:
@@ -232,7 +284,7 @@ KNOBS = (("deepspeed.zero_stage=3", {"zero_stage": 3}),
 
 
 def fitting_knob(cfg: TrainConfig, model_config, seq_len: int, world_size: int, ranks_per_node: int,
-                 device: str, available_bytes: int) -> str | None:
+                 device: str, available_bytes: int, host_available_bytes: int | None = None) -> str | None:
     """The first single change of :data:`KNOBS`, or a micro batch of 1 with more accumulation (same global
     batch), whose plan fits; None when none does."""
     ds = cfg.deepspeed
@@ -244,16 +296,19 @@ def fitting_knob(cfg: TrainConfig, model_config, seq_len: int, world_size: int, 
                            {"micro_batch_size": 1, "gradient_accumulation_steps": accumulation}))
     for text, change in candidates:
         trial = dataclasses.replace(cfg, deepspeed=dataclasses.replace(ds, **change))
-        if plan_memory(trial, model_config, seq_len, world_size, ranks_per_node, device, available_bytes).fits:
+        if plan_memory(trial, model_config, seq_len, world_size, ranks_per_node, device, available_bytes,
+                       host_available_bytes).fits:
             return text
     return None
 
 
 def check_memory(cfg: TrainConfig, world_size: int, ranks_per_node: int, device: str | None = None,
-                 available_bytes: int | str | None = THIS_MACHINE) -> MemoryPlan:
+                 available_bytes: int | str | None = THIS_MACHINE,
+                 host_available_bytes: int | str | None = THIS_MACHINE) -> MemoryPlan:
     """The plan of ``cfg`` (model config from :func:`pretrain.trainer.preflight`: tokenizer and data are read).
 
-    ``device``: cpu or gpu (default: gpu when torch sees one). ``available_bytes``: per rank (see :func:`plan_memory`).
+    ``device``: cpu or gpu (default: gpu when torch sees one). ``available_bytes``, ``host_available_bytes``: per
+    rank (see :func:`plan_memory`).
 
     Raises:
         MemoryPlanError: it does not fit (:func:`refusal_line`); the preflight's errors as they come.
@@ -265,9 +320,11 @@ def check_memory(cfg: TrainConfig, world_size: int, ranks_per_node: int, device:
 
         device = "gpu" if torch.cuda.is_available() else "cpu"
     _, model_config, seq_len = preflight(cfg)
-    plan = plan_memory(cfg, model_config, seq_len, world_size, ranks_per_node, device, available_bytes)
+    plan = plan_memory(cfg, model_config, seq_len, world_size, ranks_per_node, device, available_bytes,
+                       host_available_bytes)
     if plan.fits is False and plan.available_bytes is not None:
-        knob = fitting_knob(cfg, model_config, seq_len, world_size, ranks_per_node, device, plan.available_bytes)
+        knob = fitting_knob(cfg, model_config, seq_len, world_size, ranks_per_node, device, plan.available_bytes,
+                            plan.host_available_bytes)
         raise MemoryPlanError(refusal_line(plan, knob), plan)
     return plan
 
@@ -280,9 +337,21 @@ def refusal_line(plan: MemoryPlan, knob: str | None) -> str:
     """One line: needed, available, and what would fit."""
     where = f"{plan.ranks_per_node} rank(s) per node" if plan.device == "cpu" else "per device"
     fix = f"{knob} would fit" if knob else "no single knob fits: use more ranks or nodes, or a smaller model"
+    need = (f"{_gib(plan.per_rank_bytes)} per rank, {_gib(plan.available_bytes or 0)} available per rank "
+            f"({where}, {plan.device})")
+    if _host_short(plan):
+        need = (f"{_gib(plan.host_per_rank_bytes or 0)} of host memory per rank (model construction and offloaded "
+                f"states), {_gib(plan.host_available_bytes or 0)} available per rank ({plan.ranks_per_node} rank(s) "
+                f"per node; device: {_gib(plan.per_rank_bytes)} of {_gib(plan.available_bytes or 0)})")
     return (f"memory plan: {plan.preset} at ZeRO stage {plan.zero_stage} on {plan.world_size} rank(s) needs "
-            f"{_gib(plan.per_rank_bytes)} per rank, {_gib(plan.available_bytes or 0)} available per rank "
-            f"({where}, {plan.device}); {fix} (lmforge plan CONFIG for the breakdown; --force starts anyway)")
+            f"{need}; {fix} (lmforge plan CONFIG for the breakdown; --force starts anyway)")
+
+
+def _host_short(plan: MemoryPlan) -> bool:
+    """A GPU plan whose device side fits but whose host side does not."""
+    return (plan.host_per_rank_bytes is not None and plan.host_available_bytes is not None
+            and plan.available_bytes is not None and plan.per_rank_bytes <= plan.available_bytes
+            and plan.host_per_rank_bytes > plan.host_available_bytes)
 
 
 def render(plan: MemoryPlan) -> str:
@@ -295,6 +364,10 @@ def render(plan: MemoryPlan) -> str:
             f"{plan.precision}, {plan.world_size} rank(s), {plan.ranks_per_node} per node, {plan.device}\n"
             f"model states: {plan.estimator}\n")
     body = "".join(f"  {name:<26}{_gib(value):>12}\n" for name, value in rows)
+    if plan.host_per_rank_bytes is not None:
+        host = ("unknown" if plan.host_available_bytes is None else f"{_gib(plan.host_available_bytes)} available")
+        body += f"  {'host memory per rank':<26}{_gib(plan.host_per_rank_bytes):>12}  ({host})\n"
     verdict = ("unknown (no device memory to compare with)" if plan.fits is None else
-               f"{'fits' if plan.fits else 'does NOT fit'}: {_gib(plan.available_bytes or 0)} available per rank")
+               f"{'fits' if plan.fits else 'does NOT fit'}: {_gib(plan.available_bytes or 0)} available per rank"
+               + (" (host memory short)" if _host_short(plan) else ""))
     return head + body + f"  {verdict}\n"

@@ -32,6 +32,18 @@ class StopDecision:
     """The checkpointer's time cadence (``checkpoint.save_every_minutes``) is due on some rank."""
 
 
+AUTO_POLL_EVERY_STEPS_GPU = 10
+"""Steps between stop agreements on GPU ranks when ``preemption.poll_every_steps`` is 0 (the default)."""
+
+
+def poll_every_steps(configured: int, device_type: str) -> int:
+    """``preemption.poll_every_steps``, with 0 resolved: every step on CPU, :data:`AUTO_POLL_EVERY_STEPS_GPU` on
+    an accelerator (``device_type``: the engine's ``torch.device`` type, e.g. cpu or cuda)."""
+    if configured:
+        return configured
+    return 1 if device_type == "cpu" else AUTO_POLL_EVERY_STEPS_GPU
+
+
 class StopPolicy:
     """Signal flag and wall-clock budget, agreed on by all ranks at each step boundary.
 

@@ -57,7 +57,7 @@ from pretrain.model import (
     padded_vocab_size,
 )
 from pretrain.model_files import write_model_files
-from pretrain.preemption import StopPolicy
+from pretrain.preemption import StopPolicy, poll_every_steps
 from pretrain.run import Run
 from pretrain.sources import ShardSource, StreamingSource, describe_data, read_manifests
 from pretrain.step import index_log_path, logged_indices, make_input_builder, train_step
@@ -218,7 +218,8 @@ def _train(run: Run, heartbeat: Heartbeat) -> dict:
         writer = MetricsWriter(cfg.run_dir, dist.is_main, cfg.wandb_project, {"config_yaml": to_yaml(cfg)})
         closing.callback(writer.close)
         pre = cfg.preemption
-        stop = StopPolicy(list(pre.signals), pre.max_minutes, pre.requeue, pre.poll_every_steps, cfg.max_steps)
+        stop = StopPolicy(list(pre.signals), pre.max_minutes, pre.requeue,
+                          poll_every_steps(pre.poll_every_steps, str(run.engine.device).split(":")[0]), cfg.max_steps)
         closing.callback(stop.restore)
         faults = FaultInjector(cfg.debug, dist, run.engine)
         faults.at_start(state, run.global_batch)

@@ -29,8 +29,36 @@ def test_compiled_losses_equal_eager_on_gpu(gpu_run):
         assert compiled[step] == pytest.approx(eager[step], rel=1e-3), (step, eager, compiled)
 
 
+PARTITION_PROBE = """
+import json, torch, deepspeed
+from pretrain.model import build_model, build_model_config, count_parameters
+deepspeed.init_distributed("nccl")
+config = build_model_config("llama-test", 512, 64, {})
+ds = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": 1, "zero_optimization": {"stage": 3}}
+params = list(build_model(config, seed=5, ds_config=ds).parameters())
+print(json.dumps({"numel": sum(p.numel() for p in params), "ds_numel": sum(p.ds_numel for p in params),
+                  "partition_numel": sum(p.ds_tensor.numel() for p in params), "n_params": count_parameters(config),
+                  "devices": sorted({p.ds_tensor.device.type for p in params})}))
+torch.distributed.destroy_process_group()
+"""
+
+
 def test_zero3_builds_partitioned_on_gpu(gpu_run):
-    """Stage 3 on the device: built partitioned, trains; the first loss equals stage 0's (same seed, same batch)."""
+    """Stage 3 on the device: built partitioned (each parameter empty, its ds_tensor partition on the GPU, the
+    ds_numel adding up to the model), trains; the first loss equals stage 0's (same seed, same batch)."""
+    import os
+    import subprocess
+    import sys
+
+    from launch.local import rank_env
+    from lmforge_common import free_port
+
+    env = {**os.environ, "DS_ACCELERATOR": "cuda", **rank_env(0, 1, "127.0.0.1", free_port(), 4)}
+    proc = subprocess.run([sys.executable, "-c", PARTITION_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    built = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert built["numel"] == 0 and built["devices"] == ["cuda"], built  # no parameter holds its full tensor
+    assert built["ds_numel"] == built["n_params"] and built["partition_numel"] >= built["n_params"], built  # 1 rank
     steps = ["max_steps=1", "deepspeed.precision=fp32"]
     stage0 = losses_by_step(gpu_run("z0", *steps, "deepspeed.zero_stage=0"))
     stage3 = losses_by_step(gpu_run("z3", *steps, "deepspeed.zero_stage=3"))

@@ -63,8 +63,12 @@ def test_two_rank_training_under_mpirun_preempted_then_resumed(tiny_config, tmp_
         f"lmforge: preempted at step 1 of 5, checkpoint {run_dir / 'checkpoints' / 'step_00000001'} saved "
         f"(exit code {EXIT_PREEMPTED}); rerun the same command to resume"), proc.stdout
     assert "lmforge: error" not in proc.stderr, proc.stderr[-3000:]
-    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    # the resume with --force under a memory plan that cannot fit (1 MiB): a warning, and the ranks start anyway
+    # (the refusal without --force: tests/pretrain/test_plan.py::test_launch_mpi_refuses_before_starting_ranks)
+    tight = {**os.environ, "LMFORGE_AVAILABLE_MEMORY_BYTES": str(2**20)}
+    proc = subprocess.run([*command[:5], "--force", *command[5:]], cwd=tmp_path, capture_output=True, text=True, env=tight)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "lmforge: warning (--force): memory plan: llama-test" in proc.stderr
     assert "trained on 2 MPI ranks" in proc.stdout
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000005"
     rank_rows = [(run_dir / "data-indices" / f"rank{r}.tsv").read_text().splitlines() for r in range(2)]

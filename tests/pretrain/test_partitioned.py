@@ -73,12 +73,16 @@ def test_stage3_buckets_sized_from_hidden_size_and_user_file_wins(tmp_path):
             zero["stage3_param_persistence_threshold"]) == (h * h, int(0.9 * h * h), 10 * h)
     layer = 4 * h * h + 3 * h * 2816 + 2 * h  # attention, SwiGLU MLP, two norms
     per_layer = (24 * layer + h) // 24  # the final norm shared out
-    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 2 * per_layer
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == int(0.9 * h * h)
+    assert zero["sub_group_size"] == per_layer  # one layer: the optimizer step's flat gradient copy stays small
+    tiny = build_ds_config(cfg, 4, model_config=build_model_config("llama-test", 2048, 256, {}))["zero_optimization"]
+    assert tiny["sub_group_size"] >= tiny["reduce_bucket_size"]  # at least h*h
     user = tmp_path / "ds.json"
-    user.write_text(json.dumps({"zero_optimization": {"stage3_max_live_parameters": 12345}}))
+    user.write_text(json.dumps({"zero_optimization": {"stage3_max_live_parameters": 12345, "sub_group_size": 10**9}}))
     cfg.deepspeed.config_file = str(user)
     zero = build_ds_config(cfg, 4, model_config=model_config)["zero_optimization"]
     assert zero["stage3_max_live_parameters"] == 12345 and zero["reduce_bucket_size"] == h * h
+    assert zero["sub_group_size"] == 10**9
     cfg.deepspeed.zero_stage = 2
     assert "stage3_prefetch_bucket_size" not in build_ds_config(cfg, 4, model_config=model_config)["zero_optimization"]
 

@@ -1,0 +1,83 @@
+"""bench/report.py renders every result file it finds, the memory plan section and the compile rounds included
+(BENCHMARKS.md is regenerated from them: a section it skipped would be deleted)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _report():
+    spec = importlib.util.spec_from_file_location("bench_report", BENCH / "report.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_committed_result_file_is_rendered():
+    report = _report()
+    results = BENCH / "results"
+    text = report.render(results)
+    top, plans = report.load_results(results)
+    assert top and plans
+    for name in top:
+        assert f"`bench/results/{name}.json`" in text, name
+    for name in plans:
+        assert f"`{name}`" in text, name  # a table row, a refusal line or an earlier measurement
+    assert "## Memory plan" in text and "## compile on CPU" in text
+    assert "| bench_compile |" not in text  # no bare median ratio in the Targets table either
+
+
+def _plan_result(preset: str, stage: int, nproc: int, peak: int, n_params: int, plan: int, **extra) -> dict:
+    return {"preset": preset, "zero_stage": stage, "nproc": nproc, "max_steps": 3, "overrides": ["deepspeed.precision=fp32"],
+            "exit_code": 0, "peak_rss_bytes": {str(r): peak for r in range(nproc)}, "max_peak_rss_bytes": peak,
+            "plan": {"n_params": n_params, "per_rank_bytes": plan, "available_bytes": 2**34, "fits": True}, **extra}
+
+
+def test_memory_plan_section_checks_the_zero3_bound_against_b_of_the_same_launch(tmp_path):
+    report = _report()
+    folder = tmp_path / "memory_plan"
+    folder.mkdir()
+    n = 312_500_000
+    b = 600_000_000
+    bound = b + 1.5 * 16 * n / 4
+    files = {"b": _plan_result("llama-test", 3, 4, b, 361_280, 650_000_000),
+             "met": _plan_result("llama-350m", 3, 4, int(bound) - 1, n, int(bound)),
+             "b-bf16": {**_plan_result("llama-test", 3, 2, b, 361_280, b), "overrides": []},
+             "unpaired": _plan_result("llama-350m", 3, 2, 5 * 2**30, n, 5 * 2**30),
+             "old": _plan_result("llama-350m", 3, 4, 5 * 2**30, n, 0, note="Before the fix."),
+             "refused": {**_plan_result("llama-7b", 3, 2, 0, 7 * 10**9, 60 * 2**30), "exit_code": 2, "wall_s": 7.4,
+                         "plan": {"n_params": 7 * 10**9, "per_rank_bytes": 60 * 2**30, "available_bytes": 8 * 2**30,
+                                  "fits": False}}}
+    for name, result in files.items():
+        (folder / f"{name}.json").write_text(json.dumps(result))
+    text = report.render(tmp_path)
+    lines = text.splitlines()
+    bound_line = next(line for line in lines if "ZeRO-3 bound" in line and "`met`" in line)
+    assert f"{bound:,.0f} bytes" in bound_line and "**met**" in bound_line and "(`b`)" in bound_line
+    assert any("not checked" in line and "unpaired" in line for line in lines)  # b-bf16: other overrides, 2 ranks
+    assert any(line.startswith("- `refused`: llama-7b") and "exited 2 after 7.4 s" in line and "refused up front" in line
+               for line in lines)
+    assert any("`old`" in line and "Before the fix." in line for line in lines)
+    assert sum(1 for line in lines if line.startswith("| llama-")) == 4  # b, b-bf16, met, unpaired; not old, refused
+    over = _plan_result("llama-350m", 3, 4, int(bound) + 10**8, n, int(bound))
+    (folder / "met.json").write_text(json.dumps(over))
+    assert "**not met**" in report.render(tmp_path)
+
+
+def test_compile_rounds_that_disagree_get_a_caveat_not_a_ratio(tmp_path):
+    report = _report()
+    shutil.copy(BENCH / "results" / "bench_compile.json", tmp_path / "bench_compile.json")
+    text = report.render(tmp_path)
+    section = text.split("## compile on CPU", 1)[1]
+    assert "| 1 | 97.1 | 207 | 2.14x |" in section and "| 2 | 270 | 2,073 | 7.68x |" in section
+    assert "do not give a reliable ratio" in section
+    steady = json.loads((BENCH / "results" / "bench_compile.json").read_text())
+    steady["details"]["runs"] = {"eager": [100.0, 110.0], "compiled": [200.0, 215.0]}
+    steady["machine"]["load_average_1_5_15_min"] = [0.5, 0.5, 0.5]
+    (tmp_path / "bench_compile.json").write_text(json.dumps(steady))
+    assert "Compiled / eager tokens/s: 2.00x, 1.95x" in report.render(tmp_path)
