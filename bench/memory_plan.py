@@ -133,11 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         force = ["--force"] if args.force else []
         code, peaks, tail = measure(common.lmforge_cmd("launch", "local", "--nproc", str(args.nproc), *force,
                                                        str(config), *overrides), env, args.interval_s)
+        wall_s = round(time.perf_counter() - start, 1)  # the launch alone, not the plan recomputed below
         plan = _plan(config, overrides, args.nproc, env)
     result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": common.machine_info(),
               "versions": common.library_versions(),
               "preset": args.preset, "zero_stage": args.zero_stage, "nproc": args.nproc, "max_steps": args.max_steps,
-              "overrides": args.overrides, "forced": args.force, "exit_code": code, "wall_s": round(time.perf_counter() - start, 1),
+              "overrides": args.overrides, "forced": args.force, "exit_code": code, "wall_s": wall_s,
               "peak_rss_bytes": {r: peaks[r]["VmHWM"] for r in sorted(peaks)},
               "max_peak_rss_bytes": max((p["VmHWM"] for p in peaks.values()), default=0),
               "plan": plan}
