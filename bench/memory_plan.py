@@ -82,17 +82,25 @@ def _plan(config: Path, overrides: list[str], nproc: int, env: dict[str, str]) -
     return json.loads(plan.stdout) if plan.returncode in (0, 2) and plan.stdout.strip() else None
 
 
+def launch_inputs(tmp: Path, preset: str, zero_stage: int, max_steps: int, extra: list[str]) -> tuple[Path, list[str]]:
+    """The training config (in ``tmp``) and overrides of one measured launch: the bench's stdlib slice with a
+    2048-token tokenizer, micro batch 1, one evaluation batch, the run dir in ``tmp``."""
+    # prep's default validation fraction holds out no document of this small corpus: 5 of 67, as the trainer advises
+    tok, data = common.bench_data(name="memplan-val", corpus=CORPUS, vocab_size=2048, seq_len=256,
+                                  prep_args=("--val-fraction", "0.075"))
+    config = tmp / "train.yaml"
+    config.write_text(f"data:\n  path: {data}\n  tokenizer: {tok}\n")
+    return config, [f"model.preset={preset}", f"deepspeed.zero_stage={zero_stage}", "deepspeed.micro_batch_size=1",
+                    f"max_steps={max_steps}", "data.eval_batches=1", "show_progress=false", f"run_dir={tmp / 'run'}",
+                    "checkpoint.keep_last=1", *extra]
+
+
 def replan(path: Path) -> int:
     """``--replan``: the stored result with its ``plan`` recomputed by this checkout (``replanned`` records when)."""
     result = json.loads(path.read_text())
-    tok, data = common.bench_data(name="memplan-val", corpus=CORPUS, vocab_size=2048, seq_len=256,
-                                  prep_args=("--val-fraction", "0.075"))
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "train.yaml"
-        config.write_text(f"data:\n  path: {data}\n  tokenizer: {tok}\n")
-        overrides = [f"model.preset={result['preset']}", f"deepspeed.zero_stage={result['zero_stage']}",
-                     "deepspeed.micro_batch_size=1", f"max_steps={result['max_steps']}", "data.eval_batches=1",
-                     "show_progress=false", f"run_dir={Path(tmp) / 'run'}", "checkpoint.keep_last=1", *result["overrides"]]
+        config, overrides = launch_inputs(Path(tmp), result["preset"], result["zero_stage"], result["max_steps"],
+                                          result["overrides"])
         result["plan"] = _plan(config, overrides, result["nproc"], {**os.environ, **common.python_env(),
                                                                     "DS_ACCELERATOR": "cpu"})
     result["replanned"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -118,15 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.replan:
         return replan(Path(args.replan))
-    # prep's default validation fraction holds out no document of this small corpus: 5 of 67, as the trainer advises
-    tok, data = common.bench_data(name="memplan-val", corpus=CORPUS, vocab_size=2048, seq_len=256,
-                                  prep_args=("--val-fraction", "0.075"))
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "train.yaml"
-        config.write_text(f"data:\n  path: {data}\n  tokenizer: {tok}\n")
-        overrides = [f"model.preset={args.preset}", f"deepspeed.zero_stage={args.zero_stage}",
-                     "deepspeed.micro_batch_size=1", f"max_steps={args.max_steps}", "data.eval_batches=1",
-                     "show_progress=false", f"run_dir={Path(tmp) / 'run'}", "checkpoint.keep_last=1", *args.overrides]
+        config, overrides = launch_inputs(Path(tmp), args.preset, args.zero_stage, args.max_steps, args.overrides)
         env = {**os.environ, **common.python_env(), "DS_ACCELERATOR": "cpu", "LMFORGE_MEMORY_PLAN_RUN": str(os.getpid())}
         os.environ["LMFORGE_MEMORY_PLAN_RUN"] = env["LMFORGE_MEMORY_PLAN_RUN"]
         start = time.perf_counter()

@@ -39,7 +39,26 @@ _PHASE_KEY = 0xB1E4D
 """Mixed into the seed of the levels' phases so that they differ from the datasets' permutation keys."""
 
 
-class BlendOrder:
+class _PerSourceOrder:
+    """What both blend orders share: each source's own sample order (``_perms``, one Feistel permutation a
+    source), and reading the sequences that :meth:`assign`'s draws name."""
+
+    _perms: list[GlobalOrder]
+
+    def assign(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(dataset, sequence)`` that blend ``positions`` read: both int64, the shape of ``positions``."""
+        dataset, draw = self.assign(positions)
+        sequence = np.empty_like(draw)
+        for d in np.unique(dataset):
+            sel = dataset == d
+            sequence[sel] = self._perms[int(d)].at(draw[sel])
+        return dataset, sequence
+
+
+class BlendOrder(_PerSourceOrder):
     """Blend position -> ``(dataset, sequence)`` from dataset lengths and weights only; O(datasets) memory.
 
     Args:
@@ -94,15 +113,6 @@ class BlendOrder:
         shape = np.shape(positions)
         return dataset.reshape(shape), draw.reshape(shape)
 
-    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(dataset, sequence)`` that blend ``positions`` read: both int64, the shape of ``positions``."""
-        dataset, draw = self.assign(positions)
-        sequence = np.empty_like(draw)
-        for d in np.unique(dataset):
-            sel = dataset == d
-            sequence[sel] = self._perms[int(d)].at(draw[sel])
-        return dataset, sequence
-
     def counts(self, num_samples: int) -> np.ndarray:
         """``(D,)`` int64: how many of blend positions ``[0, num_samples)`` go to each dataset (they sum to
         ``num_samples``)."""
@@ -133,7 +143,7 @@ class Segment:
     """``(D,)`` int64 draws of each source before this segment."""
 
 
-class MixtureOrder:
+class MixtureOrder(_PerSourceOrder):
     """Blend position -> ``(dataset, sequence)`` under a weight schedule and repetition caps.
 
     Args:
@@ -200,15 +210,6 @@ class MixtureOrder:
             dataset[sel], draw[sel] = ids, local_k + seg.offsets[ids]
         shape = np.shape(positions)
         return dataset.reshape(shape), draw.reshape(shape)
-
-    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(dataset, sequence)`` that blend ``positions`` read: both int64, the shape of ``positions``."""
-        dataset, draw = self.assign(positions)
-        sequence = np.empty_like(draw)
-        for d in np.unique(dataset):
-            sel = dataset == d
-            sequence[sel] = self._perms[int(d)].at(draw[sel])
-        return dataset, sequence
 
     def counts(self, num_samples: int) -> np.ndarray:
         """``(D,)`` int64: draws of each source among blend positions ``[0, num_samples)``.
