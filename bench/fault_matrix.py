@@ -54,12 +54,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's packages (bench/ is on sys.path already)
 
 from common import bench_data, check_child, lmforge_cmd, python_env, run_child, write_result  # noqa: E402
+from fault_injection import damage, restore, rot_shards, wait_for  # noqa: E402
 
-from data_prep.shards import MANIFEST_NAME  # noqa: E402
 from launch.local import rank_env  # noqa: E402
 from lmforge_common import EXIT_PREEMPTED, free_port  # noqa: E402
-from pretrain.checkpoint import CRASH_POINTS, STATE_FILE, WRITE_POINTS, complete_checkpoints, read_state, verify_saved  # noqa: E402
-from pretrain.integrity import DIGESTS_KEY  # noqa: E402
+from pretrain.checkpoint import CRASH_POINTS, WRITE_POINTS, complete_checkpoints, verify_saved  # noqa: E402
 
 NPROC = 2
 STEPS = 24
@@ -230,60 +229,6 @@ def judge(verdict: Verdict, nxt: Launch, expected_from: int, reference: dict[int
         verdict.notes.append("no training step after the resume")
         verdict.steps_lost += 1
     verdict.steps_lost += sum(got.get(s) != reference.get(s) for s in range(expected_from + 1, last + 1))
-
-
-def damage(run_dir: Path, rng: random.Random) -> list[tuple[int, str]]:
-    """Damage the 3 newest checkpoints (truncate a file to half / flip one byte / truncate the state file);
-    returns ``(step, what)`` of each."""
-    found = complete_checkpoints(run_dir / "checkpoints")[-3:]
-    out = []
-    for (step, path), how in zip(reversed(found), ("truncated", "flipped", "state")):
-        record = read_state(path)[DIGESTS_KEY]
-        victim = max(record, key=lambda n: record[n]["bytes"]) if how != "flipped" else rng.choice(sorted(record))
-        if how == "state":
-            os.truncate(path / STATE_FILE, (path / STATE_FILE).stat().st_size // 2)
-            victim = STATE_FILE
-        elif how == "truncated":
-            os.truncate(path / victim, record[victim]["bytes"] // 2)
-        else:
-            offset = rng.randrange(record[victim]["bytes"])
-            with open(path / victim, "r+b") as fh:
-                fh.seek(offset)
-                byte = fh.read(1)
-                fh.seek(offset)
-                fh.write(bytes([byte[0] ^ 0xFF]))
-        out.append((step, f"{how} {victim}"))
-    return out
-
-
-def rot_shards(data: Path, rng: random.Random) -> dict[Path, tuple[int, bytes]]:
-    """Flip one byte (drawn offset) in every train shard of ``data``; returns what to restore."""
-    records = json.loads((data / MANIFEST_NAME).read_text())["splits"]["train"]["shards"]
-    saved = {}
-    for record in records:
-        path = data / record["path"]
-        offset = rng.randrange(record["bytes"] // 4, record["bytes"])  # past the header, in the token ids
-        with open(path, "r+b") as fh:
-            fh.seek(offset)
-            byte = fh.read(1)
-            fh.seek(offset)
-            fh.write(bytes([byte[0] ^ 0x01]))
-        saved[path] = (offset, byte)
-    return saved
-
-
-def restore(saved: dict[Path, tuple[int, bytes]]) -> None:
-    for path, (offset, byte) in saved.items():
-        with open(path, "r+b") as fh:
-            fh.seek(offset)
-            fh.write(byte)
-
-
-def wait_for(path: Path, timeout_s: float = 600) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(1)
-    return path.exists()
 
 
 class References:
