@@ -50,7 +50,7 @@ lint: install-test
 
 # pytest exits 5 when it collected no test: that must fail CI, not pass it. Lint and types first.
 test: system-deps install-test lint
-	@$(BIN)/python -m pytest -q tests; rc=$$?; \
+	@$(BIN)/python -m pytest -q --durations=25 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 # Every bench script (lmforge next to its peer, alternating runs, medians; JSON in bench/results/),

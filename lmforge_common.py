@@ -70,6 +70,9 @@ TMP_SUFFIX = ".tmp"
 class UserError(Exception):
     """Bad input, configuration or launch a user can fix. The message is one line naming the file, field and numbers."""
 
+    agreed_by_all_ranks = False
+    """True where every rank raises the same message after a collective agreement: only rank 0 prints it."""
+
 
 def rendezvous_port(job_id: int) -> int:
     """``MASTER_PORT`` (TCP port) of Slurm job ``job_id``: the same on every rank without communication,

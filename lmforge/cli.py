@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args) or 0
     except UserError as exc:
         rank = env_rank()
-        prefix = f"lmforge (rank {rank}): error: " if rank not in (None, "0") else "lmforge: error: "
-        print(prefix + str(exc), file=sys.stderr)
+        first_rank = rank in (None, "0")
+        if first_rank or not exc.agreed_by_all_ranks:  # an agreed error is one line for the run, not one per rank
+            print(("lmforge: error: " if first_rank else f"lmforge (rank {rank}): error: ") + str(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)

@@ -264,6 +264,8 @@ def save(engine, checkpoint_dir: str | Path, state: TrainState, rank: int, lmfor
 class CheckpointWriteError(UserError):
     """A checkpoint could not be written (disk full, quota, file size limit); the previous one is intact."""
 
+    agreed_by_all_ranks = True
+
 
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 """Write errors of a full or limited file system: no space, quota exceeded, file size limit (RLIMIT_FSIZE)."""
@@ -317,6 +319,7 @@ def _agree_on_write(failure: str | None, tmp: Path, rank: int) -> None:
     if first:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoint stays complete
+        dist.barrier()  # all ranks leave together: one tearing down while another still works aborted it (SIGABRT)
         raise CheckpointWriteError(first)
 
 

@@ -2,18 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from data_prep.errors import InputError
 from data_prep.shards import MANIFEST_NAME, ShardReader
-from launch.local import rank_env
-from lmforge_common import free_port
-from tests.pretrain.conftest import TINY
+from tests.pretrain.conftest import TINY, Ranks
 
 
 def test_a_flipped_byte_in_a_shard_stops_the_run_naming_the_shard(tmp_path, tokenizer_dir, prepared_dir):
@@ -37,9 +32,10 @@ def test_a_flipped_byte_in_a_shard_stops_the_run_naming_the_shard(tmp_path, toke
 
     config = tmp_path / "train.yaml"
     config.write_text(f"data:\n  path: {data}\n  tokenizer: {tokenizer_dir}\n  verify_checksums: true\n")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", **rank_env(0, 1, "127.0.0.1", free_port(), 2)}
-    ran = subprocess.run([sys.executable, "-m", "lmforge", "train", str(config), *TINY, f"run_dir={tmp_path / 'run'}", "max_steps=2"],
-                         env=env, capture_output=True, text=True, timeout=300)
-    errors = [line for line in ran.stderr.splitlines() if "shard sha256" in line]
-    assert ran.returncode != 0 and len(errors) == 1, ran.stderr[-3000:]
-    assert any(f"{data / r['path']}: shard sha256" in errors[0] for r in records), errors
+    (tmp_path / "logs").mkdir()
+    ranks = Ranks(config, 2, [*TINY, f"run_dir={tmp_path / 'run'}", "max_steps=2"], tmp_path / "logs")
+    codes = ranks.wait()
+    for code, log in zip(codes, ranks.logs()):  # each rank reads its own part of the batch: each names its shard
+        errors = [line for line in log.splitlines() if "shard sha256" in line]
+        assert code != 0 and len(errors) == 1, log[-3000:]
+        assert any(f"{data / r['path']}: shard sha256" in errors[0] for r in records), errors

@@ -12,17 +12,23 @@ from pathlib import Path
 import yaml
 
 from data_prep.tokenizer.folder import fingerprint
-from launch.local import rank_env
-from lmforge_common import free_port
 from pretrain.checkpoint import read_state
 from pretrain.config import load_config
-from tests.pretrain.conftest import TINY
+from tests.pretrain.conftest import TINY, Ranks
 
 
-def _lmforge(cwd: Path, *args: str, rank: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", **(rank_env(0, 1, "127.0.0.1", free_port(), 2) if rank else {})}
-    return subprocess.run([sys.executable, "-m", "lmforge", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+def _lmforge(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], cwd=cwd, env={**os.environ, "DS_ACCELERATOR": "cpu"},
+                          capture_output=True, text=True, timeout=300)
+
+
+def _train(cwd: Path, config: str, overrides: list[str], logs: Path) -> str:
+    """A 2-rank run started in ``cwd``; rank 0's output (the test fails with it unless both ranks exit 0)."""
+    logs.mkdir()
+    ranks = Ranks(Path(config), 2, overrides, logs, cwd=cwd)
+    codes = ranks.wait()
+    assert codes == [0, 0], ranks.logs()[0][-3000:] + ranks.logs()[1][-3000:]
+    return ranks.logs()[0]
 
 
 def test_run_folder_moved_without_its_tokenizer_exports_resumes_and_verifies_from_elsewhere(tmp_path, tokenizer_dir,
@@ -32,8 +38,7 @@ def test_run_folder_moved_without_its_tokenizer_exports_resumes_and_verifies_fro
     shutil.copytree(tokenizer_dir, start / "tok")
     (start / "data").symlink_to(prepared_dir)
     (start / "train.yaml").write_text("data:\n  path: data\n  tokenizer: tok\n")  # relative to the start directory
-    ran = _lmforge(start, "train", "train.yaml", *TINY, "run_dir=runs/r", "max_steps=2", rank=True)
-    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    _train(start, "train.yaml", [*TINY, "run_dir=runs/r", "max_steps=2"], tmp_path / "logs-first")
     run_dir = start / "runs" / "r"
     recorded = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
     assert recorded["tokenizer"] == str((run_dir / "tokenizer").resolve()) and recorded["path"] == str(start / "data")
@@ -55,8 +60,7 @@ def test_run_folder_moved_without_its_tokenizer_exports_resumes_and_verifies_fro
     assert load_config(moved / "config.yaml").run_dir == str(moved.resolve())
     assert load_config(moved / "config.yaml", ["run_dir=other"]).run_dir == "other"
     assert load_config(start / "train.yaml").run_dir == "runs/train"  # any other config file: as written
-    resumed = _lmforge(elsewhere, "train", str(moved / "config.yaml"), "max_steps=3", rank=True)  # no run_dir=
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resumed from step_00000002: step 2" in resumed.stdout + resumed.stderr
+    resumed = _train(elsewhere, str(moved / "config.yaml"), ["max_steps=3"], tmp_path / "logs-resumed")  # no run_dir=
+    assert "resumed from step_00000002: step 2" in resumed
     assert read_state(moved / "checkpoints" / "step_00000003")["step"] == 3
     assert not (elsewhere / "runs").exists() and not run_dir.exists()  # no new run started beside it

@@ -19,16 +19,23 @@ TINY = ["model.preset=llama-test", "deepspeed.micro_batch_size=2", "data.eval_ba
 class Ranks:
     """``nproc`` training processes of one run; ``wait()`` returns their exit codes."""
 
-    def __init__(self, config: Path, nproc: int, overrides: list[str], log_dir: Path):
+    def __init__(self, config: Path, nproc: int, overrides: list[str], log_dir: Path, cwd: Path | None = None,
+                 preexec_fn=None):
         port = free_port()
         threads = max(1, (os.cpu_count() or 1) // nproc)
         self.procs = []
+        self.log_dir = log_dir
         for r in range(nproc):
             env = {**os.environ, "DS_ACCELERATOR": "cpu", **rank_env(r, nproc, "127.0.0.1", port, threads)}
             log = open(log_dir / f"rank{r}.log", "ab")
             self.procs.append(subprocess.Popen([sys.executable, "-m", "lmforge", "train", str(config), *overrides],
-                                               env=env, stdout=log, stderr=subprocess.STDOUT))
+                                               env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                                               preexec_fn=preexec_fn))
             log.close()
+
+    def logs(self) -> list[str]:
+        """Each rank's output so far (stdout and stderr together), rank 0 first."""
+        return [(self.log_dir / f"rank{r}.log").read_text() for r in range(len(self.procs))]
 
     def wait(self, timeout_s: float = 300) -> list[int]:
         try:
