@@ -361,7 +361,26 @@ def row(metric: str, unit: str, lmforge: Sequence[float] | float, peer: Sequence
     if pv is not None and lm > 0 and pv > 0:
         ratio = lm / pv if better == "higher" else pv / lm
     return {"metric": metric, "unit": unit, "lmforge": lm, "peer": pv, "peer_name": peer_name, "ratio": ratio,
-            "better": better, "target": target, "note": note, "runs": {"lmforge": lm_runs, "peer": peer_runs}}
+            "ratio_range": ratio_range(lm_runs, peer_runs, better), "better": better, "target": target, "note": note,
+            "runs": {"lmforge": lm_runs, "peer": peer_runs}}
+
+
+def ratio_range(lm_runs: Sequence[float], peer_runs: Sequence[float] | None, better: str = "higher") -> list[float] | None:
+    """``[min, max]`` of the per-round ratios (round i of lmforge against round i of the peer, as
+    :func:`alternate` pairs them; above 1 = lmforge wins), or None without at least 2 paired rounds.
+    A range that contains 1.0 is a tie: the rounds disagree on which side is faster."""
+    if not peer_runs or len(peer_runs) != len(lm_runs) or len(lm_runs) < 2:
+        return None
+    pairs = [(a, b) for a, b in zip(lm_runs, peer_runs) if a > 0 and b > 0]
+    if len(pairs) != len(lm_runs):
+        return None
+    ratios = [a / b if better == "higher" else b / a for a, b in pairs]
+    return [min(ratios), max(ratios)]
+
+
+def is_tie(ratio_span: Sequence[float] | None) -> bool:
+    """True when the per-round ratios of :func:`ratio_range` fall on both sides of 1.0 (or touch it)."""
+    return ratio_span is not None and ratio_span[0] <= 1.0 <= ratio_span[1]
 
 
 def print_rows(rows: list[dict]) -> None:

@@ -410,9 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.merge:
         parts = [json.loads(path.read_text())["details"] for path in args.merge]
-        chains = [dict(chain, seed=part["seed"]) for part in parts for chain in part["runs"]]
-        write(chains, [part["seed"] for part in parts], sum(part["reference_runs"] for part in parts),
-              max(part["wall_s"] for part in parts), [part["work_dir"] for part in parts],
+        chains = [dict(chain, seed=chain.get("seed", part["seed"])) for part in parts for chain in part["runs"]]
+        listed = lambda key: [v for part in parts for v in (part[key] if isinstance(part[key], list) else [part[key]])]  # noqa: E731
+        write(chains, listed("seed"), sum(part["reference_runs"] for part in parts),
+              max(part["wall_s"] for part in parts), listed("work_dir"),
               sum(part.get("runs_asked", part["runs_per_case"]) for part in parts))
         return 0 if all(c["survived"] for chain in chains for c in chain["cases"].values()) else 1
     tok, data = fault_data()

@@ -21,6 +21,9 @@ import sys
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))  # run as a script or loaded by path (tests): common sits beside it
+from common import is_tie, ratio_range  # noqa: E402
+
 GPU_RESULT = "gpu_mfu"
 FAULT_RESULT = "fault_matrix"
 COMPILE_RESULT = "bench_compile"
@@ -65,14 +68,37 @@ def target_met(row: dict) -> str:
     An ``x`` target of a row with a peer applies to the ratio; any other target to lmforge's value
     (``<= 0.6x`` of a row whose unit is ``x``, ``<= 1536 MiB`` of a row in MiB).
     """
-    m = re.match(r"\s*(>=|<=)\s*([0-9.]+)\s*(\S*)", row.get("target") or "")
+    m = re.match(r"\s*(>=|<=|<|>)\s*([0-9.]+)\s*(\S*)", row.get("target") or "")
     if not m:
         return ""
     value = row["ratio"] if m.group(3) == "x" and row.get("peer") is not None else row.get("lmforge")
     if value is None:
         return ""
     bound = float(m.group(2))
-    return "yes" if (value >= bound if m.group(1) == ">=" else value <= bound) else "**no**"
+    met = {">=": value >= bound, "<=": value <= bound, ">": value > bound, "<": value < bound}[m.group(1)]
+    if met and m.group(3) == "x" and row.get("peer") is not None and bound >= 1.0 and is_tie(_ratio_span(row)):
+        return "**no** (tie)"  # a win was the target; the rounds disagree on who won
+    return "yes" if met else "**no**"
+
+
+def _ratio_span(row: dict) -> list[float] | None:
+    """The row's per-round ratio range; computed from its runs for results written before rows carried it."""
+    if row.get("ratio_range"):
+        return row["ratio_range"]
+    runs = row.get("runs") or {}
+    return ratio_range(runs.get("lmforge") or [], runs.get("peer"), row.get("better", "higher"))
+
+
+def fmt_ratio(row: dict) -> str:
+    """``1.28x [1.01-1.35]``; ``tie (0.97-1.12x)`` when the per-round ratios fall on both sides of 1.0."""
+    if row.get("ratio") is None:
+        return "-"
+    span = _ratio_span(row)
+    if span is None:
+        return f"{row['ratio']:.2f}x"
+    if is_tie(span):
+        return f"tie ({row['ratio']:.2f}x, rounds {span[0]:.2f}-{span[1]:.2f}x)"
+    return f"{row['ratio']:.2f}x [{span[0]:.2f}-{span[1]:.2f}]"
 
 
 BUSY_LOAD_PER_CORE = 1.5
@@ -116,8 +142,7 @@ def rows_table(rows: list[dict]) -> list[str]:
     for r in rows:
         runs = r.get("runs") or {}
         peer = "-" if r.get("peer") is None else f"{fmt_runs(r['peer'], runs.get('peer'))} ({r.get('peer_name', '')})"
-        ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}x"
-        cells = [r["metric"], r.get("unit", ""), fmt_runs(r["lmforge"], runs.get("lmforge")), peer, ratio,
+        cells = [r["metric"], r.get("unit", ""), fmt_runs(r["lmforge"], runs.get("lmforge")), peer, fmt_ratio(r),
                  r.get("target") or "", target_met(r), r.get("note") or ""]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return lines
@@ -276,7 +301,7 @@ def render(results_dir: Path) -> str:
     if summary:
         lines += ["## Targets", "", "| benchmark | metric | against | value | target | met |", "|---|---|---|---|---|---|"]
         for name, r in summary:
-            value = f"{r['ratio']:.2f}x" if r.get("peer") is not None and r.get("ratio") is not None else f"{fmt(r['lmforge'])} {r.get('unit', '')}"
+            value = fmt_ratio(r) if r.get("peer") is not None and r.get("ratio") is not None else f"{fmt(r['lmforge'])} {r.get('unit', '')}"
             against = (r.get("peer_name") or "-") if r.get("peer") is not None else "-"
             lines.append(f"| {name} | {r['metric']} | {against} | {value} | {r['target']} | {target_met(r)} |")
         lines.append("")

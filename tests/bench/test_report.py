@@ -81,3 +81,20 @@ def test_compile_rounds_that_disagree_get_a_caveat_not_a_ratio(tmp_path):
     steady["machine"]["load_average_1_5_15_min"] = [0.5, 0.5, 0.5]
     (tmp_path / "bench_compile.json").write_text(json.dumps(steady))
     assert "Compiled / eager tokens/s: 2.00x, 1.95x" in report.render(tmp_path)
+
+
+def test_a_ratio_whose_rounds_fall_on_both_sides_of_one_is_a_tie():
+    report = _report()
+    import common  # bench/common.py, put on the path by report.py
+
+    win = common.row("throughput", "tokens/s", [110.0, 120.0, 130.0], [100.0, 100.0, 100.0], "peer", target=">= 1.0x")
+    assert win["ratio_range"] == [1.1, 1.3] and report.fmt_ratio(win) == "1.20x [1.10-1.30]"
+    assert report.target_met(win) == "yes"
+    tie = common.row("wall", "s", [10.0, 12.0, 9.0], [11.0, 11.0, 11.0], "peer", better="lower", target=">= 1.0x")
+    assert report.fmt_ratio(tie) == "tie (1.10x, rounds 0.92-1.22x)" and report.target_met(tie) == "**no** (tie)"
+    parity = {**tie, "target": ">= 0.95x"}  # a parity target is met by a tie
+    assert report.target_met(parity) == "yes"
+    old = {k: v for k, v in tie.items() if k != "ratio_range"}  # results written before rows carried the range
+    assert report.fmt_ratio(old) == report.fmt_ratio(tie)
+    assert report.target_met({"target": "< 0.5 s", "lmforge": 0.34, "peer": None}) == "yes"
+    assert report.target_met({"target": "< 0.5 s", "lmforge": 0.5, "peer": None}) == "**no**"
