@@ -164,13 +164,17 @@ def fault_matrix_section(result: dict, source: str) -> list[str]:
     d = result.get("details", {})
     lines = [f"## {result.get('title', 'Fault matrix')}", "", f"`bench/{source}` ({provenance(result)})", "",
              f"Runs per case: {d.get('runs_per_case', '?')}; fault points drawn with seed {d.get('seed', '?')}; "
-             f"{d.get('steps', '?')} steps per run. Survived = the rerun finished and every step's loss equals an "
-             "uninterrupted run's, bit for bit (see docs/reliability.md); time to resume = from the rerun's start "
-             "(imports and set-up included) to its first new training step.", "",
+             f"{d.get('steps', '?')} steps per run. What survived means for each case is listed under the table "
+             "(see also docs/reliability.md); steps lost = steps whose loss after the rerun differs from the "
+             "reference's or is missing; time to resume = from the rerun's start (imports and set-up included) "
+             "to its first new training step, wall time on the machine named above.", "",
              "| case | runs | survived | steps lost | worst time to resume (s) |", "|---|---|---|---|---|"]
     for row in d.get("cases", []):
         lines.append(f"| {row['case']} | {row['runs']} | {row['survived']} | {row['steps_lost']} | "
                      f"{row['worst_time_to_resume_s']:.1f} |")
+    means = d.get("survived_means") or {}
+    if means:
+        lines += ["", "Survived means:", ""] + [f"- {case}: {text}." for case, text in means.items()]
     return lines + [""]
 
 
