@@ -34,14 +34,21 @@ def test_a_chain_of_faults_on_one_run_loses_nothing(start_run, tmp_path):  # noq
     newest = lambda: read_state(latest_complete(run / "checkpoints"))["step"]  # noqa: E731
     # K non-finite steps in a row: stops before a bad step is saved
     assert start_run("faulted", 2, *CHAIN, "debug.inject_nan_at_steps=[3,4]", "guard.max_consecutive_nonfinite=2").wait() == [2, 2]
-    assert newest() == 2
+    assert newest() == 2 and [s for s, _ in complete_checkpoints(run / "checkpoints")] == [2]
+    assert ("lmforge: error: step 4: 2 consecutive non-finite steps (limit guard.max_consecutive_nonfinite=2); stopping"
+            in (run / "rank0.log").read_text())
     kill_step = random.Random(SEED).randint(3, 5)  # kill -9 at a random step, seeded
     assert start_run("faulted", 2, *CHAIN, f"debug.kill_at_step={kill_step}").wait() == [-9, -9], kill_step
     c = newest()
     assert c == 2 * (kill_step // 2)
+    partial = run / "checkpoints" / f".tmp-step_{c + 2:08d}"
     for point, saved in zip(CRASH_POINTS[1:], (c, c, c + 2)):  # kill -9 at each crash point of the save of c + 2
-        codes = start_run("faulted", 2, *CHAIN, f"debug.crash_in_save={point}").wait()
-        assert codes[0] == -9 and newest() == saved, (point, codes)  # rank 1 ends by the timeout where rank 0 died alone
+        ranks = start_run("faulted", 2, *CHAIN, f"debug.crash_in_save={point}")
+        code = ranks.procs[0].wait(timeout=300)
+        ranks.procs[1].kill()  # as every launcher does when a rank dies (the timeout that ends it alone: the hang case)
+        assert code == -9 and newest() == saved, (point, code)
+        assert partial.is_dir() == (point != "before_latest"), point  # a partial save is there, and resume ignores it
+        assert (run / "checkpoints" / "latest").read_text() == f"step_{c:08d}", point
     assert start_run("faulted", 2, *CHAIN, f"debug.sigterm_at_step={c + 4}", "debug.sigterm_in_eval=true").wait() == [
         EXIT_PREEMPTED, EXIT_PREEMPTED]  # SIGTERM inside the evaluation after step c + 4
     assert newest() == c + 4
@@ -57,6 +64,7 @@ def test_a_chain_of_faults_on_one_run_loses_nothing(start_run, tmp_path):  # noq
         EXIT_PREEMPTED, EXIT_PREEMPTED]
     assert newest() == c + 7
     assert start_run("faulted", 2, *CHAIN).wait() == [0, 0]
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the next saves removed the partial ones
     reference = losses_by_step(tmp_path / "reference")
     assert sorted(reference) == list(range(1, 13))
     assert losses_by_step(run) == reference  # every step's loss, bit for bit
