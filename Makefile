@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 DEMO_DIR ?= runs/demo
 SYSTEM_PACKAGES := slurm-wlm slurmd slurmctld munge openmpi-bin libopenmpi-dev
 
-.PHONY: demo test lint bench install install-test system-deps clean
+.PHONY: bench-full demo test lint bench install install-test system-deps clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -65,6 +65,18 @@ bench: $(VENV)/.installed-bench
 	done; \
 	$(BIN)/python bench/report.py || failed="$$failed bench/report.py"; \
 	if [ -n "$$failed" ]; then echo "bench: failed:$$failed"; exit 1; fi
+
+# The larger sweeps: every bench script, with --full where it has one (bench_prep: 16 MB to 1 GB x 1-2 workers;
+# bench_train: llama-125m too), and the fault matrix at 10 runs per case; then BENCHMARKS.md. Hours on 2 cores.
+BENCH_FULL_ONLY = bench/fault_matrix.py
+
+bench-full: $(VENV)/.installed-bench
+	@failed=""; for s in $(BENCH_SCRIPTS) $(BENCH_FULL_ONLY); do \
+	  full=$$(grep -q -e '"--full"' $$s && echo --full); echo "== $$s $$full"; \
+	  PYTHONPATH=$(CURDIR) $(BIN)/python $$s $$full || failed="$$failed $$s"; \
+	done; \
+	$(BIN)/python bench/report.py || failed="$$failed bench/report.py"; \
+	if [ -n "$$failed" ]; then echo "bench-full: failed:$$failed"; exit 1; fi
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info bench/.cache

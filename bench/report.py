@@ -288,6 +288,46 @@ def memory_plan_section(results: dict[str, dict], source: str) -> list[str]:
     return lines + [""]
 
 
+NOT_SHOWN = [
+    "**GPUs.** No GPU was lent where these ran. MFU, NCCL collectives, attention backends (SDPA, flash) and "
+    "`torch.compile` on a GPU are not measured; `bench/gpu_mfu.py` measures them when one is there.",
+    "**More than one machine.** Every figure is one host with 2 CPU ranks over gloo: the interconnect, NCCL's "
+    "collectives at scale and a shared file system's bandwidth are not measured.",
+    "**Model scale in training.** CPU training rows use toy models up to llama-125m. Their LM head is a much larger "
+    "share of the matmul FLOPs than in a 1B+ model with a 32k vocabulary (about 40% against 5%), so a fused loss's "
+    "speed-up here overstates its speed-up there; its memory saving (no `(B, T, V)` float32 logits) holds at any size.",
+    "**Cold caches.** File-reading rows (export, loader, verification) ran with the page cache warm unless their note "
+    "says otherwise; `bench_integrity` measures both.",
+    "**Quiet machines.** Most results ran on a shared 2-core machine (see the load averages): wall times and the fault "
+    "matrix's times to resume show orders of magnitude, not promises; the paired ratios are steadier than the "
+    "absolute figures.",
+    "**Export sizes.** The export rows are one checkpoint size (309M parameters, 1.24 GB fp32); the sweep over "
+    "125M-1B, ZeRO 2 and 3, fp32 and bf16, with the fixed and per-GB costs fitted apart, is not measured yet.",
+]
+"""The "What these figures do not show" section: what was not measured, and why."""
+
+
+def not_shown_section() -> list[str]:
+    return ["## What these figures do not show", "", *[f"- {item}" for item in NOT_SHOWN], ""]
+
+
+PRODUCED_BY = {
+    FAULT_RESULT: "`make bench-full` (`python bench/fault_matrix.py`: 10 runs per case by default)",
+    "compare_export_paths": "hand: `python bench/compare_export_paths.py --library-checkout DIR`, DIR a worktree of "
+                            "lmforge at commit b1ac10a (the torch.load path it compares against)",
+    MEMORY_PLAN_DIR: "hand, one launch per file: `python bench/memory_plan.py --preset P --zero-stage S --nproc N "
+                     "[key=value ...] --out FILE` (each file records its settings)",
+}
+"""Results not produced by ``make bench``; every other result is, and its rows noted ``(bench-full)`` come from
+``make bench-full`` (the same script with ``--full``)."""
+
+
+def with_producer(lines: list[str], name: str) -> list[str]:
+    """A section's lines with a "Produced by" paragraph after its provenance line."""
+    producer = PRODUCED_BY.get(name, "`make bench`; rows noted (bench-full): `make bench-full`")
+    return [*lines[:4], f"Produced by {producer}.", "", *lines[4:]]
+
+
 def load_results(results_dir: Path) -> tuple[dict[str, dict], dict[str, dict]]:
     """``(top-level results by name, memory plan results by name)``: every JSON :func:`render` renders."""
     top = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(results_dir.glob("*.json"))}
@@ -311,9 +351,10 @@ def render(results_dir: Path) -> str:
         lines.append("")
     for name, result in results.items():
         render_section = {FAULT_RESULT: fault_matrix_section, COMPILE_RESULT: compile_section}.get(name, section)
-        lines += render_section(result, f"results/{name}.json")
+        lines += with_producer(render_section(result, f"results/{name}.json"), name)
     if plans:
-        lines += memory_plan_section(plans, f"results/{MEMORY_PLAN_DIR}")
+        lines += with_producer(memory_plan_section(plans, f"results/{MEMORY_PLAN_DIR}"), MEMORY_PLAN_DIR)
+    lines += not_shown_section()
     if GPU_RESULT not in results:
         lines += ["## MFU of llama-1b on one GPU", "",
                   "Not measured yet: no GPU was available where the results above were produced. Run "
