@@ -35,10 +35,12 @@ documents (issue 17 section 4) next to importing numpy, pyarrow and tokenizers a
 ``bench/results/bench_prep_fixed.json``.
 
 Usage: ``python bench/bench_prep.py [--reps 3] [--workers 1,2] [--sizes 16] [--skip-memory]
-[--fixed-only] [--no-datatrove] [--no-hf] [--json FILE]``: 16 MB at 1 and 2 workers (``make bench``,
-about 5 minutes on 2 cores), to ``bench/results/bench_prep.json``. ``--full`` (``make bench-full``):
-16, 256 and 1024 MB (about 75 minutes on 2 cores), to ``bench/results/bench_prep_full.json``, every
-row's note marked ``(bench-full)``; ``--full --sizes 4,16`` runs that path on smaller corpora.
+[--fixed-only] [--no-datatrove] [--no-hf] [--json FILE]``: 16 MB at 1 and 2 workers (``make bench``;
+16 minutes on 2 cores at load average 8-9, an estimated 5 on idle ones), to
+``bench/results/bench_prep.json``. ``--full`` (``make bench-full``): 16, 256 and 1024 MB (estimated
+at 75 minutes on 2 idle cores, not yet timed; about 2.5 GB of corpora under ``--work``), to
+``bench/results/bench_prep_full.json``, every row's note marked ``(bench-full)``, no memory or
+fixed-cost runs; ``--full --sizes 2,4`` runs that path on small corpora (a smoke test).
 """
 from __future__ import annotations
 
@@ -203,7 +205,7 @@ def peer_names(workers: int) -> dict[str, str]:
     return {"raw": f"{peers.RAW_NAME}; {layout(workers)}",
             "datatrove": peers.DATATROVE_NAME.replace("=N", f"={workers}") +
             ("; TOKENIZERS_PARALLELISM=false" if workers > 1 else "; tokenizers threads at their default"),
-            "hf": peers.HF_NAME.replace("=N", f"={workers}")}
+            "hf": peers.HF_NAME.replace("=N", f"={workers}") + f"; run at <= {HF_MAX_MB:g} MB only"}
 
 
 def setting_rows(s: dict, tag: str) -> list[dict]:
