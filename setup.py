@@ -46,7 +46,8 @@ setup(
         "test": ["pytest>=8", "mpi4py>=3.1", "lm-eval>=0.4.13,<0.5", "ruff>=0.17,<0.18", "mypy>=2.4,<2.5",
                  "datatrove>=0.10,<0.11"],  # make lint runs ruff and mypy
         "eval": ["lm-eval>=0.4.13,<0.5"],  # lmforge eval / export --eval-tasks (lm-evaluation-harness)
-        "bench": ["psutil>=5.9", "accelerate>=1.0"],  # accelerate: the HF Trainer peer of bench_train
+        # accelerate: the HF Trainer peer of bench_train; datatrove (its JsonlReader needs orjson): a bench_prep peer
+        "bench": ["psutil>=5.9", "accelerate>=1.0", "datatrove>=0.10,<0.11", "orjson>=3"],
         "dedup": ["datatrove>=0.10,<0.11"],  # prep --near-dedup (MinHash): the core install, sha1 hashing, no spaCy/nltk
     },
     entry_points={"console_scripts": ["lmforge=lmforge.cli:main"]},
