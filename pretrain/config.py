@@ -284,6 +284,10 @@ class DebugConfig:
     """See ``sigterm_at_step``."""
     hang_at_step: int = 0
     """Rank 1 (or rank 0 of a world of one) sleeps for good before this optimizer step (1-based); 0 = never."""
+    prebuilt_batches: bool = False
+    """Read every micro batch the run will train on into memory before the first step (the same batches, from the
+    same loader), so that step times exclude the loader: ``bench/bench_loader.py`` measures the loader in situ
+    against it. Memory grows with ``max_steps``; for benchmarks only."""
 
 
 @dataclass

@@ -17,6 +17,7 @@ Run dir layout (rank 0 writes all but the checkpoint shards)::
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -306,6 +307,9 @@ def _training_batches(run: Run, state: TrainState, index_log: IO[str] | None) ->
     cfg = run.cfg
     batches = run.source.train_batches(run.dist.rank, run.dist.world_size, cfg.deepspeed.micro_batch_size, cfg.seed,
                                        state.data_position)
+    if cfg.debug.prebuilt_batches:
+        remaining = (cfg.max_steps - state.step) * cfg.deepspeed.gradient_accumulation_steps
+        batches = iter(list(itertools.islice(batches, remaining)))
     if index_log is None:
         return batches
     return logged_indices(batches, index_log, state.step, cfg.deepspeed.gradient_accumulation_steps)
