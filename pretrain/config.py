@@ -158,6 +158,12 @@ class DeepSpeedConfig:
     """ZeRO-Offload: keep optimizer states and the step on the CPU (ZeRO stage >= 1)."""
     offload_params: bool = False
     """ZeRO-Infinity style parameter offload to CPU (ZeRO stage 3 only)."""
+    return_freed_memory: Literal["auto", "always", "never"] = "auto"
+    """Have glibc map every host allocation of 1 MiB or more on its own, so that freeing it returns it to the OS
+    (``pretrain.engine.return_large_frees_to_os``). Without it, the parameters ZeRO-3 gathers and frees layer after
+    layer stay in the heap's holes and a CPU rank's resident set grows by GBs (issue 14). It costs speed wherever
+    activations live in host memory: each one is mapped and faulted in again every step (a CPU rank of llama-tiny
+    trained at 0.44-0.71x the HF Trainer's tokens/s with it, bench/bench_train.py). ``auto``: at ZeRO stage 3 only."""
     config_file: str = ""
     """A user ds_config.json merged over the generated one: its keys win, except the batch keys
     (train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps) and the precision

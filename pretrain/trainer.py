@@ -76,7 +76,9 @@ def train(cfg: TrainConfig) -> dict:
     Raises:
         CollectiveTimeout: a collective waited ``distributed.timeout_minutes``; names the ranks that did not arrive.
     """
-    return_large_frees_to_os()  # before any tensor: freed parameters leave the resident set (CPU ranks)
+    release = cfg.deepspeed.return_freed_memory
+    if release == "always" or (release == "auto" and cfg.deepspeed.zero_stage == 3):
+        return_large_frees_to_os()  # before any tensor: freed parameters leave the resident set (CPU ranks)
     timeout_minutes = cfg.distributed.timeout_minutes
     dist = init_distributed(timeout_minutes)
     heartbeat = Heartbeat(cfg.run_dir, dist.rank)
