@@ -39,7 +39,7 @@ from pathlib import Path
 
 import common
 import train_peers
-from train_peers import NPROC, SKIP_STEPS
+from train_peers import MALLOC_NOTE, NPROC, SKIP_STEPS
 
 DEMO_CONFIG = common.REPO_ROOT / "pretrain" / "configs" / "demo.yaml"
 SEQ_LEN = 512
@@ -108,11 +108,11 @@ def model_rows(preset: str, tps: dict, runs: dict, cfg, fpt: float, peak_tflops:
         common.row(f"train throughput, {where}: both fused loss", "tokens/s", tps["lmforge/fused"], tps["trainer/fused"],
                    fused_peer, target="" if full else ">= 1.0x",
                    note=f"same loss both sides: pretrain.loss.enable_fused_loss(model, {cfg.model.loss_chunk_tokens}) "
-                        f"before Trainer(...), compute_loss takes outputs.loss. Peer: {s['trainer']}{mark}"),
+                        f"before Trainer(...), compute_loss takes outputs.loss. Peer: {s['trainer']}. {MALLOC_NOTE}{mark}"),
         common.row(f"train throughput, {where}: both own loss", "tokens/s", tps["lmforge/own"], tps["trainer/own"],
                    "HF Trainer + DeepSpeed", target="" if full else ">= 1.0x",
                    note=f"same loss both sides: transformers' ForCausalLMLoss on full float32 logits "
-                        f"(lmforge: model.loss_chunk_tokens=0). Peer: {s['trainer']}{mark}"),
+                        f"(lmforge: model.loss_chunk_tokens=0). Peer: {s['trainer']}. {MALLOC_NOTE}{mark}"),
         common.row(f"train throughput, {where}: as shipped", "tokens/s", tps["lmforge/fused"], tps["trainer/own"],
                    "HF Trainer + DeepSpeed",
                    note=f"lmforge's default (fused loss) vs the Trainer's default (own loss): the gain is the loss, "

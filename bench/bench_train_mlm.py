@@ -33,7 +33,7 @@ from pathlib import Path
 
 import common
 import train_peers
-from train_peers import NPROC, SKIP_STEPS
+from train_peers import MALLOC_NOTE, NPROC, SKIP_STEPS
 
 SEQ_LEN = 512
 VOCAB_SIZE = 8192
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             f"optim='adamw_torch_fused', lr {cfg.optim.lr}, {cfg.optim.schedule}), data_collator="
             f"DataCollatorForLanguageModeling(tokenizer, mlm_probability={m.probability}, mask_replace_prob="
             f"{m.mask_replace_prob}, random_replace_prob={m.random_replace_prob})); micro batch {ds.micro_batch_size}, "
-            f"grad accumulation {ds.gradient_accumulation_steps}, {NPROC} ranks x {threads} thread(s); the model's own loss both sides")
+            f"grad accumulation {ds.gradient_accumulation_steps}, {NPROC} ranks x {threads} thread(s); "
+            f"the model's own loss both sides. {MALLOC_NOTE}")
     rows = [common.row(f"MLM train throughput, seq_len {SEQ_LEN}, 2 CPU ranks", "tokens/s", tps["lmforge"], tps["peer"],
                        peer_name, target=">= 1.0x", note=note),
             common.row("MLM peak RSS of one rank", "GiB", [r["peak_rss_bytes"] / 2**30 for r in runs["lmforge"]],

@@ -51,6 +51,11 @@ import common
 NPROC = 2
 SKIP_STEPS = 4
 """Warm-up steps left out of tokens/s on every side."""
+MALLOC_NOTE = ("lmforge's ranks pin glibc's mmap threshold at 1 MiB (pretrain.engine.return_large_frees_to_os, issue 14: "
+               "freed tensors leave the resident set), so every activation of 1 MiB or more is mmapped and page-faulted "
+               "afresh each step; the peers keep glibc's default. Side test (llama-tiny, seq_len 512, 12 steps, 2 runs each): "
+               "the Trainer/own side fell from 1,958 and 1,592 to 1,112 and 1,119 tokens/s with MALLOC_MMAP_THRESHOLD_=1048576")
+"""Why lmforge trails the same-loss peers on CPU (measured 2026-12-03 on the 2-core bench machine, under load)."""
 
 
 def load(config_file: Path):
@@ -141,10 +146,11 @@ def trainer_worker(config_file: Path, loss: str, mlm: bool, result_path: Path) -
                               data_collator=collator, callbacks=[StepTimes()])
         trainer.train()
         engine = type(trainer.model_wrapped).__name__
+        dtype = str(next(trainer.model_wrapped.parameters()).dtype)
     if int(os.environ.get("RANK", "0")) == 0:
         ds = cfg.deepspeed
         tokens_per_step = ds.micro_batch_size * ds.gradient_accumulation_steps * world_size * seq_len
-        result_path.write_text(json.dumps(steady_result(ends, tokens_per_step, engine)))
+        result_path.write_text(json.dumps({**steady_result(ends, tokens_per_step, engine), "param_dtype": dtype}))
     return 0
 
 
