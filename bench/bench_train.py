@@ -23,9 +23,11 @@ Steady state: the first 4 optimizer steps are left out (lmforge logs every 4 ste
 all-reduce). FLOPs per token follow ``pretrain.flops`` (6N + 12LHQT); a CPU has no listed peak, so the script
 reports achieved TFLOP/s per rank, and MFU when ``--peak-tflops`` (of one rank's cores) is given.
 
-Default (``make bench``): llama-tiny at seq_len 512, 3 rounds of 12 steps (about 8 minutes on 2 idle cores).
-``--full`` (``make bench-full``) adds llama-125m at seq_len 512 (``--full-steps``, 8 by default; its rows are
-marked "(bench-full)"). Usage: ``python bench/bench_train.py [--full] [--repeats 3] [--steps 12]
+Default (``make bench``): llama-tiny at seq_len 512, 3 rounds of 12 steps: 15 runs of 25-140 s each, 18 minutes
+in all on the shared 2-core machine at a load average of 4-10 (2026-12-03); not timed on idle cores. ``--full``
+(``make bench-full``) adds llama-125m at seq_len 512 (``--full-steps``, 8 by default; its rows are marked
+"(bench-full)"): about 5 TFLOP per step (6.0e8 FLOPs/token x 8192 tokens), i.e. 1-3 hours on 2 cores at the
+0.03-0.07 TFLOP/s per rank measured on llama-tiny; not run yet. Usage: ``python bench/bench_train.py [--full] [--repeats 3] [--steps 12]
 [--full-steps 8] [--peak-tflops X]``; writes ``bench/results/bench_train.json``. The masked-LM row is
 ``bench/bench_train_mlm.py``.
 """
