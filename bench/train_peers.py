@@ -54,7 +54,9 @@ SKIP_STEPS = 4
 MALLOC_NOTE = ("lmforge's ranks pin glibc's mmap threshold at 1 MiB (pretrain.engine.return_large_frees_to_os, issue 14: "
                "freed tensors leave the resident set), so every activation of 1 MiB or more is mmapped and page-faulted "
                "afresh each step; the peers keep glibc's default. Side test (llama-tiny, seq_len 512, 12 steps, 2 runs each): "
-               "the Trainer/own side fell from 1,958 and 1,592 to 1,112 and 1,119 tokens/s with MALLOC_MMAP_THRESHOLD_=1048576")
+               "the Trainer/own side fell from 1,958 and 1,592 to 1,112 and 1,119 tokens/s with MALLOC_MMAP_THRESHOLD_=1048576, "
+               "and lmforge/own rose from 2,542 and 2,088 to 3,746 and 6,605 tokens/s (peak RSS 1.19 -> 1.35-1.37 GiB per "
+               "rank) with that call disabled")
 """Why lmforge trails the same-loss peers on CPU (measured 2026-12-03 on the 2-core bench machine, under load)."""
 
 
