@@ -1,197 +1,177 @@
-"""The train step: lmforge vs the Hugging Face ``transformers.Trainer`` with the same DeepSpeed config,
-model, micro batch, precision, optimizer and inputs, on CPU with 2 data-parallel ranks.
+"""The train step, a 2x2 plus a floor: {lmforge, HF Trainer + DeepSpeed} x {the model's own loss, lmforge's fused
+loss}, and bare torch DDP + AdamW, on CPU with 2 data-parallel ranks. Unit: tokens/s, all ranks together.
 
-Both sides train the demo config (``pretrain/configs/demo.yaml``: ``llama-tiny``, micro batch 8,
-ZeRO-2, bf16, AdamW, warmup + cosine) on the prepared bench corpus (``common.bench_data``, 256-token
-sequences), each rank with ``cores / 2`` threads, both started by ``launch.local.run_local``:
+Every side trains one resolved config, written once per model with ``pretrain.config.to_yaml``: the demo
+config (``pretrain/configs/demo.yaml``: micro batch 8, gradient accumulation 1, ZeRO-2, bf16, AdamW lr 2e-3,
+warmup 40 + cosine to 0.1, grad clip 1.0, seed 1234, document masking) with ``model.preset`` and
+``seq_len=512``, on the stdlib bench corpus prepared at 512 tokens (``common.bench_data(seq_len=512)``, an
+8192-token byte-level BPE). Each rank runs ``cores / 2`` threads (``launch.local.run_local`` sets
+``OMP_NUM_THREADS``). The five sides alternate within each round (``common.alternate``):
 
-- lmforge: ``lmforge launch local --nproc 2`` (the real trainer), tokens/s from its ``metrics.jsonl``;
-- peer: ``Trainer(args=TrainingArguments(deepspeed=<lmforge's generated ds_config dict>, ...))``
-  with the model built by the same code and seed, the same AdamW hyper-parameters and schedule, and
-  a collate function producing the very tensors lmforge feeds its model (``input_ids``,
-  ``labels`` and the document-masking ``position_ids``, see ``common.collate_rows``);
-  tokens/s from a callback's step-end times.
+- ``lmforge/fused``: ``lmforge launch local --nproc 2`` as shipped: the fused chunked lm_head + cross-entropy
+  (``pretrain.loss``, ``model.loss_chunk_tokens=1024``); tokens/s from its ``metrics.jsonl``.
+- ``lmforge/own``: the same with ``model.loss_chunk_tokens=0`` (transformers' own loss).
+- ``trainer/own``: ``transformers.Trainer`` + ``TrainingArguments(deepspeed=<lmforge's generated ds_config>,
+  optim="adamw_torch_fused", ...)``, the model's own loss (see ``bench/train_peers.py``).
+- ``trainer/fused``: the same Trainer with lmforge's public ``pretrain.loss.enable_fused_loss`` on the model.
+- ``ddp-floor``: bare torch, gloo ``DistributedDataParallel`` + fused ``torch.optim.AdamW``, bf16 autocast.
 
-The model, its weights and inputs are the same; the loss computation is not: lmforge's training
-steps use its fused, chunked lm_head + cross-entropy (``pretrain.loss``, ``model.loss_chunk_tokens``;
-no full ``(B, T, V)`` float32 logits), the Trainer the model's own (transformers' ``ForCausalLMLoss``).
-With ``model.loss_chunk_tokens=0`` both run the same loss code, and the ratio was 0.97-1.04x over
-several runs (the rest of the step is the same model under the same DeepSpeed config).
+Rows (ratios above 1 = lmforge faster; each with the range of its per-round ratios): lmforge vs the Trainer at
+the same loss (fused/fused, own/own: the fair comparisons of the framework, target >= 1.0x), lmforge as shipped
+vs the Trainer as shipped (fused vs own: the loss's gain, no target), and both lmforge sides vs the DDP floor.
+Steady state: the first 4 optimizer steps are left out (lmforge logs every 4 steps: a log record is an
+all-reduce). FLOPs per token follow ``pretrain.flops`` (6N + 12LHQT); a CPU has no listed peak, so the script
+reports achieved TFLOP/s per rank, and MFU when ``--peak-tflops`` (of one rank's cores) is given.
 
-Both figures are steady state: the first 4 steps (warm-up) are left out; lmforge logs every 4 steps
-(a log record is an all-reduce, so the bench does not log every step). FLOPs per token follow
-``pretrain.flops`` (6N + 12LHQT, PaLM appendix B); a CPU has no listed peak, so the script reports
-achieved TFLOP/s per rank, and MFU when ``--peak-tflops`` (of one rank's cores) is given.
-Target (issue 5): lmforge tokens/s >= 1.0x the Trainer's.
-
-Usage: ``python bench/bench_train.py [--repeats 5] [--steps 32] [--peak-tflops X]``; writes
-``bench/results/bench_train.json``. ``--hf-worker`` is the per-rank entry point of the peer side.
+Default (``make bench``): llama-tiny at seq_len 512, 3 rounds of 12 steps: 15 runs of 25-140 s each, 18 minutes
+in all on the shared 2-core machine at a load average of 4-10 (2026-12-03); not timed on idle cores. ``--full``
+(``make bench-full``) adds llama-125m at seq_len 512 (``--full-steps``, 8 by default; its rows are marked
+"(bench-full)"): about 5 TFLOP per step (6.0e8 FLOPs/token x 8192 tokens), i.e. 1-3 hours on 2 cores at the
+0.03-0.07 TFLOP/s per rank measured on llama-tiny; not run yet. Usage: ``python bench/bench_train.py [--full] [--repeats 3] [--steps 12]
+[--full-steps 8] [--peak-tflops X]``; writes ``bench/results/bench_train.json``. The masked-LM row is
+``bench/bench_train_mlm.py``.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import common
+import train_peers
+from train_peers import MALLOC_NOTE, NPROC, SKIP_STEPS
 
-NPROC = 2
-SKIP_STEPS = 4
 DEMO_CONFIG = common.REPO_ROOT / "pretrain" / "configs" / "demo.yaml"
+SEQ_LEN = 512
+DEFAULT_MODELS = ("llama-tiny",)
+FULL_MODELS = ("llama-125m",)
+SIDES = ("lmforge/fused", "lmforge/own", "trainer/fused", "trainer/own", "ddp-floor")
 
 
-def lmforge_config(tok: Path, data: Path, steps: int):
-    """The demo training config on the bench data, as both sides use it."""
-    from pretrain.config import load_config
-
-    return load_config(DEMO_CONFIG, [f"data.path={data}", f"data.tokenizer={tok}", f"max_steps={steps}"])
-
-
-def flops_per_token(tok: Path, data: Path) -> tuple[float, int]:
-    """``(training FLOPs per token, parameters)`` of the demo model on the bench data."""
-    from pretrain.trainer import preflight
-
-    _, model_config, seq_len = preflight(lmforge_config(tok, data, 1))
-    return common.flops_per_token(model_config, seq_len)
+def write_configs(preset: str, tok: Path, data: Path, steps: int, tmp: Path) -> dict[str, Path]:
+    """The two resolved configs of ``preset``: ``fused`` (lmforge's default loss) and ``own`` (loss_chunk_tokens=0)."""
+    base = [f"model.preset={preset}", f"seq_len={SEQ_LEN}", f"data.path={data}", f"data.tokenizer={tok}", f"max_steps={steps}"]
+    return {"fused": common.write_train_config(tmp / f"{preset}-fused.yaml", DEMO_CONFIG, base),
+            "own": common.write_train_config(tmp / f"{preset}-own.yaml", DEMO_CONFIG, [*base, "model.loss_chunk_tokens=0"])}
 
 
-def training_arguments(cfg, world_size: int, output_dir: str):
-    """``TrainingArguments`` equal to the lmforge config: batch, precision, ds_config, AdamW, schedule."""
-    from transformers import TrainingArguments
+def measure_model(preset: str, tok: Path, data: Path, steps: int, repeats: int, tmp: Path) -> tuple[dict, dict]:
+    """Alternating rounds of the five :data:`SIDES` on ``preset``: ``(tokens/s per side, run details per side)``."""
+    configs = write_configs(preset, tok, data, steps, tmp)
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
 
-    from pretrain.engine import SCHEDULER_NAMES, build_ds_config
+    def side(name: str):
+        framework, loss = name.split("/") if "/" in name else (name, "own")
 
-    opt, ds = cfg.optim, cfg.deepspeed
-    schedule_kwargs = {"cosine": {"min_lr_rate": opt.min_lr_ratio}}.get(opt.schedule, {})
-    return TrainingArguments(
-        output_dir=output_dir, per_device_train_batch_size=ds.micro_batch_size,
-        gradient_accumulation_steps=ds.gradient_accumulation_steps, max_steps=cfg.max_steps,
-        bf16=ds.precision == "bf16", fp16=ds.precision == "fp16", deepspeed=build_ds_config(cfg, world_size),
-        optim="adamw_torch", learning_rate=opt.lr, weight_decay=opt.weight_decay, adam_beta1=opt.betas[0],
-        adam_beta2=opt.betas[1], adam_epsilon=opt.eps, max_grad_norm=opt.grad_clip, warmup_steps=opt.warmup_steps,
-        lr_scheduler_type=SCHEDULER_NAMES[opt.schedule], lr_scheduler_kwargs=schedule_kwargs,
-        logging_steps=10**9, save_strategy="no", report_to=[], dataloader_num_workers=0, remove_unused_columns=False,
-        seed=cfg.seed, use_cpu=True, disable_tqdm=True)
+        def measure() -> float:
+            if framework == "lmforge":
+                run = common.lmforge_train_file(configs[loss], tmp / f"{preset}-{loss}-{len(runs[name])}", NPROC,
+                                                skip_steps=SKIP_STEPS)
+            else:
+                run = train_peers.run_peer("trainer" if framework == "trainer" else "ddp", configs[loss], tmp, loss)
+            runs[name].append(run)
+            return run["tokens_per_s"]
 
+        return measure
 
-def hf_worker(tok: Path, data: Path, steps: int, result_path: Path) -> int:
-    """One rank of the Hugging Face Trainer side; rank 0 writes ``{tokens_per_s, step_end_s}``."""
-    from functools import partial
-
-    import datasets
-    from transformers import Trainer, TrainerCallback
-
-    from pretrain.model import build_model
-    from pretrain.trainer import preflight
-
-    cfg = lmforge_config(tok, data, steps)
-    _, model_config, seq_len = preflight(cfg)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    model = build_model(model_config, cfg.seed)
-    train = datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in common.shard_paths(data)])
-
-    class StepTimes(TrainerCallback):
-        def __init__(self):
-            self.ends: list[float] = []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
-
-    times = StepTimes()
-    with tempfile.TemporaryDirectory(prefix="bench-hf-") as out:
-        trainer = Trainer(model=model, args=training_arguments(cfg, world_size, out), train_dataset=train,
-                          data_collator=partial(common.collate_rows, document_masking=cfg.data.document_masking),
-                          callbacks=[times])
-        trainer.train()
-        engine = type(trainer.model_wrapped).__name__
-    if int(os.environ.get("RANK", "0")) == 0:
-        ds = cfg.deepspeed
-        tokens_per_step = ds.micro_batch_size * ds.gradient_accumulation_steps * world_size * seq_len
-        steady = len(times.ends) - SKIP_STEPS
-        result = {"tokens_per_s": steady * tokens_per_step / (times.ends[-1] - times.ends[SKIP_STEPS - 1]),
-                  "steps": len(times.ends), "engine": engine}
-        result_path.write_text(json.dumps(result))
-    return 0
+    print(f"train step, {preset} seq_len {SEQ_LEN}: {NPROC} CPU ranks, {steps} steps per run, "
+          f"{len(SIDES)} sides alternating", flush=True)
+    return common.alternate({name: side(name) for name in SIDES}, repeats), runs
 
 
-def run_hf(tok: Path, data: Path, steps: int, tmp: Path) -> dict:
-    """The Trainer side on :data:`NPROC` ranks (``run_local``); tokens/s, wall time and peak RSS."""
-    result_path = tmp / f"hf-{time.monotonic_ns()}.json"
-    worker = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", "--tokenizer", str(tok), "--data", str(data),
-              "--steps", str(steps), "--result", str(result_path)]
-    launcher = f"import sys; from launch.local import run_local; run_local(sys.argv[1:], {NPROC})"
-    res = common.run_child([sys.executable, "-c", launcher, *worker],
-                           env=common.python_env(**common.CPU_ONLY_ENV))
-    common.check_child(res, "the Hugging Face Trainer side")
-    out = json.loads(result_path.read_text())
-    if out["engine"] != "DeepSpeedEngine":
-        raise RuntimeError(f"the Trainer did not train through DeepSpeed (model wrapped in {out['engine']})")
-    return {**out, "wall_s": round(res.wall_s, 2), "peak_rss_bytes": res.peak_rss_bytes}
+def settings(cfg) -> dict[str, str]:
+    """The exact settings of each peer, for the rows' notes."""
+    ds, opt = cfg.deepspeed, cfg.optim
+    threads = max(1, (os.cpu_count() or 1) // NPROC)
+    common_part = (f"{NPROC} ranks x {threads} thread(s) (run_local), seq_len {SEQ_LEN}, micro batch {ds.micro_batch_size}, "
+                   f"grad accumulation {ds.gradient_accumulation_steps}, {ds.precision}")
+    trainer = (f"transformers.Trainer(TrainingArguments(deepspeed=lmforge's build_ds_config dict: ZeRO-{ds.zero_stage}, "
+               f"{ds.precision}, gradient_clipping {opt.grad_clip}; optim='adamw_torch_fused', lr {opt.lr}, "
+               f"warmup {opt.warmup_steps} + {opt.schedule}), data_collator=common.collate_rows), model.config.use_cache=False; "
+               + common_part)
+    return {
+        "lmforge": f"lmforge launch local --nproc {NPROC}, demo.yaml + model.preset={cfg.model.preset}; " + common_part,
+        "trainer": trainer,
+        "ddp": (f"bare torch: DistributedDataParallel(gloo, default 25 MB buckets), torch.optim.AdamW(fused=True, lr {opt.lr}, "
+                f"decay on matrices only), LambdaLR warmup + cosine, clip_grad_norm_({opt.grad_clip}), model's own loss, "
+                f"torch.autocast('cpu', bfloat16) over float32 weights (DeepSpeed: bf16 weights + float32 master); " + common_part),
+    }
+
+
+def model_rows(preset: str, tps: dict, runs: dict, cfg, fpt: float, peak_tflops: float, full: bool) -> list[dict]:
+    """The rows of one model: lmforge vs the Trainer at the same loss, as shipped, vs the DDP floor; TFLOP/s, RSS."""
+    s = settings(cfg)
+    mark = " (bench-full)" if full else ""
+    where = f"{preset}, seq_len {SEQ_LEN}, 2 CPU ranks"
+    fused_peer = "HF Trainer + DeepSpeed + lmforge's fused loss"
+    rows = [
+        common.row(f"train throughput, {where}: both fused loss", "tokens/s", tps["lmforge/fused"], tps["trainer/fused"],
+                   fused_peer, target="" if full else ">= 1.0x",
+                   note=f"same loss both sides: pretrain.loss.enable_fused_loss(model, {cfg.model.loss_chunk_tokens}) "
+                        f"before Trainer(...), compute_loss takes outputs.loss. Peer: {s['trainer']}. {MALLOC_NOTE}{mark}"),
+        common.row(f"train throughput, {where}: both own loss", "tokens/s", tps["lmforge/own"], tps["trainer/own"],
+                   "HF Trainer + DeepSpeed", target="" if full else ">= 1.0x",
+                   note=f"same loss both sides: transformers' ForCausalLMLoss on full float32 logits "
+                        f"(lmforge: model.loss_chunk_tokens=0). Peer: {s['trainer']}. {MALLOC_NOTE}{mark}"),
+        common.row(f"train throughput, {where}: as shipped", "tokens/s", tps["lmforge/fused"], tps["trainer/own"],
+                   "HF Trainer + DeepSpeed",
+                   note=f"lmforge's default (fused loss) vs the Trainer's default (own loss): the gain is the loss, "
+                        f"see the two rows above{mark}"),
+        common.row(f"train throughput, {where}: fused vs floor", "tokens/s", tps["lmforge/fused"], tps["ddp-floor"],
+                   "bare torch DDP + AdamW", note=f"floor: {s['ddp']}{mark}"),
+        common.row(f"train throughput, {where}: own loss vs floor", "tokens/s", tps["lmforge/own"], tps["ddp-floor"],
+                   "bare torch DDP + AdamW", note=f"same loss both sides (the model's own); floor: {s['ddp']}{mark}"),
+    ]
+    per_rank = {k: [v * fpt / NPROC / 1e12 for v in vals] for k, vals in tps.items()}
+    rows.append(common.row(f"achieved per rank, {where}: both fused loss", "TFLOP/s", per_rank["lmforge/fused"],
+                           per_rank["trainer/fused"], fused_peer, note=f"{fpt:.4g} FLOPs/token (6N + 12LHQT){mark}"))
+    if peak_tflops > 0:
+        rows.append(common.row(f"MFU, {where}: both fused loss", "%", [100 * t / peak_tflops for t in per_rank["lmforge/fused"]],
+                               [100 * t / peak_tflops for t in per_rank["trainer/fused"]], fused_peer,
+                               note=f"peak {peak_tflops} TFLOP/s per rank (--peak-tflops){mark}"))
+    rss = {k: [r["peak_rss_bytes"] / 2**30 for r in runs[k]] for k in runs}
+    rows.append(common.row(f"peak RSS of one rank, {where}: both fused loss", "GiB", rss["lmforge/fused"], rss["trainer/fused"],
+                           fused_peer, better="lower", note=mark.strip()))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5, help="alternating rounds (>= 3; 5 by default: the noisiest of the benches)")
-    parser.add_argument("--steps", type=int, default=32,
-                        help=f"optimizer steps per run, a multiple of {SKIP_STEPS} (the first {SKIP_STEPS} are warm-up)")
+    parser.add_argument("--full", action="store_true", help=f"also {', '.join(FULL_MODELS)} (make bench-full)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (>= 3)")
+    parser.add_argument("--steps", type=int, default=12, help=f"optimizer steps per run of {', '.join(DEFAULT_MODELS)}, "
+                        f"a multiple of {SKIP_STEPS} (the first {SKIP_STEPS} are warm-up)")
+    parser.add_argument("--full-steps", type=int, default=8, help=f"optimizer steps per run of {', '.join(FULL_MODELS)}")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak TFLOP/s of one rank's cores, for MFU")
-    parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--tokenizer", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     common.use_this_checkout()
-    if args.hf_worker:
-        return hf_worker(args.tokenizer, args.data, args.steps, args.result)
-    if args.steps <= SKIP_STEPS or args.steps % SKIP_STEPS:
-        parser.error(f"--steps {args.steps}: need a multiple of {SKIP_STEPS} above {SKIP_STEPS} "
-                     f"(the first {SKIP_STEPS} are warm-up)")
-    tok, data = common.bench_data()
-    fpt, n_params = flops_per_token(tok, data)
-    runs: dict[str, list[dict]] = {"lmforge": [], "peer": []}
+    for option, steps in (("--steps", args.steps), ("--full-steps", args.full_steps)):
+        if steps <= SKIP_STEPS or steps % SKIP_STEPS:
+            parser.error(f"{option} {steps}: need a multiple of {SKIP_STEPS} above {SKIP_STEPS} (the first {SKIP_STEPS} are warm-up)")
+    from pretrain.config import load_config
+    from pretrain.trainer import preflight
+
+    tok, data = common.bench_data(seq_len=SEQ_LEN)
+    models = [(p, args.steps, False) for p in DEFAULT_MODELS] + [(p, args.full_steps, True) for p in FULL_MODELS if args.full]
+    rows: list[dict] = []
+    details: dict = {"nproc": NPROC, "seq_len": SEQ_LEN, "warmup_steps_skipped": SKIP_STEPS, "models": {}}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp_name:
-        tmp = Path(tmp_name)
-
-        def lmforge_side() -> float:
-            run = common.lmforge_train(tok, data, tmp / f"run-{len(runs['lmforge'])}", NPROC, args.steps,
-                                       skip_steps=SKIP_STEPS)
-            runs["lmforge"].append(run)
-            return run["tokens_per_s"]
-
-        def peer_side() -> float:
-            run = run_hf(tok, data, args.steps, tmp)
-            runs["peer"].append(run)
-            return run["tokens_per_s"]
-
-        print(f"train step: {NPROC} CPU ranks, {args.steps} steps per run, alternating", flush=True)
-        tps = common.alternate({"lmforge": lmforge_side, "peer": peer_side}, args.repeats)
-
-    def tflops_per_rank(values):
-        return [v * fpt / NPROC / 1e12 for v in values]
-
-    peer_name = "HF Trainer + DeepSpeed"
-    rows = [common.row("training throughput, 2 CPU ranks", "tokens/s", tps["lmforge"], tps["peer"], peer_name,
-                       target=">= 1.0x", note="lmforge: fused chunked lm_head + cross-entropy (pretrain.loss); "
-                                               "peer: transformers' loss on full float32 logits"),
-            common.row("achieved per rank", "TFLOP/s", tflops_per_rank(tps["lmforge"]), tflops_per_rank(tps["peer"]),
-                       peer_name, note=f"{fpt:.4g} FLOPs/token (6N + 12LHQT)"),
-            common.row("peak RSS of one rank", "GiB", [r["peak_rss_bytes"] / 2**30 for r in runs["lmforge"]],
-                       [r["peak_rss_bytes"] / 2**30 for r in runs["peer"]], peer_name, better="lower")]
-    if args.peak_tflops > 0:
-        rows.append(common.row("MFU", "%", [100 * t / args.peak_tflops for t in tflops_per_rank(tps["lmforge"])],
-                               [100 * t / args.peak_tflops for t in tflops_per_rank(tps["peer"])], peer_name,
-                               note=f"peak {args.peak_tflops} TFLOP/s per rank (--peak-tflops)"))
+        for preset, steps, full in models:
+            tps, runs = measure_model(preset, tok, data, steps, args.repeats, Path(tmp_name))
+            cfg = load_config(Path(tmp_name) / f"{preset}-fused.yaml")
+            _, model_config, seq_len = preflight(cfg)
+            fpt, n_params = common.flops_per_token(model_config, seq_len)
+            rows += model_rows(preset, tps, runs, cfg, fpt, args.peak_tflops, full)
+            details["models"][preset] = {
+                "parameters": n_params, "flops_per_token": fpt, "steps": steps, "bench_full": full,
+                "micro_batch_size": cfg.deepspeed.micro_batch_size, "zero_stage": cfg.deepspeed.zero_stage,
+                "precision": cfg.deepspeed.precision, "document_masking": cfg.data.document_masking,
+                "loss_chunk_tokens": cfg.model.loss_chunk_tokens, "settings": settings(cfg), "runs": runs}
     common.print_rows(rows)
-    cfg = lmforge_config(tok, data, args.steps)
-    common.write_result("bench_train", "Train step vs Hugging Face Trainer, same DeepSpeed config (CPU, 2 ranks)", rows, {
-        "model": cfg.model.preset, "parameters": n_params, "flops_per_token": fpt, "nproc": NPROC,
-        "micro_batch_size": cfg.deepspeed.micro_batch_size, "zero_stage": cfg.deepspeed.zero_stage,
-        "precision": cfg.deepspeed.precision, "document_masking": cfg.data.document_masking, "steps": args.steps,
-        "warmup_steps_skipped": SKIP_STEPS, "runs": runs})
+    common.write_result("bench_train", "Train step: lmforge vs HF Trainer + DeepSpeed at the same loss, and a bare DDP floor "
+                        "(CPU, 2 ranks)", rows, details)
     return 0
 
 

@@ -409,3 +409,29 @@ def write_result(name: str, title: str, rows: list[dict], details: dict | None =
         Path(copy_to).write_bytes(path.read_bytes())
         print(f"wrote {copy_to}", flush=True)
     return path
+
+
+def lmforge_train_file(config_file: Path, run_dir: Path, nproc: int, skip_steps: int = 2, cpu_only: bool = True) -> dict:
+    """:func:`lmforge_train` of a complete training config file (``pretrain.config.to_yaml`` of a resolved
+    config: data, tokenizer and ``max_steps`` already in it), so that a peer can read the very same file.
+
+    Raises:
+        RuntimeError: the run failed (its output included).
+    """
+    args = [str(config_file), f"run_dir={run_dir}", f"log_every_steps={skip_steps}", "show_progress=false",
+            "data.eval_batches=1", "checkpoint.resume=never"]
+    cmd = lmforge_cmd("train", *args) if nproc == 1 else lmforge_cmd("launch", "local", "--nproc", str(nproc), *args)
+    result = run_child(cmd, env=python_env(**(CPU_ONLY_ENV if cpu_only else {})))
+    check_child(result, f"lmforge training on {nproc} rank(s)")
+    return {"tokens_per_s": steady_tokens_per_s(Path(run_dir) / "metrics.jsonl", skip_steps), "nproc": nproc,
+            "skip_steps": skip_steps, "wall_s": round(result.wall_s, 2), "peak_rss_bytes": result.peak_rss_bytes}
+
+
+def write_train_config(path: Path, base: Path, overrides: Sequence[str]) -> Path:
+    """``base`` (a training YAML) with ``overrides`` resolved by ``pretrain.config.load_config`` and written to
+    ``path`` (``to_yaml``): one file that the lmforge side and its peers both train."""
+    use_this_checkout()
+    from pretrain.config import load_config, to_yaml
+
+    path.write_text(to_yaml(load_config(base, list(overrides))), encoding="utf-8")
+    return path
