@@ -51,13 +51,10 @@ import common
 NPROC = 2
 SKIP_STEPS = 4
 """Warm-up steps left out of tokens/s on every side."""
-MALLOC_NOTE = ("lmforge's ranks pin glibc's mmap threshold at 1 MiB (pretrain.engine.return_large_frees_to_os, issue 14: "
-               "freed tensors leave the resident set), so every activation of 1 MiB or more is mmapped and page-faulted "
-               "afresh each step; the peers keep glibc's default. Side test (llama-tiny, seq_len 512, 12 steps, 2 runs each): "
-               "the Trainer/own side fell from 1,958 and 1,592 to 1,112 and 1,119 tokens/s with MALLOC_MMAP_THRESHOLD_=1048576, "
-               "and lmforge/own rose from 2,542 and 2,088 to 3,746 and 6,605 tokens/s (peak RSS 1.19 -> 1.35-1.37 GiB per "
-               "rank) with that call disabled")
-"""Why lmforge trails the same-loss peers on CPU (measured 2026-12-03 on the 2-core bench machine, under load)."""
+MALLOC_NOTE = ("lmforge below ZeRO 3 keeps glibc's default mmap threshold (deepspeed.return_freed_memory=auto); "
+               "when its ranks set 1 MiB at every stage (before 2026-12-03), each activation of 1 MiB or more was mapped "
+               "and faulted in again every step and lmforge ran at 0.44x (fused) and 0.71x (own loss) the Trainer here")
+"""What changed lmforge's CPU figures on 2026-12-03 (the first run of this bench found it)."""
 
 
 def load(config_file: Path):
