@@ -109,12 +109,12 @@ def build_model_config(preset: str, vocab_size: int, seq_len: int, special_ids: 
         fields["max_position_embeddings"] = max(fields["max_position_embeddings"], seq_len + 2)
     fields.update(vocab_size=vocab_size, tie_word_embeddings=model_type in MASKED_LM_TYPES,
                   **{k: v for k, v in special_ids.items() if v is not None})
-    config = AutoConfig.for_model(model_type, **fields)
-    for key in [k for k in config.to_dict() if k.endswith("_token_id") and special_ids.get(k) is None]:
-        value = getattr(config, key)
-        if isinstance(value, int) and not 0 <= value < vocab_size:  # a preset default from another vocabulary
-            setattr(config, key, None)
-    return _apply_overrides(config, overrides)
+    defaults = AutoConfig.for_model(model_type).to_dict()  # the class's own vocabulary: its ids are valid there
+    for key, value in {**defaults, **fields}.items():  # a default id from another vocabulary: None, before the class
+        if key.endswith("_token_id") and special_ids.get(key) is None and isinstance(value, int) \
+                and not 0 <= value < vocab_size:  # validates it (ModernBERT's cls 50281 warned on an 8k vocabulary)
+            fields[key] = None
+    return _apply_overrides(AutoConfig.for_model(model_type, **fields), overrides)
 
 
 def _apply_overrides(config, overrides: dict[str, Any] | None):
