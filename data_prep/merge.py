@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,91 @@ def _remove_unreferenced_shards(out: Path, shards: dict[str, list[dict]]) -> Non
                 path.unlink()
 
 
+def _framing(marker: dict) -> tuple[Framing, np.dtype]:
+    """The sequence framing and token dtype a task marker records."""
+    fr = marker["framing"]
+    dtype = np.dtype(marker["token_dtype"])
+    return Framing(marker["config"]["seq_len"], tuple(fr["sequence_prefix_ids"]), tuple(fr["sequence_suffix_ids"]),
+                   fr["pad_token_id"]), dtype
+
+
+def _count_documents(out: Path, markers: list[dict]) -> int:
+    """Usable documents over every task and split; raises :class:`InputError` when there is none."""
+    documents = sum(m["splits"][s]["documents"] for m in markers for s in SPLITS)
+    if documents == 0:
+        rejects = sum(m["rejects"] for m in markers)
+        raise InputError(f"{', '.join(map(str, markers[0]['config']['inputs']))}: empty corpus, no usable document "
+                         f"({rejects} rejected, see {out / REJECTS_NAME})")
+    return documents
+
+
+def _merge_split(out: Path, markers: list[dict], split: str, framing: Framing, dtype: np.dtype) -> dict:
+    """One split's manifest entry: the tasks' counts and shards plus the stitched tails."""
+    tails = _stitch_tails(out, markers, split, framing, dtype, markers[0]["config"]["sequences_per_shard"])
+    parts = [m["splits"][split] for m in markers]
+    hist = np.sum([np.asarray(p["doc_length_counts"] or [0] * len(length_bin_edges()), dtype=np.int64) for p in parts], axis=0)
+    return {
+        "documents": sum(p["documents"] for p in parts), "tokens": sum(p["tokens"] for p in parts),
+        "sequences": sum(p["rows"] for p in parts) + tails["rows"],
+        "tokens_dropped": tails["tokens_dropped"], "tokens_padded": tails["tokens_padded"],
+        "shards": [sh for p in parts for sh in p["shards"]] + tails["shards"], "doc_length_counts": hist.tolist(),
+        "text_bytes": sum(p.get("text_bytes", 0) for p in parts),
+    }
+
+
+def _sum_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Per-key sums of count dicts, keys in order of first appearance."""
+    total: dict[str, int] = {}
+    for c in counts:
+        for key, n in c.items():
+            total[key] = total.get(key, 0) + n
+    return total
+
+
+def _near_dedup_fields(cfg: dict, markers: list[dict]) -> dict:
+    """The manifest's near-dedup record and near duplicates per source; empty when near dedup is off."""
+    if not cfg.get("near_dedup"):
+        return {}
+    near = _sum_counts(m.get("near_duplicates_by_source", {}) for m in markers)
+    params = NearDedupParams(cfg["near_dedup_ngrams"], cfg["near_dedup_buckets"], cfg["near_dedup_hashes_per_bucket"])
+    return {"near_dedup": {**params.record(sum(near.values())), "scope": "per task" if len(markers) > 1 else "whole corpus"},
+            "near_duplicates_by_source": near}
+
+
+def _manifest(markers: list[dict], framing: Framing, dtype: np.dtype, splits: dict[str, dict], documents: int,
+              start: float) -> dict:
+    """The dataset manifest from the task markers and the merged splits (``start``: the merge's perf_counter)."""
+    first, cfg = markers[0], markers[0]["config"]
+    fr = first["framing"]
+    duplicates = _sum_counts(m.get("duplicates_by_source", {}) for m in markers)
+    sequences = sum(v["sequences"] for v in splits.values())
+    sources = first["sources"]
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "lmforge_version": VERSION,
+        "created_unix_s": round(time.time(), 3), "plan": first["plan"],
+        "objective": cfg["objective"], "seq_len": cfg["seq_len"], "token_dtype": dtype.name, "tail": cfg["tail"],
+        "pad_token_id": framing.pad_id, **{k: fr[k] for k in ("document_prefix_ids", "document_suffix_ids",
+                                                              "sequence_prefix_ids", "sequence_suffix_ids")},
+        "tokenizer": first["tokenizer"],
+        "sources": sources if len(sources) <= 64 else {"files": len(sources), "first": sources[0], "last": sources[-1]},
+        "config": cfg,
+        "counts": {
+            "documents": documents, "tokens": sum(v["tokens"] for v in splits.values()),
+            "tokens_framing": sequences * (len(framing.prefix) + len(framing.suffix)), "sequences": sequences,
+            "rejects": sum(m["rejects"] for m in markers), "duplicates": sum(duplicates.values()),
+            "tokens_dropped": sum(v["tokens_dropped"] for v in splits.values()),
+            "tokens_padded": sum(v["tokens_padded"] for v in splits.values()),
+        },
+        "rejects_by_reason": _sum_counts(m["rejects_by_reason"] for m in markers),
+        "duplicates_by_source": duplicates,
+        **_near_dedup_fields(cfg, markers),
+        "doc_length_bin_edges_tokens": length_bin_edges().tolist(),
+        "splits": splits,
+        "tasks": {"num_tasks": len(markers), "input_bytes": sum(m["input_bytes"] for m in markers),
+                  "elapsed_s": [m["elapsed_s"] for m in markers], "merge_elapsed_s": round(time.perf_counter() - start, 3)},
+    }
+
+
 def merge(out: str | Path, plan: str | None = None) -> dict:
     """Merge every task's part in ``out``; returns the manifest written last to ``out/manifest.json``.
 
@@ -173,78 +259,21 @@ def merge(out: str | Path, plan: str | None = None) -> dict:
     out = Path(out)
     start = time.perf_counter()
     markers = read_markers(out, plan)
-    first, cfg = markers[0], markers[0]["config"]
     if plan is not None:
         _remove_stale_parts(out, plan)
-    fr = first["framing"]
-    dtype = np.dtype(first["token_dtype"])
-    framing = Framing(cfg["seq_len"], tuple(fr["sequence_prefix_ids"]), tuple(fr["sequence_suffix_ids"]), fr["pad_token_id"])
+    framing, dtype = _framing(markers[0])
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     _merge_rejects(out, markers)
-    rejects = sum(m["rejects"] for m in markers)
-    documents = sum(m["splits"][s]["documents"] for m in markers for s in SPLITS)
-    if documents == 0:
-        raise InputError(f"{', '.join(map(str, cfg['inputs']))}: empty corpus, no usable document "
-                         f"({rejects} rejected, see {out / REJECTS_NAME})")
-    splits = {}
-    for s in SPLITS:
-        tails = _stitch_tails(out, markers, s, framing, dtype, cfg["sequences_per_shard"])
-        parts = [m["splits"][s] for m in markers]
-        hist = np.sum([np.asarray(p["doc_length_counts"] or [0] * len(length_bin_edges()), dtype=np.int64) for p in parts], axis=0)
-        splits[s] = {
-            "documents": sum(p["documents"] for p in parts), "tokens": sum(p["tokens"] for p in parts),
-            "sequences": sum(p["rows"] for p in parts) + tails["rows"],
-            "tokens_dropped": tails["tokens_dropped"], "tokens_padded": tails["tokens_padded"],
-            "shards": [sh for p in parts for sh in p["shards"]] + tails["shards"], "doc_length_counts": hist.tolist(),
-            "text_bytes": sum(p.get("text_bytes", 0) for p in parts),
-        }
+    documents = _count_documents(out, markers)
+    splits = {s: _merge_split(out, markers, s, framing, dtype) for s in SPLITS}
     shards = {s: v["shards"] for s, v in splits.items()}
     _remove_unreferenced_shards(out, shards)
     write_datasets_metadata(out, shards)
-    reasons: dict[str, int] = {}
-    for m in markers:
-        for reason, n in m["rejects_by_reason"].items():
-            reasons[reason] = reasons.get(reason, 0) + n
-    duplicates: dict[str, int] = {}
-    near: dict[str, int] = {}
-    for m in markers:
-        for source, n in m.get("duplicates_by_source", {}).items():
-            duplicates[source] = duplicates.get(source, 0) + n
-        for source, n in m.get("near_duplicates_by_source", {}).items():
-            near[source] = near.get(source, 0) + n
-    sequences = sum(v["sequences"] for v in splits.values())
-    sources = first["sources"]
-    manifest = {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "lmforge_version": VERSION,
-        "created_unix_s": round(time.time(), 3), "plan": first["plan"],
-        "objective": cfg["objective"], "seq_len": cfg["seq_len"], "token_dtype": dtype.name, "tail": cfg["tail"],
-        "pad_token_id": framing.pad_id, **{k: fr[k] for k in ("document_prefix_ids", "document_suffix_ids",
-                                                              "sequence_prefix_ids", "sequence_suffix_ids")},
-        "tokenizer": first["tokenizer"],
-        "sources": sources if len(sources) <= 64 else {"files": len(sources), "first": sources[0], "last": sources[-1]},
-        "config": cfg,
-        "counts": {
-            "documents": documents, "tokens": sum(v["tokens"] for v in splits.values()),
-            "tokens_framing": sequences * (len(framing.prefix) + len(framing.suffix)), "sequences": sequences,
-            "rejects": rejects, "duplicates": sum(duplicates.values()),
-            "tokens_dropped": sum(v["tokens_dropped"] for v in splits.values()),
-            "tokens_padded": sum(v["tokens_padded"] for v in splits.values()),
-        },
-        "rejects_by_reason": reasons,
-        "duplicates_by_source": duplicates,
-        **({"near_dedup": {**NearDedupParams(cfg["near_dedup_ngrams"], cfg["near_dedup_buckets"],
-                                             cfg["near_dedup_hashes_per_bucket"]).record(sum(near.values())),
-                           "scope": "per task" if len(markers) > 1 else "whole corpus"},
-            "near_duplicates_by_source": near} if cfg.get("near_dedup") else {}),
-        "doc_length_bin_edges_tokens": length_bin_edges().tolist(),
-        "splits": splits,
-        "tasks": {"num_tasks": len(markers), "input_bytes": sum(m["input_bytes"] for m in markers),
-                  "elapsed_s": [m["elapsed_s"] for m in markers], "merge_elapsed_s": round(time.perf_counter() - start, 3)},
-    }
+    manifest = _manifest(markers, framing, dtype, splits, documents, start)
     write_json_atomic(out / MANIFEST_NAME, manifest)
     for path in (out / PARTS_DIR).glob(f"{HASHES_PREFIX}-*.npy*"):  # the dedup hash pass's: no task needs them now
         path.unlink(missing_ok=True)
     c = manifest["counts"]
     log.info("prep: %d documents, %d tokens, %d sequences of %d tokens, %d rejects from %d task(s) -> %s",
-             c["documents"], c["tokens"], c["sequences"], cfg["seq_len"], c["rejects"], len(markers), out)
+             c["documents"], c["tokens"], c["sequences"], manifest["seq_len"], c["rejects"], len(markers), out)
     return manifest

@@ -26,6 +26,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,13 +34,13 @@ import numpy as np
 
 from data_prep import dedup, near_dedup
 from data_prep import merge as merge_mod
-from data_prep.encode import SPLITS, EncodeSpec, default_workers, encode_blocks, is_validation  # noqa: F401 (re-export)
+from data_prep.encode import SPLITS, Encoded, EncodeSpec, default_workers, encode_blocks, is_validation  # noqa: F401 (re-export)
 from data_prep.errors import UserError
 from data_prep.fim import FIM_REQUIRED, FimSpec
 from data_prep.pack import TAIL_MODES, Framing, StreamPacker
-from data_prep.reader import DEFAULT_BLOCK_BYTES, RejectLog, read_blocks
+from data_prep.reader import DEFAULT_BLOCK_BYTES, Block, RejectLog, read_blocks
 from data_prep.shards import MANIFEST_NAME, ShardWriter, token_dtype
-from data_prep.sources import TEXT_MODES, Source, plan_segments, resolve_sources
+from data_prep.sources import TEXT_MODES, Segment, Source, plan_segments, resolve_sources
 from data_prep.stats import doc_length_counts
 from data_prep.tokenizer.folder import TOKENIZER_FILE
 from data_prep.tokenizer.ids import tokenizer_info
@@ -336,25 +337,65 @@ def _write_failure_line(out: Path, exc: OSError, input_bytes_read: int, input_by
             "no manifest was written")
 
 
-def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
-    segments = plan_segments(setup.sources, cfg.task_id, cfg.num_tasks, cfg.text_mode)
-    spec = EncodeSpec(str(Path(cfg.tokenizer) / TOKENIZER_FILE), cfg.text_column, cfg.val_fraction, setup.doc_prefix,
+class _SplitPacking:
+    """One task's packing of every split: stream packers, shard writers, document-length histograms, text bytes."""
+
+    def __init__(self, cfg: PrepConfig, setup: _Setup, out: Path):
+        name = merge_mod.part_name(cfg.task_id)
+        self.framing, self.dtype = setup.framing, setup.dtype
+        self.packers = {s: StreamPacker(setup.framing.row_tokens, setup.dtype) for s in SPLITS}
+        self.writers = {s: ShardWriter(out, s, cfg.seq_len, setup.dtype, name, cfg.sequences_per_shard) for s in SPLITS}
+        self.hist = {s: np.zeros(0, dtype=np.int64) for s in SPLITS}
+        self.text_bytes = dict.fromkeys(SPLITS, 0)
+
+    def add(self, enc: Encoded) -> None:
+        """Pack one encoded block's streams into full rows, write them and count its documents."""
+        for s in SPLITS:
+            rows, offsets, starts = self.packers[s].add(enc.streams[s], enc.doc_lengths[s])
+            self.writers[s].add(self.framing.frame(rows, offsets, starts, self.dtype))
+            self.hist[s] = doc_length_counts(enc.doc_lengths[s], self.hist[s])
+            self.text_bytes[s] += enc.text_bytes[s]
+
+    def close(self) -> dict[str, list[dict]]:
+        """Close the shard writers; each split's shard records."""
+        return {s: self.writers[s].close() for s in SPLITS}
+
+    def parts(self, shards: dict[str, list[dict]]) -> dict[str, dict]:
+        """Each split's entry of the task marker: counts, shards, partial last row (tail), length histogram."""
+        splits = {}
+        for s in SPLITS:
+            tail_tokens, tail_starts = self.packers[s].take_tail()
+            p = self.packers[s]
+            splits[s] = {"documents": p.documents, "tokens": p.tokens, "rows": p.rows, "shards": shards[s],
+                         "tail_tokens": tail_tokens.tolist(), "tail_starts": tail_starts.tolist(),
+                         "doc_length_counts": self.hist[s].tolist(), "text_bytes": self.text_bytes[s]}
+        return splits
+
+
+def _encode_spec(cfg: PrepConfig, setup: _Setup) -> EncodeSpec:
+    """What the workers need to tokenize this task's blocks."""
+    return EncodeSpec(str(Path(cfg.tokenizer) / TOKENIZER_FILE), cfg.text_column, cfg.val_fraction, setup.doc_prefix,
                       setup.doc_suffix, setup.dtype.name, cfg.max_piece_chars, max(cfg.max_piece_chars, 1 << 20),
                       setup.fim, setup.fim_ids)
-    name = merge_mod.part_name(cfg.task_id)
-    fr = setup.framing
-    packers = {s: StreamPacker(fr.row_tokens, setup.dtype) for s in SPLITS}
-    writers = {s: ShardWriter(out, s, cfg.seq_len, setup.dtype, name, cfg.sequences_per_shard) for s in SPLITS}
-    hist = {s: np.zeros(0, dtype=np.int64) for s in SPLITS}
-    text_bytes = dict.fromkeys(SPLITS, 0)
-    rejects = RejectLog(merge_mod.task_rejects_path(out, cfg.task_id))
-    hub = any(seg.source.kind == "hub" for seg in segments)
-    progress = _Progress(None if hub else sum(seg.nbytes for seg in segments), cfg.show_progress,
-                         f"prep task {cfg.task_id}/{cfg.num_tasks}" if cfg.num_tasks > 1 else "prep")
-    blocks = (b for seg in segments for b in read_blocks(seg, cfg.text_column, cfg.text_mode, cfg.block_bytes))
+
+
+def _read_task_blocks(cfg: PrepConfig, segments: list[Segment]) -> Iterator[Block]:
+    """The blocks of this task's segments in corpus order, read lazily."""
+    return (b for seg in segments for b in read_blocks(seg, cfg.text_column, cfg.text_mode, cfg.block_bytes))
+
+
+def _task_workers(cfg: PrepConfig, segments: list[Segment], hub: bool) -> int:
+    """Worker processes for this task: ``cfg.workers`` (default one per CPU), no more than a small input has blocks."""
     workers = cfg.workers if cfg.workers is not None else default_workers()
     if not hub and not any(seg.source.compressed for seg in segments):  # a small input: no idle workers to start
         workers = min(workers, max(1, -(-sum(seg.nbytes for seg in segments) // cfg.block_bytes)))
+    return workers
+
+
+def _deduplicated_blocks(cfg: PrepConfig, setup: _Setup, out: Path, segments: list[Segment],
+                         workers: int) -> tuple[Iterator[Block], dict[str, int], dict[str, int]]:
+    """The task's blocks with the exact and near duplicates masked out, and the duplicates and near duplicates per source."""
+    blocks = _read_task_blocks(cfg, segments)
     duplicates: dict[str, int] = {}
     near: dict[str, int] = {}
     masks: list[np.ndarray] | None = None
@@ -366,42 +407,47 @@ def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
     if cfg.near_dedup:
         start = time.perf_counter()
         masks, near = near_dedup.near_keep_masks(blocks, masks, cfg.text_column, near_params(cfg), out / merge_mod.PARTS_DIR)
-        blocks = (b for seg in segments for b in read_blocks(seg, cfg.text_column, cfg.text_mode, cfg.block_bytes))
+        blocks = _read_task_blocks(cfg, segments)
         log.info("prep task %d/%d: near-dedup MinHash pass %.1f s, %d near duplicates", cfg.task_id, cfg.num_tasks,
                  time.perf_counter() - start, sum(near.values()))
     if masks is not None:
         blocks = (dataclasses.replace(b, keep=m) for b, m in zip(blocks, masks, strict=True))
+    return blocks, duplicates, near
+
+
+def _encode_and_pack(out: Path, blocks: Iterator[Block], spec: EncodeSpec, workers: int, packing: _SplitPacking,
+                     rejects: RejectLog, progress: _Progress, total_bytes: int | None) -> tuple[dict[str, list[dict]], float]:
+    """Tokenize the blocks in workers and pack them into shards; the shards per split and the seconds elapsed.
+
+    Raises:
+        PrepWriteError: the file system is full or limited (the rejects file is discarded).
+    """
     try:
         for enc in encode_blocks(blocks, spec, workers):
             rejects.add_many(enc.source, enc.rejects)
-            for s in SPLITS:
-                rows, offsets, starts = packers[s].add(enc.streams[s], enc.doc_lengths[s])
-                writers[s].add(fr.frame(rows, offsets, starts, setup.dtype))
-                hist[s] = doc_length_counts(enc.doc_lengths[s], hist[s])
-                text_bytes[s] += enc.text_bytes[s]
+            packing.add(enc)
             progress.update(sum(len(v) for v in enc.doc_lengths.values()), sum(len(v) for v in enc.streams.values()),
                             enc.input_bytes)
-        shards = {s: writers[s].close() for s in SPLITS}
+        shards = packing.close()
     except OSError as exc:
         rejects.abort()
         if exc.errno not in STORAGE_ERRNOS:
             raise
-        total = None if hub else sum(seg.nbytes for seg in segments)
-        raise PrepWriteError(_write_failure_line(out, exc, progress.bytes, total)) from exc
+        raise PrepWriteError(_write_failure_line(out, exc, progress.bytes, total_bytes)) from exc
     except BaseException:
         rejects.abort()
         raise
     finally:
         elapsed_s = progress.close()
     rejects.close()
-    splits = {}
-    for s in SPLITS:
-        tail_tokens, tail_starts = packers[s].take_tail()
-        p = packers[s]
-        splits[s] = {"documents": p.documents, "tokens": p.tokens, "rows": p.rows, "shards": shards[s],
-                     "tail_tokens": tail_tokens.tolist(), "tail_starts": tail_starts.tolist(),
-                     "doc_length_counts": hist[s].tolist(), "text_bytes": text_bytes[s]}
-    marker = {
+    return shards, elapsed_s
+
+
+def _task_marker(cfg: PrepConfig, setup: _Setup, splits: dict[str, dict], progress: _Progress, elapsed_s: float,
+                 workers: int, rejects: RejectLog, duplicates: dict[str, int], near: dict[str, int]) -> dict:
+    """The completion marker ``parts/part-TTTTT.json`` of this task (what :mod:`data_prep.merge` reads)."""
+    fr = setup.framing
+    return {
         "format": merge_mod.PART_FORMAT, "plan": setup.plan, "task_id": cfg.task_id, "num_tasks": cfg.num_tasks,
         "config": {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS},
         "tokenizer": setup.tokenizer, "token_dtype": setup.dtype.name,
@@ -413,6 +459,22 @@ def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
         "duplicates": sum(duplicates.values()), "duplicates_by_source": duplicates,
         "near_duplicates": sum(near.values()), "near_duplicates_by_source": near,
     }
+
+
+def _run_task(cfg: PrepConfig, setup: _Setup, out: Path) -> None:
+    """Prepare this task's share of the corpus: part shards, rejects, then the completion marker."""
+    segments = plan_segments(setup.sources, cfg.task_id, cfg.num_tasks, cfg.text_mode)
+    spec = _encode_spec(cfg, setup)
+    packing = _SplitPacking(cfg, setup, out)
+    rejects = RejectLog(merge_mod.task_rejects_path(out, cfg.task_id))
+    hub = any(seg.source.kind == "hub" for seg in segments)
+    total_bytes = None if hub else sum(seg.nbytes for seg in segments)
+    progress = _Progress(total_bytes, cfg.show_progress,
+                         f"prep task {cfg.task_id}/{cfg.num_tasks}" if cfg.num_tasks > 1 else "prep")
+    workers = _task_workers(cfg, segments, hub)
+    blocks, duplicates, near = _deduplicated_blocks(cfg, setup, out, segments, workers)
+    shards, elapsed_s = _encode_and_pack(out, blocks, spec, workers, packing, rejects, progress, total_bytes)
+    marker = _task_marker(cfg, setup, packing.parts(shards), progress, elapsed_s, workers, rejects, duplicates, near)
     write_json_atomic(merge_mod.marker_path(out, cfg.task_id), marker)
     log.info("prep task %d/%d: %d documents, %d tokens, %d rejects in %.1f s (%.0f tokens/s, %.1f MB/s)",
              cfg.task_id, cfg.num_tasks, progress.docs, progress.tokens, rejects.total, elapsed_s,
