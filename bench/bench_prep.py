@@ -251,12 +251,8 @@ def setting_rows(s: dict, tag: str) -> list[dict]:
 
 def _wall_fits(group: list[dict], method: str) -> list[tuple[float, float]]:
     """``(b, a)`` of the least-squares line ``wall_s = a + b * jsonl_mb`` over the settings in ``group``, per round."""
-    import numpy as np
-
-    xs = [s["jsonl_mb"] for s in group]
-    rounds = min(len(s["trials"][method]) for s in group)
-    return [(float(b), float(a)) for b, a in
-            (np.polyfit(xs, [s["trials"][method][r]["wall_s"] for s in group], 1) for r in range(rounds))]
+    runs = [[trial["wall_s"] for trial in s["trials"][method]] for s in group]
+    return [(b, a) for a, b in common.line_fits([s["jsonl_mb"] for s in group], runs)]
 
 
 def fit_rows(settings: list[dict], tag: str) -> list[dict]:

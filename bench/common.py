@@ -378,6 +378,23 @@ def ratio_range(lm_runs: Sequence[float], peer_runs: Sequence[float] | None, bet
     return [min(ratios), max(ratios)]
 
 
+def line_fits(xs: Sequence[float], runs_per_x: Sequence[Sequence[float]]) -> list[tuple[float, float]]:
+    """``(a, b)`` of the least-squares line ``y = a + b * x``, one per round: round ``r`` fits
+    ``runs_per_x[i][r]`` against ``xs[i]`` (the rounds :func:`alternate` ran at each size), over as many
+    rounds as every size has. With two sizes the line passes through both points (no residual).
+
+    Raises:
+        ValueError: fewer than two distinct ``xs``.
+    """
+    import numpy as np
+
+    if len(set(xs)) < 2:
+        raise ValueError(f"a line needs two distinct sizes, got {list(xs)}")
+    rounds = min(len(runs) for runs in runs_per_x)
+    fits = (np.polyfit(list(xs), [runs[r] for runs in runs_per_x], 1) for r in range(rounds))
+    return [(float(a), float(b)) for b, a in fits]
+
+
 def is_tie(ratio_span: Sequence[float] | None) -> bool:
     """True when the per-round ratios of :func:`ratio_range` fall on both sides of 1.0 (or touch it)."""
     return ratio_span is not None and ratio_span[0] <= 1.0 <= ratio_span[1]
