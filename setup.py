@@ -48,6 +48,9 @@ setup(
         "eval": ["lm-eval>=0.4.13,<0.5"],  # lmforge eval / export --eval-tasks (lm-evaluation-harness)
         # accelerate: the HF Trainer peer of bench_train; datatrove (its JsonlReader needs orjson): a bench_prep peer
         "bench": ["psutil>=5.9", "accelerate>=1.0", "datatrove>=0.10,<0.11", "orjson>=3"],
+        # Liger-Kernel for the HF Trainer peer of bench/gpu_mfu.py (use_liger_kernel=True). It requires triton, i.e. a
+        # CUDA machine, so CPU installs, `make bench` and CI never install this extra; 0.8 needs transformers >= 5.
+        "gpu-bench": ["liger-kernel>=0.8,<0.9"],
         "dedup": ["datatrove>=0.10,<0.11"],  # prep --near-dedup (MinHash): the core install, sha1 hashing, no spaCy/nltk
     },
     entry_points={"console_scripts": ["lmforge=lmforge.cli:main"]},

@@ -25,6 +25,8 @@ sys.path.insert(0, str(BENCH_DIR))  # run as a script or loaded by path (tests):
 from common import is_tie, ratio_range  # noqa: E402
 
 GPU_RESULT = "gpu_mfu"
+GPU_QUICK_RESULT = "gpu_mfu_quick"
+"""``bench/gpu_mfu.py --quick``: its own file, so that a quick run never replaces the sweep's."""
 FAULT_RESULT = "fault_matrix"
 COMPILE_RESULT = "bench_compile"
 MEMORY_PLAN_DIR = "memory_plan"
@@ -289,8 +291,11 @@ def memory_plan_section(results: dict[str, dict], source: str) -> list[str]:
 
 
 NOT_SHOWN = [
-    "**GPUs.** No GPU was lent where these ran. MFU, NCCL collectives, attention backends (SDPA, flash) and "
-    "`torch.compile` on a GPU are not measured; `bench/gpu_mfu.py` measures them when one is there.",
+    "**GPUs.** No GPU was lent where these ran, nor to the session that added the HF Trainer + DeepSpeed (+ Liger) "
+    "peer and the 125m-1b x ZeRO x attention x compile sweep to `bench/gpu_mfu.py` (2026-12-03; its mechanics were "
+    "only dry-run on CPU). MFU on a GPU and the ratio to that peer, NCCL collectives, attention backends (sdpa, "
+    "flash_attention_2, flex_attention) and `torch.compile` on a GPU are not measured; `bench/gpu_mfu.py --quick` "
+    "(minutes) or `--full` (hours) measures them when one is there.",
     "**More than one machine.** Every figure is one host with 2 CPU ranks over gloo: the interconnect, NCCL's "
     "collectives at scale and a shared file system's bandwidth are not measured.",
     "**Model scale in training.** The CPU training rows are llama-tiny and the MLM demo's ModernBERT; llama-125m "
@@ -319,6 +324,8 @@ PRODUCED_BY = {
     FAULT_RESULT: "`make bench-full` (`python bench/fault_matrix.py`: 10 runs per case by default)",
     "compare_export_paths": "hand: `python bench/compare_export_paths.py --library-checkout DIR`, DIR a worktree of "
                             "lmforge at commit b1ac10a (the torch.load path it compares against)",
+    GPU_QUICK_RESULT: "hand, on a machine with a CUDA GPU: `python bench/gpu_mfu.py --quick` (llama-1b, ZeRO 2, sdpa, "
+                      "compile off; `make bench` runs the default set into gpu_mfu.json)",
     MEMORY_PLAN_DIR: "hand, one launch per file: `python bench/memory_plan.py --preset P --zero-stage S --nproc N "
                      "[key=value ...] --out FILE` (each file records its settings)",
 }
@@ -359,10 +366,11 @@ def render(results_dir: Path) -> str:
     if plans:
         lines += with_producer(memory_plan_section(plans, f"results/{MEMORY_PLAN_DIR}"), MEMORY_PLAN_DIR)
     lines += not_shown_section()
-    if GPU_RESULT not in results:
-        lines += ["## MFU of llama-1b on one GPU", "",
+    if GPU_RESULT not in results and GPU_QUICK_RESULT not in results:
+        lines += ["## MFU on one GPU: lmforge vs HF Trainer + DeepSpeed (+ Liger)", "",
                   "Not measured yet: no GPU was available where the results above were produced. Run "
-                  "`python bench/gpu_mfu.py` on a machine with a CUDA GPU (H100 for the issue's target of >= 50%), "
+                  "`python bench/gpu_mfu.py --quick` (llama-1b, minutes) or `python bench/gpu_mfu.py --full` (the "
+                  "sweep, hours) on a machine with a CUDA GPU (H100 for the issue's target of >= 50% for llama-1b), "
                   "then `python bench/report.py`.", ""]
     return "\n".join(lines)
 

@@ -28,11 +28,19 @@ Workers:
   and gradients and float32 master weights in the ZeRO optimizer). Each rank reads its own slice of the
   shards in order, collated by ``common.collate_rows``.
 
+``trainer`` runs on a CUDA GPU when one is visible (``bench/gpu_mfu.py``: one rank, ``DS_ACCELERATOR=cuda``), else on
+the CPU (the CPU benches hide GPUs with ``common.CPU_ONLY_ENV``). It follows the config's ``compile``
+(``TrainingArguments(torch_compile=True)``: accelerate then calls DeepSpeed's ``engine.compile()``, as lmforge does) and
+``deepspeed.activation_checkpointing`` (``gradient_checkpointing=True``, non-reentrant, as lmforge's
+``model.gradient_checkpointing_enable``); ``--liger`` adds ``use_liger_kernel=True`` (Liger-Kernel's Triton RMSNorm,
+RoPE, SwiGLU and fused linear cross-entropy patched into the model by the Trainer; CUDA only, the model's own loss).
+
 The causal peers set ``model.config.use_cache = False``, as lmforge passes ``use_cache=False``: with a KV cache
 transformers ignores the document-masking ``position_ids`` and runs plain causal attention (less work).
 
-Usage (by ``bench_train.py`` / ``bench_train_mlm.py``): ``python bench/train_peers.py {trainer,trainer-mlm,ddp}
---config CFG.yaml --result OUT.json [--loss own|fused]`` on each rank, or :func:`run_peer` from the parent.
+Usage (by ``bench_train.py`` / ``bench_train_mlm.py`` / ``gpu_mfu.py``): ``python bench/train_peers.py
+{trainer,trainer-mlm,ddp} --config CFG.yaml --result OUT.json [--loss own|fused] [--liger] [--skip-steps N]`` on each
+rank, or :func:`run_peer` from the parent.
 """
 from __future__ import annotations
 
@@ -77,17 +85,20 @@ def train_dataset(cfg, columns: list[str] | None = None):
     return train.select_columns(columns) if columns else train
 
 
-def steady_result(ends: list[float], tokens_per_step: int, engine: str) -> dict:
-    """tokens/s over the steps after :data:`SKIP_STEPS` from the step-end times ``ends`` (seconds)."""
-    steady = len(ends) - SKIP_STEPS
+def steady_result(ends: list[float], tokens_per_step: int, engine: str, skip_steps: int = SKIP_STEPS) -> dict:
+    """tokens/s over the steps after ``skip_steps`` (at least 1) from the step-end times ``ends`` (seconds)."""
+    skip = max(1, skip_steps)
+    steady = len(ends) - skip
     if steady < 1:
-        raise RuntimeError(f"{len(ends)} steps: need more than {SKIP_STEPS}")
-    return {"tokens_per_s": steady * tokens_per_step / (ends[-1] - ends[SKIP_STEPS - 1]), "steps": len(ends),
-            "engine": engine}
+        raise RuntimeError(f"{len(ends)} steps: need more than {skip}")
+    return {"tokens_per_s": steady * tokens_per_step / (ends[-1] - ends[skip - 1]), "steps": len(ends),
+            "skip_steps": skip, "engine": engine}
 
 
-def training_arguments(cfg, world_size: int, output_dir: str):
-    """``TrainingArguments`` equal to the lmforge config: batch, precision, ds_config, fused AdamW, schedule."""
+def training_arguments(cfg, world_size: int, output_dir: str, liger: bool = False):
+    """``TrainingArguments`` equal to the lmforge config: batch, precision, ds_config, fused AdamW, schedule, compile,
+    activation checkpointing; on the GPU when one is visible, and with ``use_liger_kernel`` when ``liger``."""
+    import torch
     from transformers import TrainingArguments
 
     from pretrain.engine import SCHEDULER_NAMES, build_ds_config
@@ -104,15 +115,23 @@ def training_arguments(cfg, world_size: int, output_dir: str):
         adam_beta2=opt.betas[1], adam_epsilon=opt.eps, max_grad_norm=opt.grad_clip, warmup_steps=opt.warmup_steps,
         lr_scheduler_type=SCHEDULER_NAMES[opt.schedule], lr_scheduler_kwargs=schedule_kwargs,
         logging_steps=10**9, save_strategy="no", report_to=[], dataloader_num_workers=0, remove_unused_columns=False,
-        seed=cfg.seed, use_cpu=True, disable_tqdm=True)
+        seed=cfg.seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True, torch_compile=cfg.compile,
+        gradient_checkpointing=ds.activation_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        use_liger_kernel=liger)
 
 
-def trainer_worker(config_file: Path, loss: str, mlm: bool, result_path: Path) -> int:
-    """One rank of a Trainer side (causal with ``loss`` own or fused, or the masked-LM recipe)."""
+def trainer_worker(config_file: Path, loss: str, mlm: bool, result_path: Path, liger: bool = False,
+                   skip_steps: int = SKIP_STEPS) -> int:
+    """One rank of a Trainer side (causal with ``loss`` own or fused, or the masked-LM recipe); ``liger``: with
+    ``use_liger_kernel`` (own loss only: Liger brings its fused linear cross-entropy)."""
     from functools import partial
 
     from transformers import Trainer, TrainerCallback
 
+    from pretrain.flops import peak_memory_gib
+
+    if liger and loss != "own":
+        raise ValueError("--liger brings Liger's own fused loss: use it with --loss own")
     cfg, _, seq_len, model = load(config_file)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     trainer_cls = Trainer
@@ -141,15 +160,17 @@ def trainer_worker(config_file: Path, loss: str, mlm: bool, result_path: Path) -
             ends.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as out:
-        trainer = trainer_cls(model=model, args=training_arguments(cfg, world_size, out), train_dataset=train,
+        trainer = trainer_cls(model=model, args=training_arguments(cfg, world_size, out, liger), train_dataset=train,
                               data_collator=collator, callbacks=[StepTimes()])
+        liger_modules = sum("Liger" in m._get_name() for m in model.modules())  # Liger patches (and renames) in place
         trainer.train()
         engine = type(trainer.model_wrapped).__name__
         dtype = str(next(trainer.model_wrapped.parameters()).dtype)
     if int(os.environ.get("RANK", "0")) == 0:
         ds = cfg.deepspeed
         tokens_per_step = ds.micro_batch_size * ds.gradient_accumulation_steps * world_size * seq_len
-        result_path.write_text(json.dumps({**steady_result(ends, tokens_per_step, engine), "param_dtype": dtype}))
+        result_path.write_text(json.dumps({**steady_result(ends, tokens_per_step, engine, skip_steps), "param_dtype": dtype,
+                                           "liger_modules": liger_modules, "peak_mem_gib": peak_memory_gib()}))
     return 0
 
 
@@ -225,22 +246,28 @@ def ddp_worker(config_file: Path, result_path: Path) -> int:
     return 0
 
 
-def run_peer(kind: str, config_file: Path, tmp: Path, loss: str = "own") -> dict:
-    """Run worker ``kind`` (``trainer``, ``trainer-mlm`` or ``ddp``) on :data:`NPROC` ranks with ``run_local``;
-    its result, ``wall_s`` and ``peak_rss_bytes``.
+def run_peer(kind: str, config_file: Path, tmp: Path, loss: str = "own", nproc: int = NPROC,
+             env: dict[str, str] | None = None, liger: bool = False, skip_steps: int = SKIP_STEPS) -> dict:
+    """Run worker ``kind`` (``trainer``, ``trainer-mlm`` or ``ddp``) on ``nproc`` ranks with ``run_local``, in ``env``
+    (default :data:`common.CPU_ONLY_ENV`); its result, ``wall_s`` and ``peak_rss_bytes``. ``liger`` and ``skip_steps``:
+    see :func:`trainer_worker` and :func:`steady_result`.
 
     Raises:
-        RuntimeError: a rank failed, or a Trainer side did not train through DeepSpeed.
+        RuntimeError: a rank failed (the output's tail in the message), a Trainer side did not train through
+            DeepSpeed, or Liger was asked for and patched nothing.
     """
     result_path = tmp / f"{kind}-{loss}-{time.monotonic_ns()}.json"
     worker = [sys.executable, str(Path(__file__).resolve()), kind, "--config", str(config_file), "--result", str(result_path),
-              "--loss", loss]
-    launcher = f"import sys; from launch.local import run_local; run_local(sys.argv[1:], {NPROC})"
-    res = common.run_child([sys.executable, "-c", launcher, *worker], env=common.python_env(**common.CPU_ONLY_ENV))
-    common.check_child(res, f"the {kind} side ({loss} loss)")
+              "--loss", loss, "--skip-steps", str(skip_steps), *(["--liger"] if liger else [])]
+    launcher = f"import sys; from launch.local import run_local; run_local(sys.argv[1:], {nproc})"
+    res = common.run_child([sys.executable, "-c", launcher, *worker],
+                           env=common.python_env(**(common.CPU_ONLY_ENV if env is None else env)))
+    common.check_child(res, f"the {kind} side ({loss} loss{', Liger' if liger else ''})")
     out = json.loads(result_path.read_text())
     if kind.startswith("trainer") and out["engine"] != "DeepSpeedEngine":
         raise RuntimeError(f"the Trainer did not train through DeepSpeed (model wrapped in {out['engine']})")
+    if liger and not out.get("liger_modules"):
+        raise RuntimeError("use_liger_kernel=True patched no module of the model")
     return {**out, "wall_s": round(res.wall_s, 2), "peak_rss_bytes": res.peak_rss_bytes}
 
 
@@ -250,11 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True, help="the lmforge training config YAML to match")
     parser.add_argument("--result", type=Path, required=True, help="JSON written by rank 0")
     parser.add_argument("--loss", choices=["own", "fused"], default="own", help="trainer: the model's own loss or lmforge's")
+    parser.add_argument("--liger", action="store_true", help="trainer: TrainingArguments(use_liger_kernel=True)")
+    parser.add_argument("--skip-steps", type=int, default=SKIP_STEPS, help="trainer: warm-up steps left out of tokens/s")
     args = parser.parse_args(argv)
     common.use_this_checkout()
     if args.kind == "ddp":
         return ddp_worker(args.config, args.result)
-    return trainer_worker(args.config, args.loss, args.kind == "trainer-mlm", args.result)
+    return trainer_worker(args.config, args.loss, args.kind == "trainer-mlm", args.result, args.liger, args.skip_steps)
 
 
 if __name__ == "__main__":

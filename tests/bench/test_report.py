@@ -98,3 +98,21 @@ def test_a_ratio_whose_rounds_fall_on_both_sides_of_one_is_a_tie():
     assert report.fmt_ratio(old) == report.fmt_ratio(tie)
     assert report.target_met({"target": "< 0.5 s", "lmforge": 0.34, "peer": None}) == "yes"
     assert report.target_met({"target": "< 0.5 s", "lmforge": 0.5, "peer": None}) == "**no**"
+
+
+def test_gpu_mfu_rows_with_the_trainer_peer_render_and_the_placeholder_goes(tmp_path):
+    report = _report()
+    import common
+
+    assert "## MFU on one GPU: lmforge vs HF Trainer" in report.render(tmp_path)  # nothing measured: the placeholder
+    row = common.row("MFU, llama-1b bf16 seq 2048, ZeRO 2, sdpa, compile off, no activation checkpointing", "%", 52.0, 44.0,
+                     "HF Trainer + DeepSpeed + Liger", target=">= 50%", note="NVIDIA H100 80GB HBM3. Both: micro batch 8")
+    result = {"name": "gpu_mfu_quick", "title": "MFU on one GPU (NVIDIA H100 80GB HBM3): lmforge vs HF Trainer + DeepSpeed "
+              "+ Liger (--quick)", "machine": {"gpu": "NVIDIA H100 80GB HBM3"}, "rows": [row], "details": {}}
+    (tmp_path / "gpu_mfu_quick.json").write_text(json.dumps(result))
+    text = report.render(tmp_path)
+    assert "## MFU on one GPU: lmforge vs HF Trainer" not in text
+    assert "Produced by hand, on a machine with a CUDA GPU: `python bench/gpu_mfu.py --quick`" in text
+    assert ("| MFU, llama-1b bf16 seq 2048, ZeRO 2, sdpa, compile off, no activation checkpointing | % | 52 | "
+            "44 (HF Trainer + DeepSpeed + Liger) | 1.18x | >= 50% | yes | NVIDIA H100 80GB HBM3. Both: micro batch 8 |") in text
+    assert "| gpu_mfu_quick | MFU, llama-1b" in text and "1 x NVIDIA H100 80GB HBM3" in text
