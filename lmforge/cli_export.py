@@ -99,7 +99,7 @@ def _logits_summary(v: dict) -> str:
     if v.get("exact"):
         return f"bit-identical logits ({v['precision']}, max |diff| {v['max_abs_logit_diff']:.3g})"
     return (f"logits within {v['max_abs_logit_diff']:.3g} of the trained model's ({v['precision']}; rtol "
-            f"{v['tolerance']['rtol']} + atol {v['tolerance']['atol']}: {v.get('inexact_reason')})")
+            f"{v['tolerance']['rtol']} + atol {v['tolerance']['atol']:.3g}: {v.get('inexact_reason')})")
 
 
 def add_verify(sub) -> None:
