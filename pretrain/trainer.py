@@ -39,7 +39,7 @@ from pretrain.distributed import (
     log_rank0,
     set_collective_timeout,
 )
-from pretrain.engine import build_ds_config, initialize_engine, return_large_frees_to_os
+from pretrain.engine import build_ds_config, initialize_engine, return_large_frees_to_os, returns_freed_memory
 from pretrain.errors import ConfigError
 from pretrain.evaluator import Evaluator, check_validation_split, require_validation_set, tokens_per_byte
 from pretrain.faults import FaultInjector
@@ -76,8 +76,7 @@ def train(cfg: TrainConfig) -> dict:
     Raises:
         CollectiveTimeout: a collective waited ``distributed.timeout_minutes``; names the ranks that did not arrive.
     """
-    release = cfg.deepspeed.return_freed_memory
-    if release == "always" or (release == "auto" and cfg.deepspeed.zero_stage == 3):
+    if returns_freed_memory(cfg.deepspeed.return_freed_memory, cfg.deepspeed.zero_stage):
         return_large_frees_to_os()  # before any tensor: freed parameters leave the resident set (CPU ranks)
     timeout_minutes = cfg.distributed.timeout_minutes
     dist = init_distributed(timeout_minutes)

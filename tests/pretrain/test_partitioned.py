@@ -112,3 +112,11 @@ def test_large_tensors_are_mmapped_not_taken_from_the_heap():
                                         check=True).stdout) for mode in ("on", "off")}
     assert grown["on"] < 8, grown  # mmapped: unmapped again when freed
     assert grown["off"] >= 60, grown  # glibc's default after a large free: 64 MiB more heap
+
+
+def test_freed_memory_goes_back_at_zero_3_only_unless_told():
+    from pretrain.engine import returns_freed_memory
+
+    assert [returns_freed_memory("auto", stage) for stage in range(4)] == [False, False, False, True]
+    assert all(returns_freed_memory("always", stage) for stage in range(4))
+    assert not any(returns_freed_memory("never", stage) for stage in range(4))
