@@ -255,8 +255,9 @@ def verify_export(hf_dir: str | Path, probe: str | Path | None = None, prompt: s
             got = model(**inputs).logits
         rtol, atol = EXACT_TOLERANCE if reason is None else tolerance(precision, export_precision)
         if reason is not None:
+            logits_rms = float(torch.as_tensor(expected).float().pow(2).mean().sqrt())
             atol = max(atol, rounded_weights_atol(precision, export_precision, config.num_hidden_layers,
-                                                  config.hidden_size, float(expected.float().pow(2).mean().sqrt())))
+                                                  config.hidden_size, logits_rms))
         what = f"training precision {precision}, exported {export_precision}, compared in {precision}; " + (
             f"bit-identical expected with {torch.get_num_threads()} thread(s) as at save time" if reason is None
             else f"not bit-identical: {reason}")
