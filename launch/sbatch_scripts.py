@@ -82,17 +82,7 @@ def render_train_script(opts: SlurmOptions, command: Sequence[str], run_dir: str
              'MASTER_ADDR=$(scontrol show node "$head_node" -o | tr " " "\\n" | sed -n "s/^NodeAddr=//p")',
              'export MASTER_ADDR=${MASTER_ADDR:-$head_node}',
              f"export MASTER_PORT=$(({RENDEZVOUS_PORT_BASE} + SLURM_JOB_ID % {RENDEZVOUS_PORT_SPAN}))", ""]
-    if opts.gpus_per_node:
-        lines += ["# NCCL between GPUs: a failed rank aborts the collectives instead of hanging them.",
-                  "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
-                  "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}",
-                  "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}"]
-    else:
-        lines += ["# gloo on CPU: one rank per node, using the node's allocated cores as intra-op threads.",
-                  "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}"]
-    if opts.socket_ifname:
-        lines.append(f"export NCCL_SOCKET_IFNAME={opts.socket_ifname} GLOO_SOCKET_IFNAME={opts.socket_ifname}")
-    lines += ["export PYTHONUNBUFFERED=1", f"LOG_DIR={shlex.quote(logs)}", ""]
+    lines += _environment_lines(opts, logs)
     lines += _rank_wrapper(opts.preemption)
     lines += ['echo "lmforge: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT, '
               'restart ${SLURM_RESTART_COUNT:-0}"',
@@ -114,6 +104,22 @@ def render_train_script(opts: SlurmOptions, command: Sequence[str], run_dir: str
                   "fi"]
     lines += ['exit "$rc"', ""]
     return "\n".join(lines)
+
+
+def _environment_lines(opts: SlurmOptions, logs: str) -> list[str]:
+    """The job's exports: the collective back-end's settings (NCCL on GPUs, gloo's threads on CPU), the network
+    interface when given, unbuffered output and the log folder."""
+    if opts.gpus_per_node:
+        lines = ["# NCCL between GPUs: a failed rank aborts the collectives instead of hanging them.",
+                 "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+                 "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}",
+                 "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}"]
+    else:
+        lines = ["# gloo on CPU: one rank per node, using the node's allocated cores as intra-op threads.",
+                 "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}"]
+    if opts.socket_ifname:
+        lines.append(f"export NCCL_SOCKET_IFNAME={opts.socket_ifname} GLOO_SOCKET_IFNAME={opts.socket_ifname}")
+    return [*lines, "export PYTHONUNBUFFERED=1", f"LOG_DIR={shlex.quote(logs)}", ""]
 
 
 def _rank_wrapper(preemption: bool) -> list[str]:
