@@ -23,15 +23,12 @@ Steady state: the first 4 optimizer steps are left out (lmforge logs every 4 ste
 all-reduce). FLOPs per token follow ``pretrain.flops`` (6N + 12LHQT); a CPU has no listed peak, so the script
 reports achieved TFLOP/s per rank, and MFU when ``--peak-tflops`` (of one rank's cores) is given.
 
-Default (``make bench``): llama-tiny at seq_len 512, 3 rounds of 12 steps: 15 runs of 25-140 s each, 18 minutes
-in all on the shared 2-core machine at a load average of 4-10 (2026-12-03). ``--full`` (``make bench-full``) adds
-llama-125m at seq_len 512 and micro batch 2 (``--full-micro-batch``; ``--full-steps``, 8 by default; its rows are
-marked "(bench-full)"): at the demo's micro batch 8 a step is about 5 TFLOP (6.0e8 FLOPs/token x 8192 tokens), 15
-runs 1-3 hours on 2 cores at the 0.03-0.07 TFLOP/s per rank measured on llama-tiny; micro batch 2 (2048 tokens per
-step, about 1.2 TFLOP) keeps the compute per step far above the optimizer's and the all-reduce's fixed costs and
-the sweep under an hour. Usage: ``python bench/bench_train.py [--full] [--repeats 3] [--steps 12] [--full-steps 8]
-[--full-micro-batch 2] [--peak-tflops X]``; writes ``bench/results/bench_train.json``. The masked-LM row is
-``bench/bench_train_mlm.py``.
+Default (``make bench``): llama-tiny at seq_len 512, 3 rounds of 12 steps: 15 runs (with bench_train_mlm.py,
+about 7 minutes on 2 idle cores, 2026-12-03). ``--full`` (``make bench-full``) adds llama-125m at seq_len 512 (``--full-steps``,
+8 by default; its rows are marked "(bench-full)"), at the demo's micro batch 8 (8192 tokens, about 5 TFLOP per
+step); ``--full-micro-batch N`` sets a smaller one for slower machines. Usage: ``python bench/bench_train.py
+[--full] [--repeats 3] [--steps 12] [--full-steps 8] [--full-micro-batch N] [--peak-tflops X]``; writes
+``bench/results/bench_train.json``. The masked-LM row is ``bench/bench_train_mlm.py``.
 """
 from __future__ import annotations
 
@@ -49,8 +46,6 @@ DEMO_CONFIG = common.REPO_ROOT / "pretrain" / "configs" / "demo.yaml"
 SEQ_LEN = 512
 DEFAULT_MODELS = ("llama-tiny",)
 FULL_MODELS = ("llama-125m",)
-FULL_MICRO_BATCH = 2
-"""Micro batch of the :data:`FULL_MODELS` (sequences per rank per step): 2 x 512 tokens x 2 ranks = 2048 tokens/step."""
 SIDES = ("lmforge/fused", "lmforge/own", "trainer/fused", "trainer/own", "ddp-floor")
 
 
@@ -152,22 +147,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12, help=f"optimizer steps per run of {', '.join(DEFAULT_MODELS)}, "
                         f"a multiple of {SKIP_STEPS} (the first {SKIP_STEPS} are warm-up)")
     parser.add_argument("--full-steps", type=int, default=8, help=f"optimizer steps per run of {', '.join(FULL_MODELS)}")
-    parser.add_argument("--full-micro-batch", type=int, default=FULL_MICRO_BATCH,
-                        help=f"micro batch (sequences per rank) of {', '.join(FULL_MODELS)}")
+    parser.add_argument("--full-micro-batch", type=int, default=0,
+                        help=f"micro batch (sequences per rank) of {', '.join(FULL_MODELS)}; 0: the demo config's")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak TFLOP/s of one rank's cores, for MFU")
     args = parser.parse_args(argv)
     common.use_this_checkout()
     for option, steps in (("--steps", args.steps), ("--full-steps", args.full_steps)):
         if steps <= SKIP_STEPS or steps % SKIP_STEPS:
             parser.error(f"{option} {steps}: need a multiple of {SKIP_STEPS} above {SKIP_STEPS} (the first {SKIP_STEPS} are warm-up)")
-    if args.full_micro_batch < 1:
-        parser.error(f"--full-micro-batch {args.full_micro_batch}: need at least 1 sequence per rank")
+    if args.full_micro_batch < 0:
+        parser.error(f"--full-micro-batch {args.full_micro_batch}: need 0 (the demo config's) or more sequences per rank")
     from pretrain.config import load_config
     from pretrain.trainer import preflight
 
     tok, data = common.bench_data(seq_len=SEQ_LEN)
     models = ([(p, args.steps, None, False) for p in DEFAULT_MODELS]
-              + [(p, args.full_steps, args.full_micro_batch, True) for p in FULL_MODELS if args.full])
+              + [(p, args.full_steps, args.full_micro_batch or None, True) for p in FULL_MODELS if args.full])
     rows: list[dict] = []
     details: dict = {"nproc": NPROC, "seq_len": SEQ_LEN, "warmup_steps_skipped": SKIP_STEPS, "models": {}}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp_name:
