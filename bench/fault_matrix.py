@@ -253,6 +253,181 @@ class References:
         return self.rollback[step]
 
 
+@dataclass
+class Chain:
+    """One run folder taking every fault in turn (see the module docstring): its config, references, the verdict
+    per case and the seeded draws. Each ``*_phase`` function below launches its faults in order and judges the
+    previous phase's last fault; the draws from ``rng`` come in the table's order, so a seed gives the same faults."""
+
+    index: int
+    home: Path
+    own_tok: Path
+    own_data: Path
+    config: Path
+    run: Path
+    refs: References
+    rng: random.Random
+    v: dict[str, Verdict] = field(default_factory=lambda: {name: Verdict(False) for name in CASES})
+    draws: dict = field(default_factory=dict)
+
+    @property
+    def ref(self) -> dict[int, float]:
+        return self.refs.main
+
+    def ckpt(self) -> int:
+        return newest_verified(self.run)
+
+    def launch(self, overrides: list[str]) -> Launch:
+        return launch(self.config, self.run, overrides)
+
+    def judge(self, case: int | Verdict, f: Launch, expected_from: int, until: int | None = None) -> None:
+        judge(self.v[CASES[case]] if isinstance(case, int) else case, f, expected_from, self.ref, until)
+
+
+def nonfinite_and_kill_phase(ch: Chain) -> None:
+    """1. K=2 non-finite steps in a row, from an odd step (right after a save); 2. kill -9 at a random step."""
+    a = ch.draws["nan_from"] = ch.rng.choice((3, 5, 7))
+    f = ch.launch([f"debug.inject_nan_at_steps=[{a},{a + 1}]", "guard.max_consecutive_nonfinite=2"])
+    nan = ch.v[CASES[5]]
+    nan.fault_ok = f.codes == [2, 2] and ch.ckpt() == a - 1
+    if not nan.fault_ok:
+        nan.notes.append(f"exit {f.codes}, newest {ch.ckpt()}")
+    c = ch.ckpt()
+    k = ch.draws["kill_at"] = c + ch.rng.randint(2, 4)  # the kill comes before step k is logged: one step at least is
+    f = ch.launch([f"debug.kill_at_step={k}"])
+    ch.judge(5, f, c)
+    ch.v[CASES[0]].fault_ok = f.codes == [-9, -9]
+
+
+def crash_and_eval_phase(ch: Chain) -> None:
+    """3-5. kill -9 at each crash point of the next save; 6. SIGTERM inside the evaluation after the next even step."""
+    crash = ch.v[CASES[1]]
+    crash.fault_ok, crash.judged, resumes = True, True, []
+    previous, prev_from = ch.v[CASES[0]], ch.ckpt()
+    for point in CRASH_POINTS[1:]:
+        c = ch.ckpt()
+        f = ch.launch([f"debug.crash_in_save={point}"])
+        part = Verdict(True)
+        ch.judge(part, f, c)
+        if previous is not crash:
+            ch.judge(previous, f, prev_from)
+        else:
+            crash.steps_lost += part.steps_lost
+            crash.notes += part.notes
+            resumes.append(part.resume_s)
+        if f.codes[0] != -9 or list(ch.run.glob("checkpoints/step_*/digests-rank*")):
+            crash.fault_ok = False
+            crash.notes.append(f"{point}: exit {f.codes}")
+        previous, prev_from = crash, ch.ckpt()
+    c = ch.ckpt()
+    e = ch.draws["sigterm_eval_at"] = c + 2 - c % 2
+    f = ch.launch([f"debug.sigterm_at_step={e}", "debug.sigterm_in_eval=true"])
+    part = Verdict(True)
+    ch.judge(part, f, c)
+    crash.steps_lost += part.steps_lost
+    crash.notes += part.notes
+    crash.resume_s = max([*resumes, part.resume_s])
+    ch.v[CASES[3]].fault_ok = f.codes == [EXIT_PREEMPTED] * NPROC and ch.ckpt() in (e, e + 1)
+
+
+def export_and_write_error_phase(ch: Chain) -> None:
+    """7. SIGTERM while the background export of the next even step's checkpoint runs; 8. a write error in the
+    save of the next even step (the write points in turn over the runs); then the export must have finished."""
+    c = ch.ckpt()
+    x = c + 2 - c % 2
+    f = ch.launch(["checkpoint.export_every_steps=2", f"debug.sigterm_at_step={x + 1}"])
+    ch.judge(3, f, c)
+    export = ch.run / "hf" / f"step_{x:08d}"
+    ch.v[CASES[4]].fault_ok = f.codes == [EXIT_PREEMPTED] * NPROC
+    ch.draws["export_of"] = x
+    c = ch.ckpt()
+    w = c + 2 - c % 2
+    point = ch.draws["write_error"] = WRITE_POINTS[1:][ch.index % (len(WRITE_POINTS) - 1)]
+    f = ch.launch([f"debug.write_error_in_save={point}", f"debug.write_error_at_step={w}"])
+    ch.judge(4, f, c)
+    lines = [line for line in f.log0.splitlines() if "could not write the checkpoint" in line]
+    we = ch.v[CASES[6]]
+    we.fault_ok = (f.codes == [2, 2] and len(lines) == 1 and "it needs about" in lines[0] and "Traceback" not in f.log0
+                   and not list(ch.run.glob("checkpoints/.tmp-*")) and ch.ckpt() == c)
+    if not we.fault_ok:
+        we.notes.append(f"exit {f.codes}, {len(lines)} lines, newest {ch.ckpt()} (was {c})")
+    if not wait_for(export / "model.safetensors"):
+        ch.v[CASES[4]].notes.append("background export did not finish")
+
+
+def damage_and_hang_phase(ch: Chain) -> None:
+    """Damage the 3 newest checkpoints; 9. rank 1 hangs 2-3 steps after the checkpoint the resume falls back to."""
+    damaged = ch.draws["damaged"] = damage(ch.run, ch.rng)
+    c = ch.ckpt()
+    h = ch.draws["hang_at"] = c + ch.rng.randint(2, 3)
+    f = ch.launch([f"debug.hang_at_step={h}"])
+    ch.judge(6, f, c)
+    dmg = ch.v[CASES[2]]
+    dmg.fault_ok = True
+    ch.judge(dmg, f, c)
+    fails = [line for line in f.log0.splitlines() if "fails verification" in line]
+    if len(fails) != len(damaged) or any(f"step_{s:08d}" not in line for (s, _), line in zip(damaged, fails)):
+        dmg.notes.append(f"{len(fails)} 'fails verification' lines for {len(damaged)} damaged checkpoints")
+    ch.v[CASES[7]].fault_ok = (f.codes[0] == 2 and f"step {h}: a collective waited" in f.log0
+                               and "not arrived: rank 1" in f.log0)
+
+
+def corrupt_shard_phase(ch: Chain) -> int:
+    """10. a corrupt shard: the launch stops at the first read, naming it, writing nothing (so it judges nothing:
+    the next phase judges the hang too). Returns the newest verified checkpoint, where the next launch resumes."""
+    c = ch.ckpt()
+    before = sorted(p.name for p in (ch.run / "checkpoints").iterdir())
+    saved = rot_shards(ch.own_data, ch.rng)
+    try:
+        f = ch.launch(["data.verify_checksums=true"])
+    finally:
+        restore(saved)
+    shard = ch.v[CASES[8]]
+    named = [[line for line in log.splitlines() if "shard sha256" in line] for log in (f.log0, f.log1)]
+    shard.fault_ok = (all(code not in (0, -9) for code in f.codes) and all(len(n) == 1 for n in named)
+                      and all(any(str(p) in n[0] for p in saved) for n in named)
+                      and sorted(p.name for p in (ch.run / "checkpoints").iterdir()) == before
+                      and not any("loss" in r for r in f.records))
+    if not shard.fault_ok:
+        shard.notes.append(f"exit {f.codes}, shard lines per rank {[len(n) for n in named]}")
+    return c
+
+
+def move_and_rollback_phase(ch: Chain, c: int) -> None:
+    """Move the run folder and delete the tokenizer folder; 11. resume it by its own config.yaml from another
+    directory, with a loss spike and rollback on, to the end; judges the hang, the shard and the move too."""
+    moved = ch.home / "moved" / "run"
+    moved.parent.mkdir()
+    shutil.move(str(ch.run), str(moved))
+    shutil.rmtree(ch.own_tok)
+    elsewhere = ch.home / "elsewhere"
+    elsewhere.mkdir()
+    s = ch.draws["spike_at"] = c + 4 + ch.rng.randint(0, 1)
+    f = launch(moved / "config.yaml", moved, [*ROLLBACK, f"debug.spike_at_steps=[{s},{s + 1}]"], cwd=elsewhere,
+               with_run_dir=False, base=False)
+    ch.v[CASES[9]].fault_ok = not ch.run.exists() and not (elsewhere / "runs").exists()
+    for case in (7, 8, 9):
+        ch.judge(case, f, c, until=s)
+    rb = ch.v[CASES[10]]
+    marks = [r for r in f.records if "rollback_to_step" in r]
+    rb.fault_ok = f.codes == [0, 0] and len(marks) == 1
+    rb.judged, rb.resume_s = True, f.resume_s
+    if not rb.fault_ok:
+        rb.notes.append(f"exit {f.codes}, {len(marks)} rollbacks")
+        return
+    r = ch.draws["rolled_back_to"] = marks[0]["rollback_to_step"]
+    final = {}
+    for line in (moved / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            final[rec["step"]] = rec["loss"]
+    expected = ch.refs.skipped_after(r)
+    rb.steps_lost = sum(final.get(step) != loss for step, loss in expected.items())
+    summary = json.loads((moved / "summary.json").read_text())
+    if (summary["rollbacks"], summary["skipped_samples"]) != (1, SKIP_BATCHES * 2 * NPROC):
+        rb.notes.append(f"summary {summary['rollbacks']} rollbacks, {summary['skipped_samples']} skipped")
+
+
 def one_chain(index: int, work: Path, tok: Path, data: Path, refs: References, rng: random.Random) -> dict:
     """Every fault, in turn, on one run folder (see the module docstring); ``{case: verdict dict}`` plus the draws."""
     t_start = time.monotonic()
@@ -262,141 +437,15 @@ def one_chain(index: int, work: Path, tok: Path, data: Path, refs: References, r
     shutil.copytree(data, own_data)
     config = home / "train.yaml"
     config.write_text(f"data:\n  path: {own_data}\n  tokenizer: {own_tok}\nmax_steps: {STEPS}\n")
-    run = home / "run"
-    ref = refs.main
-    v = {name: Verdict(False) for name in CASES}
-    draws: dict = {}
-    ckpt = lambda: newest_verified(run)  # noqa: E731
-
-    # 1. K=2 non-finite steps in a row, from an odd step (right after a save)
-    a = draws["nan_from"] = rng.choice((3, 5, 7))
-    f = launch(config, run, [f"debug.inject_nan_at_steps=[{a},{a + 1}]", "guard.max_consecutive_nonfinite=2"])
-    v[CASES[5]].fault_ok = f.codes == [2, 2] and ckpt() == a - 1
-    if not v[CASES[5]].fault_ok:
-        v[CASES[5]].notes.append(f"exit {f.codes}, newest {ckpt()}")
-    # 2. kill -9 at a random step
-    c = ckpt()
-    k = draws["kill_at"] = c + rng.randint(2, 4)  # the kill comes before step k is logged: one step at least is
-    f = launch(config, run, [f"debug.kill_at_step={k}"])
-    judge(v[CASES[5]], f, c, ref)
-    v[CASES[0]].fault_ok = f.codes == [-9, -9]
-    # 3-5. kill -9 at each crash point of the next save
-    crash = v[CASES[1]]
-    crash.fault_ok, crash.judged, resumes = True, True, []
-    previous, prev_from = v[CASES[0]], ckpt()
-    for point in CRASH_POINTS[1:]:
-        c = ckpt()
-        f = launch(config, run, [f"debug.crash_in_save={point}"])
-        part = Verdict(True)
-        judge(part, f, c, ref)
-        if previous is not crash:
-            judge(previous, f, prev_from, ref)
-        else:
-            crash.steps_lost += part.steps_lost
-            crash.notes += part.notes
-            resumes.append(part.resume_s)
-        if f.codes[0] != -9 or list(run.glob("checkpoints/step_*/digests-rank*")):
-            crash.fault_ok = False
-            crash.notes.append(f"{point}: exit {f.codes}")
-        previous, prev_from = crash, ckpt()
-    # 6. SIGTERM inside the evaluation after the next even step
-    c = ckpt()
-    e = draws["sigterm_eval_at"] = c + 2 - c % 2
-    f = launch(config, run, [f"debug.sigterm_at_step={e}", "debug.sigterm_in_eval=true"])
-    part = Verdict(True)
-    judge(part, f, c, ref)
-    crash.steps_lost += part.steps_lost
-    crash.notes += part.notes
-    crash.resume_s = max([*resumes, part.resume_s])
-    v[CASES[3]].fault_ok = f.codes == [EXIT_PREEMPTED] * NPROC and ckpt() in (e, e + 1)
-    # 7. SIGTERM while the background export of the next even step's checkpoint runs
-    c = ckpt()
-    x = c + 2 - c % 2
-    f = launch(config, run, ["checkpoint.export_every_steps=2", f"debug.sigterm_at_step={x + 1}"])
-    judge(v[CASES[3]], f, c, ref)
-    export = run / "hf" / f"step_{x:08d}"
-    v[CASES[4]].fault_ok = f.codes == [EXIT_PREEMPTED] * NPROC
-    draws["export_of"] = x
-    # 8. a write error in the save of the next even step, the writes in turn
-    c = ckpt()
-    w = c + 2 - c % 2
-    point = draws["write_error"] = WRITE_POINTS[1:][index % (len(WRITE_POINTS) - 1)]
-    f = launch(config, run, [f"debug.write_error_in_save={point}", f"debug.write_error_at_step={w}"])
-    judge(v[CASES[4]], f, c, ref)
-    lines = [line for line in f.log0.splitlines() if "could not write the checkpoint" in line]
-    we = v[CASES[6]]
-    we.fault_ok = (f.codes == [2, 2] and len(lines) == 1 and "it needs about" in lines[0] and "Traceback" not in f.log0
-                   and not list(run.glob("checkpoints/.tmp-*")) and ckpt() == c)
-    if not we.fault_ok:
-        we.notes.append(f"exit {f.codes}, {len(lines)} lines, newest {ckpt()} (was {c})")
-    # (export of step x: it must have finished on its own, verified)
-    if not wait_for(export / "model.safetensors"):
-        v[CASES[4]].notes.append("background export did not finish")
-    # -- damage the 3 newest checkpoints; 9. rank 1 hangs 2-3 steps after the checkpoint the resume must fall back to
-    damaged = draws["damaged"] = damage(run, rng)
-    c = ckpt()
-    h = draws["hang_at"] = c + rng.randint(2, 3)
-    f = launch(config, run, [f"debug.hang_at_step={h}"])
-    judge(we, f, c, ref)
-    dmg = v[CASES[2]]
-    dmg.fault_ok = True
-    judge(dmg, f, c, ref)
-    fails = [line for line in f.log0.splitlines() if "fails verification" in line]
-    if len(fails) != len(damaged) or any(f"step_{s:08d}" not in line for (s, _), line in zip(damaged, fails)):
-        dmg.notes.append(f"{len(fails)} 'fails verification' lines for {len(damaged)} damaged checkpoints")
-    hang = v[CASES[7]]
-    hang.fault_ok = (f.codes[0] == 2 and f"step {h}: a collective waited" in f.log0 and "not arrived: rank 1" in f.log0)
-    # 10. a corrupt shard: stops at the first read, naming it, writing nothing
-    c = ckpt()
-    before = sorted(p.name for p in (run / "checkpoints").iterdir())
-    saved = rot_shards(own_data, rng)
-    try:
-        f = launch(config, run, ["data.verify_checksums=true"])
-    finally:
-        restore(saved)
-    shard = v[CASES[8]]
-    named = [[line for line in log.splitlines() if "shard sha256" in line] for log in (f.log0, f.log1)]
-    shard.fault_ok = (all(code not in (0, -9) for code in f.codes) and all(len(n) == 1 for n in named)
-                      and all(any(str(p) in n[0] for p in saved) for n in named)
-                      and sorted(p.name for p in (run / "checkpoints").iterdir()) == before
-                      and not any("loss" in r for r in f.records))
-    if not shard.fault_ok:
-        shard.notes.append(f"exit {f.codes}, shard lines per rank {[len(n) for n in named]}")
-    # -- move the run folder, delete the tokenizer folder; 11. resume it by its own config.yaml, spike, roll back
-    moved = home / "moved" / "run"
-    moved.parent.mkdir()
-    shutil.move(str(run), str(moved))
-    shutil.rmtree(own_tok)
-    elsewhere = home / "elsewhere"
-    elsewhere.mkdir()
-    s = draws["spike_at"] = c + 4 + rng.randint(0, 1)
-    f = launch(moved / "config.yaml", moved, [*ROLLBACK, f"debug.spike_at_steps=[{s},{s + 1}]"], cwd=elsewhere,
-               with_run_dir=False, base=False)
-    mv = v[CASES[9]]
-    mv.fault_ok = not run.exists() and not (elsewhere / "runs").exists()
-    for case in (hang, shard, mv):
-        judge(case, f, c, ref, until=s)
-    rb = v[CASES[10]]
-    marks = [r for r in f.records if "rollback_to_step" in r]
-    rb.fault_ok = f.codes == [0, 0] and len(marks) == 1
-    rb.judged, rb.resume_s = True, f.resume_s
-    if rb.fault_ok:
-        r = draws["rolled_back_to"] = marks[0]["rollback_to_step"]
-        final = {}
-        for line in (moved / "metrics.jsonl").read_text().splitlines():
-            rec = json.loads(line)
-            if "loss" in rec:
-                final[rec["step"]] = rec["loss"]
-        expected = refs.skipped_after(r)
-        rb.steps_lost = sum(final.get(step) != loss for step, loss in expected.items())
-        summary = json.loads((moved / "summary.json").read_text())
-        if (summary["rollbacks"], summary["skipped_samples"]) != (1, SKIP_BATCHES * 2 * NPROC):
-            rb.notes.append(f"summary {summary['rollbacks']} rollbacks, {summary['skipped_samples']} skipped")
-    else:
-        rb.notes.append(f"exit {f.codes}, {len(marks)} rollbacks")
+    ch = Chain(index, home, own_tok, own_data, config, home / "run", refs, rng)
+    nonfinite_and_kill_phase(ch)
+    crash_and_eval_phase(ch)
+    export_and_write_error_phase(ch)
+    damage_and_hang_phase(ch)
+    move_and_rollback_phase(ch, corrupt_shard_phase(ch))
     out = {name: {"survived": x.survived, "steps_lost": x.steps_lost, "time_to_resume_s": round(x.resume_s, 2),
-                  "notes": x.notes} for name, x in v.items()}
-    return {"cases": out, "draws": draws, "wall_s": round(time.monotonic() - t_start, 1), "dir": str(home)}
+                  "notes": x.notes} for name, x in ch.v.items()}
+    return {"cases": out, "draws": ch.draws, "wall_s": round(time.monotonic() - t_start, 1), "dir": str(home)}
 
 
 def main(argv: list[str] | None = None) -> int:
