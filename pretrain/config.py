@@ -341,9 +341,14 @@ class TrainConfig:
         from pretrain.model import PRESETS
 
         p: list[str] = []
-        ds, opt = self.deepspeed, self.optim
         if self.model.preset not in PRESETS and not self.model.init_from:
             p.append(f"model.preset={self.model.preset!r} (allowed: {', '.join(sorted(PRESETS))})")
+        return p + self._minimum_problems() + self._training_problems() + self._runtime_problems() + self._data_problems()
+
+    def _minimum_problems(self) -> list[str]:
+        """Counts and sizes below their minimum."""
+        p: list[str] = []
+        ds, opt = self.deepspeed, self.optim
         for key, value, low in [("deepspeed.micro_batch_size", ds.micro_batch_size, 1),
                                 ("deepspeed.gradient_accumulation_steps", ds.gradient_accumulation_steps, 1),
                                 ("max_steps", self.max_steps, 1), ("log_every_steps", self.log_every_steps, 1),
@@ -366,6 +371,12 @@ class TrainConfig:
                                 ("model.loss_chunk_tokens", self.model.loss_chunk_tokens, 0)]:
             if value < low:
                 p.append(f"{key}={value} (allowed: >= {low})")
+        return p
+
+    def _training_problems(self) -> list[str]:
+        """Optimizer, schedule, checkpoint cadence, MLM masking and DeepSpeed offload combinations."""
+        p: list[str] = []
+        ds, opt = self.deepspeed, self.optim
         if not opt.lr > 0:
             p.append(f"optim.lr={opt.lr} (allowed: > 0)")
         ck = self.checkpoint
@@ -389,6 +400,11 @@ class TrainConfig:
             p.append(f"optim.min_lr_ratio={opt.min_lr_ratio} (allowed: [0, 1])")
         if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
             p.append(f"optim.betas={list(opt.betas)} (allowed: two values in [0, 1))")
+        return p
+
+    def _runtime_problems(self) -> list[str]:
+        """Preemption signals, time limits and the metrics back-end."""
+        p: list[str] = []
         import signal
 
         bad_signals = [n for n in self.preemption.signals if not isinstance(getattr(signal, n, None), signal.Signals)]
@@ -405,6 +421,11 @@ class TrainConfig:
 
             if importlib.util.find_spec("wandb") is None:
                 p.append(f"wandb_project={self.wandb_project!r} but wandb is not installed (pip install wandb)")
+        return p
+
+    def _data_problems(self) -> list[str]:
+        """The tokenizer, exactly one data source, the blend schedule, seq_len for raw inputs."""
+        p: list[str] = []
         if not self.data.tokenizer:
             p.append("data.tokenizer is required")
         sources = [k for k in ("path", "blend", "raw_inputs") if getattr(self.data, k)]
