@@ -236,29 +236,43 @@ def save(engine, checkpoint_dir: str | Path, state: TrainState, rank: int, lmfor
     _agree_on_write(failure, tmp, rank)
     if rank == 0:
         try:
-            record = integrity.merge_rank_digests(tmp, dist.get_world_size())
-            if probe is not None:
-                from safetensors.torch import save as safetensors_bytes
-
-                with _write_error_if("probe", write_error):  # bytes written by Python: a failed write is an OSError
-                    write_bytes_atomic(tmp / PROBE_FILE, safetensors_bytes(probe["tensors"], metadata=probe["metadata"]))
-                record.update(integrity.digest(tmp, [PROBE_FILE]))
-            content = {**vars(state), "tag": tag, **lmforge_state, integrity.DIGESTS_KEY: dict(sorted(record.items()))}
-            with _write_error_if("state", write_error):
-                write_json_atomic(tmp / STATE_FILE, {**content, STATE_DIGEST_KEY: state_digest(content)})
-                write_bytes_atomic(root / "latest.tmp", tag.encode())  # space taken now: the rename below cannot fail for it
+            _write_state_record(root, tag, state, lmforge_state, probe, dist.get_world_size(), write_error)
         except OSError as exc:
             failure = _storage_failure(exc, tmp, rank, engine)
     _agree_on_write(failure, tmp, rank)
     if rank == 0:
-        _crash_if("before_rename", crash_point)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _crash_if("before_latest", crash_point)
-        os.replace(root / "latest.tmp", root / "latest")
+        _publish(root, tag, crash_point)
     dist.barrier()
     return final
+
+
+def _write_state_record(root: Path, tag: str, state: TrainState, lmforge_state: dict, probe: dict | None,
+                        world_size: int, write_error: str) -> None:
+    """Rank 0, in ``root/TMP_PREFIX+tag``: merge the ranks' digests, write the probe and the state file (the
+    record of every file's sha256), and reserve ``latest.tmp``. Raises OSError on a failed write."""
+    tmp = root / (TMP_PREFIX + tag)
+    record = integrity.merge_rank_digests(tmp, world_size)
+    if probe is not None:
+        from safetensors.torch import save as safetensors_bytes
+
+        with _write_error_if("probe", write_error):  # bytes written by Python: a failed write is an OSError
+            write_bytes_atomic(tmp / PROBE_FILE, safetensors_bytes(probe["tensors"], metadata=probe["metadata"]))
+        record.update(integrity.digest(tmp, [PROBE_FILE]))
+    content = {**vars(state), "tag": tag, **lmforge_state, integrity.DIGESTS_KEY: dict(sorted(record.items()))}
+    with _write_error_if("state", write_error):
+        write_json_atomic(tmp / STATE_FILE, {**content, STATE_DIGEST_KEY: state_digest(content)})
+        write_bytes_atomic(root / "latest.tmp", tag.encode())  # space taken now: the rename below cannot fail for it
+
+
+def _publish(root: Path, tag: str, crash_point: str) -> None:
+    """Rank 0: rename the complete temporary folder to ``root/tag``, then point ``latest`` at it."""
+    final = root / tag
+    _crash_if("before_rename", crash_point)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(root / (TMP_PREFIX + tag), final)
+    _crash_if("before_latest", crash_point)
+    os.replace(root / "latest.tmp", root / "latest")
 
 
 class CheckpointWriteError(UserError):
