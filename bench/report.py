@@ -298,18 +298,26 @@ NOT_SHOWN = [
     "(minutes) or `--full` (hours) measures them when one is there.",
     "**More than one machine.** Every figure is one host with 2 CPU ranks over gloo: the interconnect, NCCL's "
     "collectives at scale and a shared file system's bandwidth are not measured.",
-    "**Model scale in training.** The CPU training rows are llama-tiny and the MLM demo's ModernBERT; llama-125m "
-    "(`make bench-full`) has not been run yet. llama-tiny's LM head is 40% of its weight-matmul FLOPs with the "
-    "bench's 8k vocabulary, llama-1b's 5% with 32k (computed from the configs), so a fused loss's speed-up here "
-    "overstates its speed-up there; its memory saving (no `(B, T, V)` float32 logits) holds at any size.",
-    "**Prep at scale.** The prep rows are 16.6 MB of text; the 256 MB and 1 GB sweep (`make bench-full`) has not "
-    "been run yet, and the 16 MB rows ran at load 8-9 on 2 cores, where the rounds overlap: rerun on a quiet "
-    "machine before quoting a prep ratio.",
+    "**Model scale in training.** The CPU training rows are llama-tiny (7.4M parameters with the bench's 8k "
+    "vocabulary), llama-125m (98M with it; `make bench-full`, micro batch 8, 8 steps per run of which 4 are "
+    "timed) and the MLM demo's ModernBERT; nothing larger trains on 2 cores in a bench's time. llama-tiny's LM "
+    "head is 40% of its weight-matmul FLOPs with the bench's 8k "
+    "vocabulary, llama-1b's 5% with 32k (computed from the configs): the fused loss's speed-up shrinks with it (1.12x "
+    "as shipped on llama-tiny, a tie on llama-125m); its memory saving (no `(B, T, V)` float32 logits) holds at any "
+    "size. The llama-125m rounds spread widely (the peers' ranged 0.8-1.1k tokens/s): its ratios are ties, not "
+    "rankings.",
+    "**Prep at scale.** The prep rows are 16.6 MB of text, at 1 and 2 workers; the 256 MB and 1 GB sweep (`make "
+    "bench-full`, an estimated 75 minutes on 2 cores) has not been run, so the fitted per-MB cost and the fixed "
+    "cost of large inputs are not measured.",
     "**Cold caches.** File-reading rows (export, loader, verification) ran with the page cache warm unless their note "
     "says otherwise; `bench_integrity` measures both.",
-    "**Quiet machines.** Most results ran on a shared 2-core machine (see the load averages): wall times and the fault "
-    "matrix's times to resume show orders of magnitude, not promises; the paired ratios are steadier than the "
-    "absolute figures.",
+    "**Quiet machines.** The `make bench` rows and llama-125m's ran on an otherwise idle 2-core VM (2026-12-03; the "
+    "load averages, 1-2, are the benches' own processes); the export sweep ran idle on another VM (AMD EPYC; these on an Intel Xeon), where every "
+    "export was faster (lmforge's 1.24 GB ZeRO-3 fp32 export 1.2 s there, 1.8-1.9 s here), and the fault matrix and "
+    "most memory-plan rows ran on a shared machine at load averages of 2-19. Wall times and the fault matrix's times to resume show "
+    "orders of magnitude, not promises; the paired ratios are steadier than the absolute figures, but not across "
+    "machines: lmforge's bf16 export of that checkpoint tied zero_to_fp32's in the sweep (0.99x) and trailed it "
+    "here (0.82x, rounds 0.74-1.01x; a rerun, not kept, 0.91x, rounds 0.89-1.06x).",
     "**Export sizes.** The export sweep stops at llama-1b (1.2B parameters with the bench's 512-token vocabulary, "
     "4.87 GB fp32) and at ZeRO 3 for it: at ZeRO 2 `lmforge plan` puts each of 2 ranks at 20.9-24.9 GiB on a "
     "23.5 GiB machine. 7B-70B checkpoints, fp16 exports, more than 2 saving ranks, cold page caches and other file "
