@@ -202,11 +202,20 @@ def set_collective_timeout(timeout_minutes: float) -> None:
     _set_pg_timeout(datetime.timedelta(minutes=timeout_minutes), groups._get_data_parallel_group())
 
 
-def destroy_distributed() -> None:
-    """Tear down the process group if one is up (call in ``finally``)."""
+def destroy_distributed(together: bool = False) -> None:
+    """Tear down the process group if one is up (call in ``finally``).
+
+    ``together``: a barrier first, so that no rank tears gloo down while another still works (rank 0 writing
+    the summary or waiting for an export after the last collective): the rank that left first was aborted
+    (SIGABRT, "terminate called without an active exception"; 2 of the suite's two-rank runs in one CI run,
+    the same failure ``checkpoint._agree_on_write`` avoids the same way). Only on the normal exit path: after
+    an error a peer may never arrive.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
