@@ -306,9 +306,12 @@ NOT_SHOWN = [
     "as shipped on llama-tiny, a tie on llama-125m); its memory saving (no `(B, T, V)` float32 logits) holds at any "
     "size. The llama-125m rounds spread widely (the peers' ranged 0.8-1.1k tokens/s): its ratios are ties, not "
     "rankings.",
-    "**Prep at scale.** The prep rows are 16.6 MB of text, at 1 and 2 workers; the 256 MB and 1 GB sweep (`make "
-    "bench-full`, an estimated 75 minutes on 2 cores) has not been run, so the fitted per-MB cost and the fixed "
-    "cost of large inputs are not measured.",
+    "**Prep at scale.** The prep sweep (`make bench-full`'s script, run as `bench_prep.py --full --sizes 16,256`, "
+    "21 minutes) stops at 266 MB: the 1 GB size (about 65 minutes more on 2 idle cores) was not run, so each "
+    "`t = a + b * MB` fit rests on two sizes and its fixed cost `a` is loose (lmforge 0.37 s, rounds -0.10 to "
+    "0.68 s at 1 worker; datatrove's fits go negative, its time grows faster than the bytes). The bench_prep_full "
+    "load average of 4.1 is its own: 2 worker processes, datatrove's tasks and the tokenizers' threads on 2 cores, "
+    "nothing else ran.",
     "**Cold caches.** File-reading rows (export, loader, verification) ran with the page cache warm unless their note "
     "says otherwise; `bench_integrity` measures both.",
     "**Quiet machines.** The `make bench` rows and llama-125m's ran on an otherwise idle 2-core VM (2026-12-03; the "
