@@ -53,5 +53,5 @@ setup(
         "gpu-bench": ["liger-kernel>=0.8,<0.9"],
         "dedup": ["datatrove>=0.10,<0.11"],  # prep --near-dedup (MinHash): the core install, sha1 hashing, no spaCy/nltk
     },
-    entry_points={"console_scripts": ["lmforge=lmforge.cli:main"]},
+    entry_points={"console_scripts": ["lmforge=lmforge.cli:entry"]},
 )

@@ -1,7 +1,5 @@
 """``python -m lmforge`` is the ``lmforge`` command."""
-import sys
-
-from lmforge.cli import main
+from lmforge.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

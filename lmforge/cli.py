@@ -74,8 +74,11 @@ def setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
+    import faulthandler
+
     from data_prep.errors import UserError
 
+    faulthandler.enable()  # a fatal signal (SIGABRT from a C++ terminate, SIGSEGV) prints every thread's Python stack
     setup_logging()
     first = (sys.argv[1:] if argv is None else argv)[:1]
     parser = build_parser(first[0] if first and first[0] in COMMANDS else None)
@@ -95,3 +98,46 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130
+
+
+def entry() -> None:
+    """The ``lmforge`` console script and ``python -m lmforge``: exit with :func:`main`'s code.
+
+    A ``train`` process leaves with ``os._exit`` once its logs and stdio are flushed, skipping the
+    interpreter's finalization. The world process group outlives ``destroy_process_group`` (references from
+    outside Python: refcount 11 after it in a 2-rank run, no Python referrer), and its gloo worker threads
+    drop the last collectives' work objects a moment after those complete. When that lands in the
+    finalization, dropping a tensor that Python owned takes the GIL, Python ends the thread, and the
+    unwinding aborts the process: SIGABRT, "terminate called without an active exception", after every file
+    was written (core backtrace: ``ProcessGroupGloo::runLoop`` -> ``~AsyncBarrierWork`` ->
+    ``TensorImpl::decref_pyobject`` -> ``PyThread_exit_thread``; PyTorch #190489). It ended about one in 100
+    two-rank runs on 2 loaded cores, one or two per CI run of the suite. Every component of a run closes its
+    files in ``finally`` before this point.
+    """
+    if sys.argv[1:2] != ["train"]:
+        sys.exit(main())
+    code = 1
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        _finalize_mpi()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _finalize_mpi() -> None:
+    """``MPI_Finalize`` when mpi4py initialised MPI in this process (DeepSpeed's MPI discovery under mpirun):
+    mpi4py does it at exit, which ``os._exit`` skips, and mpirun fails a job whose ranks never finalised."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()

@@ -206,10 +206,9 @@ def destroy_distributed(together: bool = False) -> None:
     """Tear down the process group if one is up (call in ``finally``).
 
     ``together``: a barrier first, so that no rank tears gloo down while another still works (rank 0 writing
-    the summary or waiting for an export after the last collective): the rank that left first was aborted
-    (SIGABRT, "terminate called without an active exception"; 2 of the suite's two-rank runs in one CI run,
-    the same failure ``checkpoint._agree_on_write`` avoids the same way). Only on the normal exit path: after
-    an error a peer may never arrive.
+    the summary or waiting for an export after the last collective). Only on the normal exit path: after an
+    error a peer may never arrive. The world group's gloo threads can outlive this call; a ``train`` process
+    therefore ends without the interpreter's finalization (:func:`lmforge.cli.entry` says why).
     """
     import torch.distributed as dist
 

@@ -57,3 +57,20 @@ def test_missing_shard_stops_training_before_step_1(tmp_path, tokenizer_dir, pre
                     f"shards differ from the manifest: {data / shards[0]['path']} is {shards[0]['bytes'] + 4} bytes, manifest says "
                     f"{shards[0]['bytes']}; {data / shards[-1]['path']} is missing, manifest says {shards[-1]['bytes']}")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_train_process_leaves_without_the_interpreter_finalization_after_flushing(tmp_path):
+    """``lmforge.cli.entry``: gloo's worker threads could abort a finished rank in the finalization (SIGABRT after
+    every file was written); an atexit handler stands for the finalization here. Other commands keep it."""
+    script = ("import atexit, sys\natexit.register(lambda: print('finalized', file=sys.stderr))\n"
+              "from lmforge.cli import entry\nsys.argv = ['lmforge', *sys.argv[1:]]\nentry()\n")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=tmp_path,
+                              env={**os.environ, "DS_ACCELERATOR": "cpu"})
+
+    train = run("train", "missing.yaml")
+    assert (train.returncode, _error_lines(train)) == (2, ["lmforge: error: missing.yaml: config file not found"])
+    assert "finalized" not in train.stderr  # the error line was flushed, then os._exit
+    other = run("checkpoint", "verify", "missing")
+    assert other.returncode == 2 and "finalized" in other.stderr

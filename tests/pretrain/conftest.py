@@ -38,8 +38,15 @@ class Ranks:
         return [(self.log_dir / f"rank{r}.log").read_text() for r in range(len(self.procs))]
 
     def wait(self, timeout_s: float = 300) -> list[int]:
+        """Each rank's exit code; a rank killed by a signal (negative code) has its log's tail printed, which
+        pytest shows with a failing assertion (a flaky abort must leave more than its exit code behind)."""
         try:
-            return [p.wait(timeout=timeout_s) for p in self.procs]
+            codes = [p.wait(timeout=timeout_s) for p in self.procs]
+            for rank, code in enumerate(codes):
+                if code < 0:
+                    tail = (self.log_dir / f"rank{rank}.log").read_text(errors="replace").splitlines()[-40:]
+                    print(f"--- rank {rank} exited {code}; the last lines of its log:", *tail, sep="\n")
+            return codes
         finally:
             for p in self.procs:
                 if p.poll() is None:
