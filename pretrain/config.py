@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Sequence, get_args
 
 from pretrain.config_check import check, consequence
+from pretrain.config_input import merged_input
 from pretrain.errors import ConfigError
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -460,7 +461,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             wrong type or outside its ``Literal`` (with the allowed values), and every value
             :meth:`TrainConfig.problems` rejects.
     """
-    raw = _merged_input(path, overrides)
+    raw = merged_input(path, overrides)
     cfg, problems = check(TrainConfig, raw)
     if cfg is None:
         raise ConfigError("invalid config: " + "; ".join(problems))
@@ -469,45 +470,6 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         where = f"{path}: " if path else ""
         raise ConfigError(f"{where}invalid config: " + "; ".join(problems))
     return cfg
-
-
-def is_run_config(path: str | Path) -> bool:
-    """``path`` is the ``config.yaml`` a run wrote into its own run folder (next to its ``ds_config.json``).
-
-    Such a file names that folder as its ``run_dir``, whatever ``run_dir`` it records: the run folder is where
-    the file is, so ``lmforge train RUN_DIR/config.yaml`` resumes the run from any directory and after the
-    folder was moved (the recorded ``run_dir`` may be relative to the directory the run was started in).
-    """
-    from pretrain.layout import DS_CONFIG_FILE, RUN_CONFIG_FILE
-
-    path = Path(path)
-    return path.name == RUN_CONFIG_FILE and (path.parent / DS_CONFIG_FILE).is_file()
-
-
-def _merged_input(path: str | Path | None, overrides: Sequence[str]) -> dict:
-    """The YAML file merged with the dotted overrides, as plain containers (no type checks yet)."""
-    from omegaconf import DictConfig, OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-    try:
-        base: Any = OmegaConf.create({})
-        if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"{path}: config file not found")
-            base = OmegaConf.load(str(path))
-            if is_run_config(path) and isinstance(base, DictConfig):
-                base.run_dir = str(Path(path).resolve().parent)  # run_dir= on the command line still wins
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
-        raw = OmegaConf.to_container(merged, resolve=True)
-    except OmegaConfBaseException as exc:
-        where = f"{path}: " if path else ""
-        raise ConfigError(f"{where}{str(exc).splitlines()[0]}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of keys to values, not {type(raw).__name__}")
-    return raw
 
 
 def to_yaml(cfg: TrainConfig) -> str:
