@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import NoReturn
 
 COMMANDS = {"demo": ("lmforge.commands", "add_demo"), "tokenizer": ("lmforge.cli_tokenizer", "add_tokenizer"),
             "prep": ("lmforge.cli_prep", "add_prep"), "train": ("lmforge.commands", "add_train"),
@@ -128,11 +129,17 @@ def entry() -> None:
 
         traceback.print_exc()
     finally:
-        _finalize_mpi()
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        leave(code)
+
+
+def leave(code: int) -> NoReturn:
+    """End this process with exit status ``code`` now: MPI finalised, logs and stdio flushed, then ``os._exit``
+    (no interpreter finalization; :func:`entry` says why). Never returns."""
+    _finalize_mpi()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _finalize_mpi() -> None:

@@ -29,18 +29,15 @@ def _masked(ids: np.ndarray, mask_id: int, seed: int) -> tuple[np.ndarray, np.nd
     return inputs, labels
 
 
-def build(out: Path, tokenizer: str, data: str, stage: int, precision: str) -> Path:
-    import torch
+def _engine(out: Path, tokenizer: str, data: str, stage: int, precision: str):
+    """``(cfg, run_dir, tokenizer info, mask id, train reader, val reader, engine)`` of one run folder, its
+    config and model files written as the trainer writes them."""
     from transformers import AutoTokenizer
 
-    from data_prep.shards import MANIFEST_NAME, ShardReader, sha256_file
+    from data_prep.shards import ShardReader
     from data_prep.tokenizer.folder import load_tokenizer_info
-    from pretrain import checkpoint
     from pretrain.config import load_config, to_yaml
     from pretrain.engine import initialize_engine
-    from pretrain.export.verify import probe_metadata
-    from pretrain.flops import device_description
-    from pretrain.metrics import MetricsWriter
     from pretrain.model import build_model, build_model_config, padded_vocab_size
     from pretrain.model_files import write_model_files
 
@@ -58,7 +55,20 @@ def build(out: Path, tokenizer: str, data: str, stage: int, precision: str) -> P
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     model = build_model(model_config, cfg.seed)
     write_model_files(model, run_dir / "model")  # what the trainer records
-    engine = initialize_engine(model, cfg, 1)
+    return cfg, run_dir, tok, mask_id, train, val, initialize_engine(model, cfg, 1)
+
+
+def build(out: Path, tokenizer: str, data: str, stage: int, precision: str) -> Path:
+    import torch
+
+    from data_prep.shards import MANIFEST_NAME, sha256_file
+    from pretrain import checkpoint
+    from pretrain.config import to_yaml
+    from pretrain.export.verify import probe_metadata
+    from pretrain.flops import device_description
+    from pretrain.metrics import MetricsWriter
+
+    cfg, run_dir, tok, mask_id, train, val, engine = _engine(out, tokenizer, data, stage, precision)
     metrics = MetricsWriter(run_dir, True)
 
     def loss_on(ids: np.ndarray, seed: int):
@@ -101,6 +111,7 @@ def build(out: Path, tokenizer: str, data: str, stage: int, precision: str) -> P
 
 
 def main(argv: list[str]) -> None:
+    from lmforge.cli import leave
     from pretrain.distributed import destroy_distributed, init_distributed
 
     out, tokenizer, data, *variants = argv
@@ -111,6 +122,7 @@ def main(argv: list[str]) -> None:
             print(build(Path(out), tokenizer, data, int(stage), precision), flush=True)
     finally:
         destroy_distributed()
+    leave(0)  # as a train process does: gloo's threads could abort the interpreter's finalization
 
 
 if __name__ == "__main__":
