@@ -256,7 +256,27 @@ def memory_plan_section(results: dict[str, dict], source: str) -> list[str]:
         lines.append(f"| {model} | {r.get('zero_stage')} | {r.get('nproc')} | {r.get('max_steps')} | "
                      f"{' '.join(r.get('overrides', [])) or '-'} | {each} | {_gib(peak)} | {_gib(plan)} | {versus} | "
                      f"`{name}` | {r['date'][:10] if r.get('date') else 'not recorded'} |")
-    lines.append("")
+    lines += ["", *_zero3_bound_lines(measured)]
+    for name, r in sorted(refused.items()):
+        plan = r.get("plan") or {}
+        lines.append(f"- `{name}`: {r.get('preset')} at ZeRO {r.get('zero_stage')} on {r.get('nproc')} ranks: `lmforge launch "
+                     f"local` exited {r.get('exit_code')} after {r.get('wall_s')} s of wall time; the plan: "
+                     f"{_gib(plan.get('per_rank_bytes'))} GiB per rank needed, {_gib(plan.get('available_bytes'))} GiB "
+                     f"available{'' if plan.get('fits') is not False else ' (refused up front, no rank started)'}.")
+    earlier = sorted((k, r) for k, r in results.items() if r.get("note"))
+    if earlier:
+        lines += ["", "Earlier measurements, kept for the record (not in the table or the bound):"]
+        for name, r in earlier:
+            lines.append(f"- `{name}`: {r.get('preset')} at ZeRO {r.get('zero_stage')} on {r.get('nproc')} ranks "
+                         f"({' '.join(r.get('overrides', [])) or 'no overrides'}): {_gib(r.get('max_peak_rss_bytes'))} "
+                         f"GiB per rank. {r['note']}")
+    return lines + [""]
+
+
+def _zero3_bound_lines(measured: dict[str, dict]) -> list[str]:
+    """One line per measured ZeRO-3 launch: the issue-14 bound ``B + 1.5 x 16 N / R`` against its peak RSS
+    (see :func:`memory_plan_section`)."""
+    lines: list[str] = []
     for name, r in sorted(measured.items()):
         if r.get("zero_stage") != 3 or r.get("preset") == FOOTPRINT_PRESET or not r.get("plan"):
             continue
@@ -274,20 +294,7 @@ def memory_plan_section(results: dict[str, dict], source: str) -> list[str]:
                      f"{peak:,} bytes ({_gib(peak)} GiB): {verdict} ({(peak - bound) / bound:+.1%}; `{name}`). B = "
                      f"the {FOOTPRINT_PRESET} run with the same stage, ranks, steps and overrides (`{base_name}`); N "
                      "from the plan.")
-    for name, r in sorted(refused.items()):
-        plan = r.get("plan") or {}
-        lines.append(f"- `{name}`: {r.get('preset')} at ZeRO {r.get('zero_stage')} on {r.get('nproc')} ranks: `lmforge launch "
-                     f"local` exited {r.get('exit_code')} after {r.get('wall_s')} s of wall time; the plan: "
-                     f"{_gib(plan.get('per_rank_bytes'))} GiB per rank needed, {_gib(plan.get('available_bytes'))} GiB "
-                     f"available{'' if plan.get('fits') is not False else ' (refused up front, no rank started)'}.")
-    earlier = sorted((k, r) for k, r in results.items() if r.get("note"))
-    if earlier:
-        lines += ["", "Earlier measurements, kept for the record (not in the table or the bound):"]
-        for name, r in earlier:
-            lines.append(f"- `{name}`: {r.get('preset')} at ZeRO {r.get('zero_stage')} on {r.get('nproc')} ranks "
-                         f"({' '.join(r.get('overrides', [])) or 'no overrides'}): {_gib(r.get('max_peak_rss_bytes'))} "
-                         f"GiB per rank. {r['note']}")
-    return lines + [""]
+    return lines
 
 
 NOT_SHOWN = [
