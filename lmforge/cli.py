@@ -75,11 +75,8 @@ def setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
-    import faulthandler
-
     from data_prep.errors import UserError
 
-    faulthandler.enable()  # a fatal signal (SIGABRT from a C++ terminate, SIGSEGV) prints every thread's Python stack
     setup_logging()
     first = (sys.argv[1:] if argv is None else argv)[:1]
     parser = build_parser(first[0] if first and first[0] in COMMANDS else None)
@@ -115,6 +112,9 @@ def entry() -> None:
     two-rank runs on 2 loaded cores, one or two per CI run of the suite. Every component of a run closes its
     files in ``finally`` before this point.
     """
+    import faulthandler
+
+    faulthandler.enable()  # a fatal signal (SIGABRT from a C++ terminate, SIGSEGV) prints every thread's Python stack
     if sys.argv[1:2] != ["train"]:
         sys.exit(main())
     code = 1
