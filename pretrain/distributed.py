@@ -202,19 +202,15 @@ def set_collective_timeout(timeout_minutes: float) -> None:
     _set_pg_timeout(datetime.timedelta(minutes=timeout_minutes), groups._get_data_parallel_group())
 
 
-def destroy_distributed(together: bool = False) -> None:
+def destroy_distributed() -> None:
     """Tear down the process group if one is up (call in ``finally``).
 
-    ``together``: a barrier first, so that no rank tears gloo down while another still works (rank 0 writing
-    the summary or waiting for an export after the last collective). Only on the normal exit path: after an
-    error a peer may never arrive. The world group's gloo threads can outlive this call; a ``train`` process
-    therefore ends without the interpreter's finalization (:func:`lmforge.cli.entry` says why).
+    The world group's gloo threads can outlive this call; a ``train`` process therefore ends without the
+    interpreter's finalization (:func:`lmforge.cli.entry` says why).
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        if together:
-            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -81,17 +81,14 @@ def train(cfg: TrainConfig) -> dict:
     timeout_minutes = cfg.distributed.timeout_minutes
     dist = init_distributed(timeout_minutes)
     heartbeat = Heartbeat(cfg.run_dir, dist.rank)
-    finished = False
     try:
-        summary = _train(_setup(cfg, dist), heartbeat)
-        finished = True
-        return summary
+        return _train(_setup(cfg, dist), heartbeat)
     except RuntimeError as err:  # torch.distributed.DistBackendError is one
         if not is_timeout(err):
             raise
         raise stall_error(heartbeat, dist.world_size, timeout_minutes) from err
     finally:
-        destroy_distributed(together=finished)
+        destroy_distributed()
 
 
 def preflight(cfg: TrainConfig, data: tuple[dict | None, str] | None = None,
