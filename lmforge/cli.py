@@ -117,19 +117,14 @@ def entry() -> None:
     faulthandler.enable()  # a fatal signal (SIGABRT from a C++ terminate, SIGSEGV) prints every thread's Python stack
     if sys.argv[1:2] != ["train"]:
         sys.exit(main())
-    code = 1
     try:
-        code = main()
-    except SystemExit as exc:  # argparse's usage errors
-        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
-        if isinstance(exc.code, str):
-            print(exc.code, file=sys.stderr)
-    except BaseException:
+        code = main()  # argparse's SystemExit (usage, --help) leaves the usual way: no process group exists yet
+    except Exception:
         import traceback
 
         traceback.print_exc()
-    finally:
-        leave(code)
+        code = 1
+    leave(code)
 
 
 def leave(code: int) -> NoReturn:
