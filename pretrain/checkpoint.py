@@ -333,7 +333,8 @@ def _agree_on_write(failure: str | None, tmp: Path, rank: int) -> None:
     if first:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoint stays complete
-        dist.barrier()  # all ranks leave together: one tearing down while another still works aborted it (SIGABRT)
+        dist.barrier()  # all ranks raise together, after rank 0 gave the space back (the SIGABRT once blamed on
+        # a rank leaving early came from the interpreter's finalization: lmforge.cli.entry)
         raise CheckpointWriteError(first)
 
 
