@@ -17,7 +17,8 @@ Every trial is a whole process, started fresh; per (size, workers) the sides alt
   imports, tokenizer load, plan, merge, manifest);
 - ``raw``: ``tokenizers.Tokenizer.encode_batch_fast`` (the call prep makes) in prep's process and
   thread layout, JSON parsing and EOS inside its timer (``prep_peers.run_raw``);
-- ``datatrove`` (when installed): ``JsonlReader`` + ``DocumentTokenizer``, ``tasks = workers = N``;
+- ``datatrove`` (when installed): ``JsonlReader`` + ``DocumentTokenizer``, ``tasks = workers = N``, at sizes up
+  to :data:`DATATROVE_MAX_MB` only (its peak memory grows with the corpus);
 - ``hf``: ``datasets.map`` as transformers' ``run_clm.py`` does, at sizes up to :data:`HF_MAX_MB` only
   (about 2.5x slower than prep: it would dominate the larger sweeps).
 
@@ -27,7 +28,8 @@ are ``t_peer / t_lmforge`` (``lmforge / peer`` for tokens/s): above 1, lmforge i
 token streams are checked: lmforge's packed sequences must equal the raw peer's and datatrove's
 ids (document ids + EOS, corpus order; ``prep_peers.stream_digest``), else the script exits 1.
 With two or more sizes, ``t = a + b * MB`` is fitted to each side's process wall time, round by
-round: ``a`` the fixed cost (s), ``b`` the cost per MB (s/MB).
+round: ``a`` the fixed cost (s), ``b`` the cost per MB (s/MB); a peer's fit and lmforge's against it use the
+sizes that peer ran at.
 
 Also measured: peak memory of lmforge on 4x the 16 MB corpus (target <= 1.5 GB, and flat: at
 most 1.2x the 16 MB peak) and on one 50 MB single-line document; and prep's fixed cost on 5 tiny
@@ -69,6 +71,10 @@ FIXED_TARGET_S = 0.5
 DEFAULT_SIZES, FULL_SIZES = (16.0,), (16.0, 256.0, 1024.0)
 HF_MAX_MB = 16.0
 """The ``datasets`` peer runs at corpus sizes up to this many MB only."""
+DATATROVE_MAX_MB = 256.0
+"""The datatrove peer runs at corpus sizes up to this many MB only: its peak memory grows with the corpus (about
+0.75 GiB at 16 MB and 10.6 GiB at 266 MB of jsonl, measured by ``--full`` on 2026-12-03), so 1 GB would need
+about 40 GiB, beyond this machine's 24 GiB."""
 SAMPLE_S = 0.05
 
 
@@ -204,7 +210,8 @@ def layout(workers: int) -> str:
 def peer_names(workers: int) -> dict[str, str]:
     return {"raw": f"{peers.RAW_NAME}; {layout(workers)}",
             "datatrove": peers.DATATROVE_NAME.replace("=N", f"={workers}") +
-            ("; TOKENIZERS_PARALLELISM=false" if workers > 1 else "; tokenizers threads at their default"),
+            ("; TOKENIZERS_PARALLELISM=false" if workers > 1 else "; tokenizers threads at their default") +
+            f"; run at <= {DATATROVE_MAX_MB:g} MB only",
             "hf": peers.HF_NAME.replace("=N", f"={workers}") + f"; run at <= {HF_MAX_MB:g} MB only"}
 
 
@@ -261,14 +268,12 @@ def fit_rows(settings: list[dict], tag: str) -> list[dict]:
     rows = []
     for w in sorted({s["workers"] for s in settings}):
         group = sorted((s for s in settings if s["workers"] == w), key=lambda s: s["jsonl_mb"])
-        if len(group) < 2:
-            continue
-        xs = [s["jsonl_mb"] for s in group]
-        sizes = ", ".join(f"{x:.0f}" for x in xs)
-
-        lm = _wall_fits(group, "lmforge")
-        for m in (m for m in ("raw", "datatrove") if all(m in s["trials"] for s in group)):
-            peer = _wall_fits(group, m)
+        for m in ("raw", "datatrove"):
+            sub = [s for s in group if m in s["trials"]]  # datatrove stops at DATATROVE_MAX_MB: fit both on its sizes
+            if len(sub) < 2:
+                continue
+            sizes = ", ".join(f"{s['jsonl_mb']:.0f}" for s in sub)
+            lm, peer = _wall_fits(sub, "lmforge"), _wall_fits(sub, m)
             rows += [
                 common.row(f"fixed cost a of t = a + b * MB (process wall), {sizes} MB jsonl, {w} worker(s)", "s",
                            [a for _, a in lm], [a for _, a in peer], peer_names(w)[m], better="lower",
@@ -403,14 +408,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = []
     for mb in args.sizes:
         for workers in args.workers:
-            methods = ["lmforge", "raw", *(["datatrove"] if has_datatrove else []),
+            methods = ["lmforge", "raw", *(["datatrove"] if has_datatrove and mb <= DATATROVE_MAX_MB else []),
                        *(["hf"] if not args.no_hf and mb <= HF_MAX_MB else [])]
             settings.append(measure_setting(work, tok_dir, mb, workers, methods, args.reps))
     rows = [r for s in settings for r in setting_rows(s, tag)] + fit_rows(settings, tag)
     details: dict = {"sizes_mb": list(args.sizes), "workers": list(args.workers), "reps": args.reps, "seq_len": SEQ_LEN,
                      "vocab_size": VOCAB, "tokenizer": tok_dir, "cores": len(os.sched_getaffinity(0)),
-                     "datatrove": has_datatrove, "hf_max_mb": HF_MAX_MB, "mode": "bench-full" if args.full else "bench",
-                     "settings": settings}
+                     "datatrove": has_datatrove, "hf_max_mb": HF_MAX_MB, "datatrove_max_mb": DATATROVE_MAX_MB,
+                     "mode": "bench-full" if args.full else "bench", "settings": settings}
     if not args.skip_memory and not args.full:
         mem_rows, details["memory_runs"] = memory_rows(work, tok_dir, settings, max(args.workers))
         rows += mem_rows
