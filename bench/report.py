@@ -313,12 +313,15 @@ NOT_SHOWN = [
     "as shipped on llama-tiny, a tie on llama-125m); its memory saving (no `(B, T, V)` float32 logits) holds at any "
     "size. The llama-125m rounds spread widely (the peers' ranged 0.8-1.1k tokens/s): its ratios are ties, not "
     "rankings.",
-    "**Prep at scale.** The prep sweep (`make bench-full`'s script, run as `bench_prep.py --full --sizes 16,256`, "
-    "21 minutes) stops at 266 MB: the 1 GB size (about 65 minutes more on 2 idle cores) was not run, so each "
-    "`t = a + b * MB` fit rests on two sizes and its fixed cost `a` is loose (lmforge 0.37 s, rounds -0.10 to "
-    "0.68 s at 1 worker; datatrove's fits go negative, its time grows faster than the bytes). The bench_prep_full "
-    "load average of 4.1 is its own: 2 worker processes, datatrove's tasks and the tokenizers' threads on 2 cores, "
-    "nothing else ran.",
+    "**Prep at scale.** The prep sweep (`make bench-full`'s `bench_prep.py --full`, 46 minutes on 2 idle cores) "
+    "stops at 1 GB (1,064 MB of jsonl, 270M tokens) on one machine. The datatrove peer stops at 266 MB: its peak "
+    "memory grows with the corpus (0.75 GiB at 17 MB, 10.6 GiB at 266 MB; huggingface/datatrove#204 reports the "
+    "same growth), so 1 GB would not fit in this machine's 24 GiB. The three-size fits put lmforge's fixed cost `a` "
+    "at 2.1 s (1 worker) and 1.3 s (2 workers), far above its measured fixed overhead (process wall - in-task, "
+    "0.24-0.49 s at every size): its tokens/s differ between sizes (1.85M, 1.70M and 1.92M at 1 worker; the larger "
+    "corpora repeat the stdlib with a `# copy K` line), so the line misses the points and its intercept is no fixed "
+    "cost. Read the fixed-overhead rows for that and `b` for the cost per MB. lmforge's peak memory stayed flat "
+    "from 17 MB to 1 GB (112-128 MiB at 1 worker, 154-175 MiB at 2).",
     "**Cold caches.** File-reading rows (export, loader, verification) ran with the page cache warm unless their note "
     "says otherwise; `bench_integrity` measures both.",
     "**Quiet machines.** The `make bench` rows and llama-125m's ran on an otherwise idle 2-core VM (2026-12-03; the "
