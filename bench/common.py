@@ -340,6 +340,20 @@ def machine_info() -> dict:
     return info
 
 
+def source_commit() -> str | None:
+    """The lmforge commit this checkout is at (``git rev-parse --short=12 HEAD``), with ``+uncommitted`` when a
+    tracked file other than the results and BENCHMARKS.md differs from it; None outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, check=True).stdout
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD").strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!BENCHMARKS.md")
+    except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout (an unpacked sdist)
+        return None
+    return head + ("+uncommitted" if dirty.strip() else "")
+
+
 def library_versions() -> dict[str, str]:
     """Installed versions of lmforge and of the libraries the benchmarks compare against."""
     out = {}
@@ -411,11 +425,13 @@ def print_rows(rows: list[dict]) -> None:
 
 def write_result(name: str, title: str, rows: list[dict], details: dict | None = None,
                  copy_to: str | Path | None = None) -> Path:
-    """Write ``bench/results/<name>.json`` (temp + rename) with machine, versions and date, and a copy to
-    ``copy_to`` when given (a script's own ``--json`` / ``--out`` option); returns the results path."""
+    """Write ``bench/results/<name>.json`` (temp + rename) with machine, versions, date and the lmforge commit at
+    the end of the run (:func:`source_commit`), and a copy to ``copy_to`` when given (a script's own ``--json`` /
+    ``--out`` option); returns the results path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     payload = {"name": name, "title": title, "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-               "machine": machine_info(), "versions": library_versions(), "rows": rows, "details": details or {}}
+               "commit": source_commit(), "machine": machine_info(), "versions": library_versions(), "rows": rows,
+               "details": details or {}}
     path = RESULTS_DIR / f"{name}.json"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

@@ -125,7 +125,8 @@ def busy_note(results: dict[str, dict]) -> list[str]:
 
 
 def provenance(result: dict) -> str:
-    """One paragraph: date, machine, library versions."""
+    """One paragraph: date, lmforge commit (results written before it was recorded have none), machine, library
+    versions."""
     mach = result.get("machine", {})
     parts = [f"{mach.get('cpu', '?')}, {mach.get('cpu_count', '?')} cores"]
     if "memory_gib" in mach:
@@ -135,7 +136,9 @@ def provenance(result: dict) -> str:
     if "load_average_1_5_15_min" in mach:
         parts.append("load average " + " / ".join(map(str, mach["load_average_1_5_15_min"])) + " (1 / 5 / 15 min, at the end)")
     versions = ", ".join(f"{k} {v}" for k, v in result.get("versions", {}).items() if v != "not installed")
-    return (f"Run {result.get('date', '?')} on {'; '.join(parts)}; {mach.get('os', '')}, Python {mach.get('python', '?')}.  \n"
+    commit = f" at lmforge commit {result['commit']}" if result.get("commit") else ""
+    return (f"Run {result.get('date', '?')}{commit} on {'; '.join(parts)}; {mach.get('os', '')}, "
+            f"Python {mach.get('python', '?')}.  \n"
             f"Versions: {versions}.")
 
 

@@ -117,3 +117,25 @@ def test_gpu_mfu_rows_with_the_trainer_peer_render_and_the_placeholder_goes(tmp_
     assert ("| MFU, llama-1b bf16 seq 2048, ZeRO 2, sdpa, compile off, no activation checkpointing | % | 52 | "
             "44 (HF Trainer + DeepSpeed + Liger) | 1.18x | >= 50% | yes | NVIDIA H100 80GB HBM3. Both: micro batch 8 |") in text
     assert "| gpu_mfu_quick | MFU, llama-1b" in text and "1 x NVIDIA H100 80GB HBM3" in text
+
+
+def test_results_record_the_commit_they_were_measured_at_and_the_report_shows_it(tmp_path, monkeypatch):
+    """A result written from a git checkout carries its HEAD (``+uncommitted`` over local edits); the report
+    prints it next to the date, and results written before the field existed render without one."""
+    import re
+    import subprocess
+
+    report = _report()
+    import common
+
+    git = subprocess.run(["git", "-C", str(BENCH.parent), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                         text=True)
+    if git.returncode:  # a tree without .git: nothing to record
+        assert common.source_commit() is None
+    else:
+        assert re.fullmatch(rf"{git.stdout.strip()}(\+uncommitted)?", common.source_commit() or "")
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    written = json.loads(common.write_result("bench_x", "X", [], {}).read_text())
+    assert written["commit"] == common.source_commit()
+    assert f"at lmforge commit {written['commit']} on " in report.provenance(written)
+    assert " at lmforge commit" not in report.provenance({k: v for k, v in written.items() if k != "commit"})
