@@ -7,7 +7,8 @@ sides alternate (A B A B A B, so a load spike on the shared machine hits both), 
 
 Result JSON (``bench/results/<name>.json``), written by :func:`write_result`::
 
-    {"name": "bench_loader", "title": "...", "date": "2026-...Z", "machine": {...}, "versions": {...},
+    {"name": "bench_loader", "title": "...", "date": "2026-...Z", "commit": "0123456789ab", "machine": {...},
+     "versions": {...},
      "rows": [{"metric": "loader throughput", "unit": "tokens/s", "lmforge": 1.2e6,
                "peer": 3.4e5, "peer_name": "datasets IterableDataset + DataLoader",
                "ratio": 3.5, "better": "higher", "target": ">= 1.0x", "runs": {"lmforge": [...], "peer": [...]}}],

@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                                                        str(config), *overrides), env, args.interval_s)
         wall_s = round(time.perf_counter() - start, 1)  # the launch alone, not the plan recomputed below
         plan = _plan(config, overrides, args.nproc, env)
-    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": common.machine_info(),
-              "versions": common.library_versions(),
+    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "commit": common.source_commit(),
+              "machine": common.machine_info(), "versions": common.library_versions(),
               "preset": args.preset, "zero_stage": args.zero_stage, "nproc": args.nproc, "max_steps": args.max_steps,
               "overrides": args.overrides, "forced": args.force, "exit_code": code, "wall_s": wall_s,
               "peak_rss_bytes": {r: peaks[r]["VmHWM"] for r in sorted(peaks)},

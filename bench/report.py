@@ -159,7 +159,7 @@ def section(result: dict, source: str) -> list[str]:
         lines += rows_table(result["rows"])
     else:
         for key, value in result.items():
-            if key not in ("machine", "versions", "date", "title", "name"):
+            if key not in ("machine", "versions", "date", "commit", "title", "name"):
                 lines.append(f"- {key}: `{json.dumps(value, sort_keys=True)[:300]}`")
     return lines + [""]
 
@@ -258,7 +258,8 @@ def memory_plan_section(results: dict[str, dict], source: str) -> list[str]:
         model = r.get("preset", "?") + (" (footprint B)" if r.get("preset") == FOOTPRINT_PRESET else "")
         lines.append(f"| {model} | {r.get('zero_stage')} | {r.get('nproc')} | {r.get('max_steps')} | "
                      f"{' '.join(r.get('overrides', [])) or '-'} | {each} | {_gib(peak)} | {_gib(plan)} | {versus} | "
-                     f"`{name}` | {r['date'][:10] if r.get('date') else 'not recorded'} |")
+                     f"`{name}` | {r['date'][:10] if r.get('date') else 'not recorded'}"
+                     f"{' at ' + r['commit'] if r.get('commit') else ''} |")
     lines += ["", *_zero3_bound_lines(measured)]
     for name, r in sorted(refused.items()):
         plan = r.get("plan") or {}
