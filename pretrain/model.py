@@ -6,6 +6,7 @@ table 2.1) in Llama form; ``llama-7b`` is Llama-2-7B (Touvron et al., 2023).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pretrain.errors import ConfigError
@@ -87,7 +88,7 @@ def padded_vocab_size(vocab_size: int, multiple: int = EMBEDDING_MULTIPLE) -> in
     return -(-vocab_size // multiple) * multiple
 
 
-def build_model_config(preset: str, vocab_size: int, seq_len: int, special_ids: dict[str, int | None],
+def build_model_config(preset: str, vocab_size: int, seq_len: int, special_ids: Mapping[str, int | None],
                        overrides: dict[str, Any] | None = None):
     """A transformers ``PretrainedConfig`` for ``preset`` with ``vocab_size`` embedding rows.
 
