@@ -156,7 +156,7 @@ def _reconstructor(cls, base, state):
     """``copyreg._reconstructor`` (pickle protocols 0 and 1), building stand-ins as ``cls(state)``."""
     if isinstance(cls, type) and issubclass(cls, Opaque):
         return cls(state)
-    return copyreg._reconstructor(cls, base, state)  # type: ignore[attr-defined]  # private in typeshed, public in CPython
+    return copyreg._reconstructor(cls, base, state)  # type: ignore[attr-defined]  # absent from typeshed
 
 
 TENSOR_REBUILDERS = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")}
